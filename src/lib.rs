@@ -1,0 +1,5 @@
+//! repro: declarative, content-addressed pipelines for reproducing ML papers.
+//!
+//! Two halves meet at one seam: the pipeline engine (`pipeline`, `cache`, `exec`) knows nothing
+//! about machine learning, and the stage kinds (`stages`, built on `nn` and `data`) know nothing
+//! about scheduling or caching.
