@@ -1,3 +1,3 @@
-fn main() {
-    println!("repro {}", env!("CARGO_PKG_VERSION"));
+fn main() -> std::process::ExitCode {
+    repro::cli::main()
 }

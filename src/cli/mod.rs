@@ -1,0 +1,338 @@
+//! The command line: argument parsing and what each command prints. The work itself is done
+//! by the library modules, which print nothing.
+
+mod inspect;
+
+use crate::exec::plan::{self, Decision};
+use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
+use crate::pipeline::Pipeline;
+use crate::stages::Registry;
+use crate::workspace::Workspace;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "repro",
+    version,
+    about = "Declarative, content-addressed pipelines for reproducing ML papers"
+)]
+struct Cli {
+    /// Run as if started in DIR (the workspace).
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The cache store (default: $REPRO_CACHE, else cache/ in the workspace).
+    #[arg(long, global = true, value_name = "DIR")]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline: skip what is up to date, restore what was run before, run the rest.
+    Run(RunArgs),
+    /// For every stage: would it run, be restored or be skipped, and why.
+    Status(PipelineArgs),
+    /// Print the stage graph (text, Graphviz dot, or Mermaid).
+    Dag {
+        #[command(flatten)]
+        p: PipelineArgs,
+        #[arg(long, conflicts_with = "mermaid")]
+        dot: bool,
+        #[arg(long)]
+        mermaid: bool,
+    },
+    /// Show the latest log of a stage.
+    Log {
+        stage: String,
+        #[command(flatten)]
+        p: PipelineArgs,
+    },
+    /// A table of every stage's params and metrics.
+    Show {
+        #[command(flatten)]
+        p: PipelineArgs,
+        /// CSV instead of aligned text.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Re-hash every object in the cache; set aside and name the corrupt ones.
+    Verify,
+    /// Delete cache objects that no kept record references.
+    Gc {
+        /// Keep only the records that some pipeline of this workspace currently uses
+        /// (drops the run cache of older results).
+        #[arg(long)]
+        workspace_only: bool,
+    },
+    /// Measure repro against the hardware and against peers.
+    Bench(crate::bench::BenchArgs),
+    /// Run a built-in stage kind from its context file (used by `repro run`).
+    #[command(name = "__stage", hide = true)]
+    Stage { context: PathBuf },
+}
+
+#[derive(Args, Clone)]
+struct PipelineArgs {
+    /// The pipeline file (default: repro.yaml).
+    pipeline: Option<PathBuf>,
+    /// Override a param: -S seed=1 (repeatable).
+    #[arg(short = 'S', value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Only these stages and what they depend on (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    only: Vec<String>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Stages run at once (default: the number of cores).
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Capacity of a resource: --resources gpu=2 (repeatable).
+    #[arg(long, value_name = "NAME=N")]
+    resources: Vec<String>,
+    /// Say what would run, and why, without running anything.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Run this stage even if up to date (repeatable; a base name forces every expansion).
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Run every stage.
+    #[arg(long)]
+    force_all: bool,
+    /// Keep running independent stages after a failure.
+    #[arg(short, long)]
+    keep_going: bool,
+    /// Fail at once if another run holds the workspace, instead of waiting.
+    #[arg(long)]
+    no_wait: bool,
+    /// Also list the stages that were up to date.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// Exit codes: 0 done, 1 a stage failed, 2 bad input, 130 interrupted.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let root = match &cli.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()?,
+    };
+    let kinds = Registry::default();
+    let open = || Workspace::open(&root, cli.cache.as_deref());
+    match cli.command {
+        Command::Stage { context } => {
+            kinds.run_context_file(&context)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => run(&open()?, &kinds, args),
+        Command::Status(p) => status(&open()?, &kinds, &p),
+        Command::Dag { p, dot, mermaid } => {
+            let pipeline = load(&root, &kinds, &p)?;
+            let text = if dot {
+                pipeline.dag.to_dot(&pipeline.stages)
+            } else if mermaid {
+                pipeline.dag.to_mermaid(&pipeline.stages)
+            } else {
+                inspect::dag_text(&pipeline)
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log { stage, p } => inspect::log(&open()?, &load(&root, &kinds, &p)?, &stage),
+        Command::Show { p, csv } => inspect::show(&open()?, &load(&root, &kinds, &p)?, csv),
+        Command::Verify => inspect::verify(&open()?),
+        Command::Gc { workspace_only } => inspect::gc(&open()?, workspace_only),
+        Command::Bench(args) => crate::bench::run(&args),
+    }
+}
+
+fn pipeline_path(root: &Path, given: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    if root.join("repro.yaml").is_file() {
+        return Ok(PathBuf::from("repro.yaml"));
+    }
+    let mut found: Vec<String> = std::fs::read_dir(root.join("pipelines"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| format!("pipelines/{}", e.file_name().to_string_lossy()))
+        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        bail!("no pipeline given and no repro.yaml here")
+    }
+    bail!(
+        "no pipeline given and no repro.yaml here; name one of: {}",
+        found.join(", ")
+    )
+}
+
+fn load(root: &Path, kinds: &Registry, p: &PipelineArgs) -> Result<Pipeline> {
+    let file = pipeline_path(root, &p.pipeline)?;
+    Pipeline::load(&file, root, &p.set, kinds)
+}
+
+fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
+    if only.is_empty() {
+        return Ok(vec![true; pipeline.stages.len()]);
+    }
+    Ok(pipeline.dag.with_ancestors(&pipeline.select(only)?))
+}
+
+fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
+    let pipeline = load(&ws.root, kinds, &args.p)?;
+    let selected = selection(&pipeline, &args.p.only)?;
+    let mut forced = vec![args.force_all; pipeline.stages.len()];
+    for i in pipeline.select(&args.force)? {
+        forced[i] = true;
+    }
+    let mut resources = std::collections::BTreeMap::new();
+    for item in &args.resources {
+        let (k, v) = item
+            .split_once('=')
+            .with_context(|| format!("--resources {item}: expected NAME=N"))?;
+        let amount = crate::pipeline::parse_quantity(k, &serde_json::Value::String(v.into()))
+            .map_err(anyhow::Error::msg)?;
+        resources.insert(k.trim().to_string(), amount);
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    let width = pipeline
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(8);
+
+    if args.dry_run {
+        let state = ws.load_state(&pipeline.file);
+        let plan = plan::plan(ws, &pipeline, &state, kinds, &selected, &forced)?;
+        print_plan(&pipeline, &plan.decisions, width);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut reporter = Reporter::new(width);
+    let _lock = ws.lock(!args.no_wait, |holder| {
+        reporter.note(&format!("waiting for the workspace lock: {holder}"))
+    })?;
+    let exe = std::env::current_exe().context("cannot find the repro executable")?;
+    let executor = Executor {
+        ws,
+        pipeline: &pipeline,
+        kinds,
+        runner: &LocalRunner::default(),
+        stage_program: vec![exe.display().to_string(), "__stage".into()],
+    };
+    let opts = RunOptions {
+        jobs,
+        resources,
+        keep_going: args.keep_going,
+        selected,
+        forced,
+        verbose: args.verbose,
+    };
+    let s = executor.run(&opts, &mut reporter)?;
+    let mut parts = vec![
+        format!("{} ran", s.ran),
+        format!("{} restored", s.restored),
+        format!("{} up to date", s.skipped),
+    ];
+    if !s.failed.is_empty() {
+        parts.push(format!("{} failed", s.failed.len()));
+    }
+    if s.blocked > 0 {
+        parts.push(format!("{} blocked", s.blocked));
+    }
+    reporter.note(&parts.join(", "));
+    Ok(if s.interrupted {
+        ExitCode::from(130)
+    } else if s.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode> {
+    let pipeline = load(&ws.root, kinds, p)?;
+    let selected = selection(&pipeline, &p.only)?;
+    let state = ws.load_state(&pipeline.file);
+    let plan = plan::plan(
+        ws,
+        &pipeline,
+        &state,
+        kinds,
+        &selected,
+        &vec![false; pipeline.stages.len()],
+    )?;
+    let width = pipeline
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(8);
+    print_plan(&pipeline, &plan.decisions, width);
+    let _ = ws.stats.save(&ws.state_dir.join("statcache"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut counts = [0usize; 4];
+    for (s, d) in pipeline.stages.iter().zip(decisions) {
+        let (label, why) = match d {
+            Decision::Skip => ("up to date", String::new()),
+            Decision::Restore(why) => ("restore", why.join("; ")),
+            Decision::Run(why) => ("run", why.join("; ")),
+            Decision::Wait(up) => (
+                "run",
+                format!(
+                    "after upstream {}",
+                    up.iter()
+                        .map(|u| format!("`{u}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Decision::Excluded => continue,
+        };
+        counts[match d {
+            Decision::Skip => 0,
+            Decision::Restore(_) => 1,
+            Decision::Wait(_) => 3,
+            _ => 2,
+        }] += 1;
+        let _ = writeln!(out, "{:<width$}  {label:<10}  {why}", s.name).map(|_| ());
+    }
+    let _ = writeln!(
+        out,
+        "{} up to date, {} to restore, {} to run, {} to run or skip after their upstreams",
+        counts[0], counts[1], counts[2], counts[3]
+    );
+}

@@ -1,0 +1,209 @@
+//! Deciding, for every stage, whether it is up to date, can be restored from the cache, or
+//! must run, and why. `repro status` prints this; `repro run` acts on it.
+
+use crate::cache::key::canonical_json;
+use crate::cache::{KeyParts, OutRecord, Record};
+use crate::pipeline::{Action, Pipeline, Stage};
+use crate::workspace::{State, Workspace};
+use anyhow::{anyhow, Result};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Its key is unchanged and its outs are in place.
+    Skip,
+    /// Its key was seen before: the outs come from the cache without running.
+    Restore(Vec<String>),
+    Run(Vec<String>),
+    /// Depends on stages that will run; decided when they finish.
+    Wait(Vec<String>),
+    /// Not selected by `--only`.
+    Excluded,
+}
+
+/// The version of a built-in kind, which enters the key of every stage using it.
+pub trait KindVersion {
+    fn version(&self, kind: &str) -> String;
+}
+
+/// The key parts of a stage given the hashes of its deps and the records of its upstreams.
+pub fn key_parts(
+    pipeline: &Pipeline,
+    index: usize,
+    kinds: &dyn KindVersion,
+    dep_hash: &dyn Fn(&str) -> Result<Option<String>>,
+    upstream_record: &dyn Fn(usize) -> Option<Record>,
+) -> Result<KeyParts> {
+    let stage = &pipeline.stages[index];
+    let mut parts = KeyParts::default();
+    match &stage.action {
+        Action::Cmd { template, .. } => parts.set("cmd", template.clone()),
+        Action::Uses { kind, with } => {
+            parts.set("kind", format!("{kind}@{}", kinds.version(kind)));
+            for (k, v) in with {
+                parts.set(format!("with.{k}"), canonical_json(v));
+            }
+        }
+    }
+    for (k, v) in &stage.used_params {
+        parts.set(format!("param.{k}"), canonical_json(v));
+    }
+    for (k, v) in &stage.matrix {
+        parts.set(format!("matrix.{k}"), canonical_json(v));
+    }
+    for (k, v) in &stage.env {
+        parts.set(
+            format!("env.{k}"),
+            v.clone().unwrap_or_else(|| "<unset>".into()),
+        );
+    }
+    parts.set("outs", stage.outs.join("\n"));
+    for dep in &stage.deps {
+        let hash = dep_hash(dep)?
+            .ok_or_else(|| anyhow!("stage `{}`: dep `{dep}` is missing", stage.name))?;
+        parts.set(format!("dep:{dep}"), hash);
+    }
+    for &u in &pipeline.dag.upstream[index] {
+        let up = &pipeline.stages[u];
+        if needs_names(stage, up) {
+            let record = upstream_record(u).ok_or_else(|| {
+                anyhow!(
+                    "stage `{}`: upstream `{}` has no result",
+                    stage.name,
+                    up.name
+                )
+            })?;
+            parts.set(format!("upstream:{}", up.name), outs_digest(&record.outs));
+        }
+    }
+    Ok(parts)
+}
+
+fn needs_names(stage: &Stage, up: &Stage) -> bool {
+    stage.needs.iter().any(|n| *n == up.name || *n == up.base)
+}
+
+/// One hash for a stage's outputs.
+pub fn outs_digest(outs: &[OutRecord]) -> String {
+    let mut h = blake3::Hasher::new();
+    for o in outs {
+        h.update(o.path.as_bytes());
+        h.update(&[0]);
+        h.update(o.hash.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Outs of `record` that are missing from the workspace or differ from what was recorded.
+pub fn stale_outs(ws: &Workspace, record: &Record) -> Vec<String> {
+    let hasher = ws.hasher();
+    record
+        .outs
+        .iter()
+        .filter_map(|o| match hasher.hash(&o.path) {
+            Ok(Some(h)) if h.to_hex().as_str() == o.hash => None,
+            Ok(Some(_)) => Some(format!("out `{}` was modified", o.path)),
+            _ => Some(format!("out `{}` is missing", o.path)),
+        })
+        .collect()
+}
+
+pub struct Plan {
+    pub decisions: Vec<Decision>,
+    /// Key parts, for stages whose key could be computed now.
+    pub parts: Vec<Option<KeyParts>>,
+}
+
+/// Plans every stage in `selected`; `forced` stages run whatever their key.
+pub fn plan(
+    ws: &Workspace,
+    pipeline: &Pipeline,
+    state: &State,
+    kinds: &dyn KindVersion,
+    selected: &[bool],
+    forced: &[bool],
+) -> Result<Plan> {
+    // Hash every dep once, in parallel; the stat cache makes unchanged files free.
+    let mut deps: Vec<&str> = pipeline
+        .stages
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| selected[*i])
+        .flat_map(|(_, s)| s.deps.iter().map(String::as_str))
+        .collect();
+    deps.sort_unstable();
+    deps.dedup();
+    let hasher = ws.hasher();
+    let hashes: HashMap<&str, Option<String>> = deps
+        .par_iter()
+        .map(|d| {
+            let h = hasher
+                .hash(d)
+                .map_err(|e| anyhow!("cannot hash `{d}`: {e}"))?;
+            Ok((*d, h.map(|h| h.to_hex().to_string())))
+        })
+        .collect::<Result<_>>()?;
+
+    let n = pipeline.stages.len();
+    let mut decisions = vec![Decision::Excluded; n];
+    let mut parts = vec![None; n];
+    for i in 0..n {
+        if !selected[i] {
+            continue;
+        }
+        let stage = &pipeline.stages[i];
+        let waiting: Vec<String> = pipeline.dag.upstream[i]
+            .iter()
+            .filter(|&&u| !matches!(decisions[u], Decision::Skip | Decision::Excluded))
+            .map(|&u| pipeline.stages[u].name.clone())
+            .collect();
+        if !waiting.is_empty() {
+            decisions[i] = if forced[i] {
+                Decision::Run(vec!["forced".into()])
+            } else {
+                Decision::Wait(waiting)
+            };
+            continue;
+        }
+        let dep_hash = |d: &str| Ok(hashes.get(d).cloned().flatten());
+        let upstream = |u: usize| state.stages.get(&pipeline.stages[u].name).cloned();
+        let p = key_parts(pipeline, i, kinds, &dep_hash, &upstream)?;
+        let key = p.key();
+        let last = state.stages.get(&stage.name);
+        decisions[i] = if forced[i] {
+            Decision::Run(vec!["forced".into()])
+        } else {
+            decide(ws, &p, &key, last)
+        };
+        parts[i] = Some(p);
+    }
+    Ok(Plan { decisions, parts })
+}
+
+/// The decision for a stage whose key is known.
+pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, last: Option<&Record>) -> Decision {
+    if let Some(last) = last.filter(|r| r.key == key) {
+        let stale = stale_outs(ws, last);
+        if stale.is_empty() {
+            return Decision::Skip;
+        }
+        return if ws.store.has_record(key) {
+            Decision::Restore(stale)
+        } else {
+            Decision::Run(stale)
+        };
+    }
+    let why = match last {
+        Some(last) => parts.changes_since(&last.parts),
+        None => vec!["never run in this workspace".into()],
+    };
+    if ws.store.has_record(key) {
+        let mut why = why;
+        why.push("this exact input was run before".into());
+        Decision::Restore(why)
+    } else {
+        Decision::Run(why)
+    }
+}

@@ -1,0 +1,146 @@
+//! Runners start a stage's process and wait for it. `LocalRunner` runs on this machine; a
+//! cluster runner (Slurm) implements the same trait.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A process to run for a stage.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub stage: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// stdout and stderr go here.
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Success,
+    Code(i32),
+    Signal(i32),
+    /// Stopped because the run was interrupted.
+    Interrupted,
+}
+
+pub trait Runner: Send + Sync {
+    /// Runs `job` to completion.
+    fn run(&self, job: &Job) -> io::Result<Exit>;
+    /// Stops every job of this run (Ctrl-C): nothing they did will be recorded.
+    fn interrupt(&self);
+}
+
+/// Runs each job in its own process group, so that stopping a stage stops everything it
+/// started. The job's leader gets SIGKILL if repro dies, and leftovers of a crashed run are
+/// found by the token in their environment (see `kill_leftovers`).
+#[derive(Default)]
+pub struct LocalRunner {
+    groups: Arc<Mutex<HashSet<i32>>>,
+    interrupted: AtomicBool,
+}
+
+/// Grace period between SIGTERM and SIGKILL on interrupt.
+const GRACE: Duration = Duration::from_secs(3);
+
+impl Runner for LocalRunner {
+    fn run(&self, job: &Job) -> io::Result<Exit> {
+        let log = File::create(&job.log)?;
+        let mut cmd = Command::new(&job.argv[0]);
+        cmd.args(&job.argv[1..])
+            .current_dir(&job.cwd)
+            .envs(job.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill this child when
+        // the thread that spawned it (which waits on it) goes away.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = {
+            let mut groups = self.groups.lock().expect("runner lock");
+            if self.interrupted.load(Ordering::SeqCst) {
+                return Ok(Exit::Interrupted);
+            }
+            let child = cmd.spawn()?;
+            groups.insert(child.id() as i32);
+            child
+        };
+        let status = child.wait();
+        self.groups
+            .lock()
+            .expect("runner lock")
+            .remove(&(child.id() as i32));
+        let status = status?;
+        if self.interrupted.load(Ordering::SeqCst) && !status.success() {
+            return Ok(Exit::Interrupted);
+        }
+        Ok(match (status.code(), status.signal()) {
+            (Some(0), _) => Exit::Success,
+            (Some(c), _) => Exit::Code(c),
+            (None, Some(s)) => Exit::Signal(s),
+            (None, None) => Exit::Code(-1),
+        })
+    }
+
+    fn interrupt(&self) {
+        let groups: Vec<i32> = {
+            let guard = self.groups.lock().expect("runner lock");
+            self.interrupted.store(true, Ordering::SeqCst);
+            guard.iter().copied().collect()
+        };
+        for &g in &groups {
+            // SAFETY: signalling a process group we created.
+            unsafe { libc::kill(-g, libc::SIGTERM) };
+        }
+        let live = Arc::clone(&self.groups);
+        std::thread::spawn(move || {
+            std::thread::sleep(GRACE);
+            for g in live.lock().expect("runner lock").iter() {
+                unsafe { libc::kill(-g, libc::SIGKILL) };
+            }
+        });
+    }
+}
+
+/// Kills the process groups of processes whose environment carries `REPRO_RUN=token`: what a
+/// crashed run left behind. Returns how many processes were found.
+pub fn kill_leftovers(token: &str) -> usize {
+    let needle = format!("REPRO_RUN={token}");
+    let mut found = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            found += 1;
+            // SAFETY: getpgid/kill on a pid we just found; a vanished pid only makes them fail.
+            unsafe {
+                let pgid = libc::getpgid(pid);
+                if pgid > 1 {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,150 @@
+//! `table`: gathers the params and metrics of upstream stages (every expansion of a matrix
+//! stage) into one CSV file, one row per stage.
+//!
+//!     results:
+//!       uses: table
+//!       needs: [train]
+//!       with: {from: [train], columns: [ffn, budget, loss], sort: [budget, loss]}
+//!       outs: [results/isoflop.csv]
+//!
+//! Without `columns`, the columns are `stage`, then every param, then every metric (nested
+//! metrics flattened as `a.b`), in order of first appearance.
+
+use super::{check_keys, StageContext, StageKind};
+use anyhow::{bail, Context, Result};
+use indexmap::IndexMap;
+use serde_json::{Map, Value};
+use std::cmp::Ordering;
+
+pub struct Table;
+
+impl StageKind for Table {
+    fn name(&self) -> &'static str {
+        "table"
+    }
+
+    fn version(&self) -> &'static str {
+        "1"
+    }
+
+    fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String> {
+        check_keys(with, &["from", "columns", "sort"])?;
+        for key in ["from", "columns", "sort"] {
+            if let Some(v) = with.get(key) {
+                if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+                    return Err(format!("`with.{key}` must be a list of names"));
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<()> {
+        let names = |key: &str| -> Vec<String> {
+            ctx.with
+                .get(key)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let from = names("from");
+        let csv_out = ctx
+            .outs
+            .iter()
+            .find(|o| o.ends_with(".csv"))
+            .context("a table stage needs an out ending in .csv")?;
+        let mut rows: Vec<IndexMap<String, Value>> = Vec::new();
+        for up in ctx
+            .upstream
+            .iter()
+            .filter(|u| from.is_empty() || from.contains(&u.base) || from.contains(&u.name))
+        {
+            let mut row = IndexMap::new();
+            row.insert("stage".to_string(), Value::String(up.name.clone()));
+            for (k, v) in &up.params {
+                row.insert(k.clone(), v.clone());
+            }
+            if let Some(m) = &up.metrics {
+                flatten("", m, &mut row);
+            }
+            rows.push(row);
+        }
+        if rows.is_empty() {
+            bail!("no upstream stages to tabulate (add them to `needs`)");
+        }
+        let mut columns = names("columns");
+        if columns.is_empty() {
+            for row in &rows {
+                for k in row.keys() {
+                    if !columns.contains(k) {
+                        columns.push(k.clone());
+                    }
+                }
+            }
+        }
+        let sort = names("sort");
+        rows.sort_by(|a, b| {
+            sort.iter()
+                .map(|k| compare(a.get(k), b.get(k)))
+                .find(|o| o.is_ne())
+                .unwrap_or(Ordering::Equal)
+        });
+
+        let path = ctx.workspace.join(csv_out);
+        let mut w = csv::Writer::from_path(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_record(&columns)?;
+        for row in &rows {
+            w.write_record(
+                columns
+                    .iter()
+                    .map(|c| row.get(c).map(cell).unwrap_or_default()),
+            )?;
+        }
+        w.flush()?;
+        Ok(())
+    }
+}
+
+fn flatten(prefix: &str, value: &Value, row: &mut IndexMap<String, Value>) {
+    match value {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, row);
+            }
+        }
+        other => {
+            row.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        other => crate::pipeline::template::display(other),
+    }
+}
+
+/// Numbers numerically, then text; missing values last.
+fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_f64()
+            .partial_cmp(&y.as_f64())
+            .unwrap_or(Ordering::Equal),
+        (Some(x), Some(y)) => cell(x).cmp(&cell(y)),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
