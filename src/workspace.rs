@@ -1,11 +1,13 @@
 //! A workspace: the folder a pipeline runs in, its `.repro/` state and its cache store.
 //!
-//!     .repro/lock                 the writer lock (see cache::lock)
-//!     .repro/running              the token of a run in progress (left behind by a crash)
-//!     .repro/statcache            the stat fast path
-//!     .repro/state/PIPELINE.json  the last record of every stage of a pipeline
-//!     .repro/logs/STAGE.log       the latest log of each stage
-//!     .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
+//! ```text
+//! .repro/lock                 the writer lock (see cache::lock)
+//! .repro/running              the token of a run in progress (left behind by a crash)
+//! .repro/statcache            the stat fast path
+//! .repro/state/PIPELINE.json  the last record of every stage of a pipeline
+//! .repro/logs/STAGE.log       the latest log of each stage
+//! .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
+//! ```
 
 use crate::cache::{lock::WorkspaceLock, Hasher, Record, StatCache, Store};
 use anyhow::{Context, Result};

@@ -58,11 +58,13 @@ fn describe(part: &str) -> String {
 }
 
 fn changed(part: &str, old: &str, new: &str) -> String {
+    // Values are canonical JSON; strings read better without their quotes.
     let short = |s: &str| {
+        let s = serde_json::from_str::<String>(s).unwrap_or_else(|_| s.to_string());
         if s.len() > 40 {
             format!("{}…", &s[..s.floor_char_boundary(37)])
         } else {
-            s.to_string()
+            s
         }
     };
     if part.starts_with("dep:") {

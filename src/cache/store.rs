@@ -1,10 +1,12 @@
 //! The content-addressed store: objects by blake3, and one record per stage key.
 //!
-//!     cache/objects/ab/cdef…   file contents and folder manifests, read-only
-//!     cache/records/ab/KEY.json   what a stage key produced (written last, atomically)
-//!     cache/records/ab/KEY.log    the log of the run that made it
-//!     cache/tmp/                  writes in flight (removed by gc)
-//!     cache/corrupt/              objects that failed verification, kept for inspection
+//! ```text
+//! cache/objects/ab/cdef…   file contents and folder manifests, read-only
+//! cache/records/ab/KEY.json   what a stage key produced (written last, atomically)
+//! cache/records/ab/KEY.log    the log of the run that made it
+//! cache/tmp/                  writes in flight (removed by gc)
+//! cache/corrupt/              objects that failed verification, kept for inspection
+//! ```
 //!
 //! Every write goes to a temp name, is fsynced, then renamed. Every restore re-hashes what it
 //! copies, so a corrupted object is caught and the stage runs again instead.

@@ -1,11 +1,13 @@
 //! `table`: gathers the params and metrics of upstream stages (every expansion of a matrix
 //! stage) into one CSV file, one row per stage.
 //!
-//!     results:
-//!       uses: table
-//!       needs: [train]
-//!       with: {from: [train], columns: [ffn, budget, loss], sort: [budget, loss]}
-//!       outs: [results/isoflop.csv]
+//! ```text
+//! results:
+//!   uses: table
+//!   needs: [train]
+//!   with: {from: [train], columns: [ffn, budget, loss], sort: [budget, loss]}
+//!   outs: [results/isoflop.csv]
+//! ```
 //!
 //! Without `columns`, the columns are `stage`, then every param, then every metric (nested
 //! metrics flattened as `a.b`), in order of first appearance.

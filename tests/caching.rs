@@ -1,0 +1,235 @@
+//! Re-running only what changed: the diamond pipeline of the engine issue.
+
+mod common;
+use common::*;
+
+const DIAMOND: &str = r#"
+params: {suffix: one, unused: 5}
+stages:
+  top:
+    cmd: echo top >> "$CALLS" && tr a-z A-Z < data/in.txt > top.txt
+    deps: [data/in.txt]
+    outs: [top.txt]
+  left:
+    cmd: echo left >> "$CALLS" && (cat top.txt; echo ${params.suffix}) > left.txt
+    deps: [top.txt]
+    outs: [left.txt]
+  right:
+    cmd: echo right >> "$CALLS" && (cat top.txt; cat data/side.txt) > right.txt
+    deps: [top.txt, data/side.txt]
+    outs: [right.txt]
+  bottom:
+    cmd: echo bottom >> "$CALLS" && cat left.txt right.txt > bottom.txt
+    deps: [left.txt, right.txt]
+    outs: [bottom.txt]
+"#;
+
+fn diamond() -> Ws {
+    let ws = Ws::new(DIAMOND);
+    ws.write("data/in.txt", "hello\n");
+    ws.write("data/side.txt", "side\n");
+    ws
+}
+
+#[test]
+fn diamond_runs_only_what_changed() {
+    let ws = diamond();
+    assert_eq!(ws.run_ok(&[]), ["bottom", "left", "right", "top"]);
+    assert_eq!(ws.read("bottom.txt"), "HELLO\none\nHELLO\nside\n");
+    assert!(ws.run_ok(&[]).is_empty(), "a second run runs nothing");
+
+    // An edit re-runs exactly what is downstream of it.
+    ws.write("data/side.txt", "other\n");
+    assert_eq!(ws.run_ok(&[]), ["bottom", "right"]);
+    assert_eq!(ws.read("bottom.txt"), "HELLO\none\nHELLO\nother\n");
+
+    // Reverting the edit restores from the run cache without running anything.
+    ws.write("data/side.txt", "side\n");
+    assert!(ws.run_ok(&[]).is_empty());
+    assert_eq!(ws.read("bottom.txt"), "HELLO\none\nHELLO\nside\n");
+
+    // A param re-runs only the stages that use it (and what depends on their outputs).
+    assert_eq!(ws.run_ok(&["-S", "suffix=two"]), ["bottom", "left"]);
+    assert_eq!(ws.read("left.txt"), "HELLO\ntwo\n");
+    assert!(
+        ws.run_ok(&["-S", "unused=6", "-S", "suffix=two"])
+            .is_empty(),
+        "an unreferenced param changes nothing"
+    );
+
+    // Touching a dep without changing it re-runs nothing.
+    let f = std::fs::File::options()
+        .append(true)
+        .open(ws.root().join("data/in.txt"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    assert!(ws.run_ok(&["-S", "suffix=two"]).is_empty());
+}
+
+#[test]
+fn upstream_rerun_with_identical_output_stops_there() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    // Same letters in another case: `top` re-runs and writes the same bytes.
+    ws.write("data/in.txt", "HELLO\n");
+    assert_eq!(ws.run_ok(&[]), ["top"]);
+}
+
+#[test]
+fn status_explains_every_decision() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    ws.write("data/side.txt", "changed\n");
+    std::fs::remove_file(ws.root().join("left.txt")).unwrap();
+    std::fs::remove_file(&ws.calls).unwrap();
+    let out = ws.repro(&["status", "-S", "suffix=three"]);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    let line = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{s}"))
+            .to_string()
+    };
+    assert!(line("top").contains("up to date"), "{s}");
+    assert!(line("left").contains("param.suffix: one → three"), "{s}");
+    assert!(line("right").contains("dep `data/side.txt` changed"), "{s}");
+    assert!(
+        line("bottom").contains("after upstream `left`, `right`"),
+        "{s}"
+    );
+    assert!(ws.calls().is_empty(), "status runs nothing");
+
+    // A deleted out of an unchanged stage is restored, not re-run.
+    let out = ws.repro(&["status"]);
+    assert!(
+        text(&out).lines().any(|l| l.starts_with("left ")
+            && l.contains("restore")
+            && l.contains("out `left.txt` is missing")),
+        "{}",
+        text(&out)
+    );
+    ws.write("data/side.txt", "side\n");
+    assert!(ws.run_ok(&[]).is_empty());
+    assert_eq!(ws.read("left.txt"), "HELLO\none\n");
+}
+
+#[test]
+fn outputs_edited_in_place_never_corrupt_the_cache() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    ws.write("top.txt", "vandalised\n");
+    assert!(
+        ws.run_ok(&[]).is_empty(),
+        "the edited out is restored from the cache"
+    );
+    assert_eq!(ws.read("top.txt"), "HELLO\n");
+}
+
+#[test]
+fn force_only_and_dry_run() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    assert_eq!(ws.run_ok(&["--force", "left"]), ["left"]);
+    assert_eq!(
+        ws.run_ok(&["--force-all"]),
+        ["bottom", "left", "right", "top"]
+    );
+    ws.write("data/in.txt", "again\n");
+    let _ = std::fs::remove_file(&ws.calls);
+    let out = ws.repro(&["run", "--dry-run"]);
+    assert!(
+        text(&out).contains("dep `data/in.txt` changed"),
+        "{}",
+        text(&out)
+    );
+    assert!(ws.calls().is_empty(), "a dry run runs nothing");
+    assert_eq!(ws.run_ok(&["--only", "left"]), ["left", "top"]);
+    assert_eq!(ws.run_ok(&[]), ["bottom", "right"]);
+}
+
+#[test]
+fn matrix_expands_and_table_gathers_metrics() {
+    let ws = Ws::new(
+        r#"
+params: {sizes: [1, 2, 3]}
+stages:
+  train:
+    matrix: {kind: [a, b], size: "${params.sizes}"}
+    cmd: >-
+      printf '{"loss": %d, "nested": {"x": 1}}' $((${matrix.size} * 10))
+      > m-${matrix.kind}-${matrix.size}.json
+    metrics: m-${matrix.kind}-${matrix.size}.json
+  results:
+    uses: table
+    needs: [train]
+    with: {sort: [kind, size]}
+    outs: [results/table.csv]
+"#,
+    );
+    ws.run_ok(&["-j", "2"]);
+    let csv = ws.read("results/table.csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "stage,kind,size,loss,nested.x");
+    assert_eq!(lines.len(), 7, "{csv}");
+    assert_eq!(lines[1], "\"train@kind=a,size=1\",a,1,10,1");
+    assert_eq!(lines[6], "\"train@kind=b,size=3\",b,3,30,1");
+    let show = text(&ws.repro(&["show", "--csv"]));
+    assert!(show.contains("\"train@kind=b,size=2\""), "{show}");
+    assert!(
+        show.lines()
+            .any(|l| l.contains("size=2") && l.ends_with(",20,1")),
+        "{show}"
+    );
+}
+
+#[test]
+fn corrupt_objects_are_named_and_never_restored() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    // Corrupt every stored object by one byte.
+    for obj in walk(&ws.root().join("cache/objects")) {
+        let mut perm = std::fs::metadata(&obj).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(&obj, perm).unwrap();
+        let mut bytes = std::fs::read(&obj).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&obj, bytes).unwrap();
+    }
+    let out = ws.repro(&["verify"]);
+    let s = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert_eq!(s.matches("corrupt: object").count(), 4, "{s}");
+
+    // The out is gone from the workspace and its object is bad: the stage runs again.
+    std::fs::remove_file(ws.root().join("top.txt")).unwrap();
+    assert_eq!(ws.run_ok(&[]), ["top"]);
+    assert_eq!(ws.read("top.txt"), "HELLO\n");
+    let out = ws.repro(&["verify"]);
+    assert!(
+        out.status.code() == Some(1) && text(&out).contains("0 corrupt"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn gc_keeps_what_records_need() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    ws.write("data/side.txt", "v2\n");
+    ws.run_ok(&[]);
+    let out = ws.repro(&["gc"]);
+    assert!(text(&out).contains("removed 0 objects"), "{}", text(&out));
+    let out = ws.repro(&["gc", "--workspace-only"]);
+    assert!(text(&out).contains("kept 4 records"), "{}", text(&out));
+    ws.write("data/side.txt", "side\n");
+    assert_eq!(
+        ws.run_ok(&[]),
+        ["bottom", "right"],
+        "the old result was collected, so it runs"
+    );
+    assert!(ws.repro(&["verify"]).status.success());
+}

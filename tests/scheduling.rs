@@ -1,0 +1,235 @@
+//! Parallel stages, resource slots, failures, locks and interruption.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+#[test]
+fn independent_stages_run_in_parallel() {
+    let ws = Ws::new(
+        r#"
+stages:
+  a: {cmd: sleep 2 && echo a > a.txt, outs: [a.txt]}
+  b: {cmd: sleep 2 && echo b > b.txt, outs: [b.txt]}
+"#,
+    );
+    let t0 = Instant::now();
+    ws.run_ok(&["--jobs", "2"]);
+    let wall = t0.elapsed();
+    assert!(
+        wall < Duration::from_millis(3800),
+        "two 2 s stages took {wall:?} with --jobs 2"
+    );
+}
+
+/// Each stage logs its start and end time; returns (start, end) per stage.
+fn intervals(ws: &Ws) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    for name in ["g1", "g2", "cpu"] {
+        let t = ws.read(&format!("{name}.txt"));
+        let v: Vec<f64> = t.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        out.push((v[0], v[1]));
+    }
+    out
+}
+
+#[test]
+fn a_gpu_slot_keeps_gpu_stages_apart() {
+    let stage = |name: &str, res: &str| {
+        format!("  {name}:\n    cmd: (date +%s.%N; sleep 1; date +%s.%N) > {name}.txt\n    outs: [{name}.txt]\n    resources: {res}\n")
+    };
+    let ws = Ws::new(&format!(
+        "stages:\n{}{}{}",
+        stage("g1", "{gpu: 1}"),
+        stage("g2", "{gpu: 1}"),
+        stage("cpu", "{}")
+    ));
+    ws.run_ok(&["--jobs", "3", "--resources", "gpu=1"]);
+    let iv = intervals(&ws);
+    let (g1, g2, cpu) = (iv[0], iv[1], iv[2]);
+    assert!(
+        g1.1 <= g2.0 || g2.1 <= g1.0,
+        "GPU stages overlapped: {g1:?} {g2:?}"
+    );
+    let overlaps = |a: (f64, f64), b: (f64, f64)| a.0 < b.1 && b.0 < a.1;
+    assert!(
+        overlaps(cpu, g1) || overlaps(cpu, g2),
+        "the CPU stage should run beside a GPU stage"
+    );
+
+    let out = ws.repro(&["run", "--resources", "gpu=1", "--force-all", "-S", "x=1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let ws2 = Ws::new("stages:\n  big: {cmd: 'true', resources: {gpu: 2}}\n");
+    let out = ws2.repro(&["run", "--resources", "gpu=1"]);
+    assert!(
+        text(&out).contains("needs gpu=2, but only 1"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_failure_stops_descendants_not_siblings() {
+    let pipeline = r#"
+stages:
+  bad: {cmd: echo bad >> "$CALLS" && echo oops >&2 && exit 3, outs: [bad.txt]}
+  child: {cmd: echo child >> "$CALLS" && cat bad.txt > child.txt, deps: [bad.txt], outs: [child.txt]}
+  slow: {cmd: sleep 0.5 && echo slow >> "$CALLS" && echo ok > slow.txt, outs: [slow.txt]}
+  after_slow: {cmd: echo after_slow >> "$CALLS" && cp slow.txt after.txt, deps: [slow.txt], outs: [after.txt]}
+"#;
+    let ws = Ws::new(pipeline);
+    let out = ws.repro(&["run", "--jobs", "2", "--keep-going"]);
+    let s = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert!(s.contains("exit code 3; log: .repro/logs/bad.log"), "{s}");
+    assert!(
+        s.lines()
+            .any(|l| l.contains("blocked") && l.contains("child")),
+        "{s}"
+    );
+    assert_eq!(ws.calls(), ["after_slow", "bad", "slow"]);
+    assert_eq!(text(&ws.repro(&["log", "bad"])).trim(), "oops");
+    assert_eq!(
+        ws.records(),
+        2,
+        "only the stages that succeeded are recorded"
+    );
+
+    // Without --keep-going, nothing new starts after the failure (a running sibling finishes).
+    let ws = Ws::new(pipeline);
+    let out = ws.repro(&["run", "--jobs", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        !ws.calls().contains(&"after_slow".to_string()),
+        "{:?}",
+        ws.calls()
+    );
+}
+
+#[test]
+fn a_stage_that_writes_no_output_fails() {
+    let ws = Ws::new("stages:\n  lazy: {cmd: 'true', outs: [never.txt]}\n");
+    let out = ws.repro(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("did not write `never.txt`"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(ws.records(), 0);
+}
+
+const SLOW: &str = r#"
+stages:
+  slow:
+    cmd: echo slow >> "$CALLS" && echo partial > out.txt && if [ ! -e "$FAST" ]; then sleep "$NAP"; fi && echo done >> out.txt
+    outs: [out.txt]
+"#;
+
+fn wait_for(path: &std::path::Path) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `nap` seconds identify this test's sleeping stage among concurrent tests.
+fn interrupted_run_recovers(signal: i32, nap: &str) {
+    let ws = Ws::new(SLOW);
+    let fast = ws.dir.path().join("fast");
+    let mut child = ws
+        .cmd(&["run"])
+        .env("FAST", &fast)
+        .env("NAP", nap)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&ws.root().join("out.txt"));
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = child.wait().unwrap();
+    if signal == libc::SIGINT {
+        assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
+    }
+    assert_eq!(
+        ws.records(),
+        0,
+        "nothing is recorded for an interrupted stage"
+    );
+    let status_out = text(&ws.repro(&["status"]));
+    assert!(
+        status_out.contains("slow") && status_out.contains("run"),
+        "{status_out}"
+    );
+
+    std::fs::write(&fast, "").unwrap();
+    let out = ws.cmd(&["run"]).env("FAST", &fast).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(ws.read("out.txt"), "partial\ndone\n");
+    assert_eq!(ws.calls(), ["slow", "slow"], "the stage ran again");
+    assert_eq!(ws.records(), 1);
+    // No process of the first run survives it.
+    let probe = format!("ps -eo args | grep -c '^[s]leep {nap}$' || true");
+    let ps = std::process::Command::new("sh")
+        .args(["-c", &probe])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ps.stdout).trim(),
+        "0",
+        "a stage process outlived its run"
+    );
+}
+
+#[test]
+fn sigkill_mid_stage_then_rerun() {
+    interrupted_run_recovers(libc::SIGKILL, "31");
+}
+
+#[test]
+fn sigint_mid_stage_then_rerun() {
+    interrupted_run_recovers(libc::SIGINT, "32");
+}
+
+#[test]
+fn one_writer_per_workspace() {
+    let ws = Ws::new(SLOW);
+    let fast = ws.dir.path().join("fast");
+    let mut first = ws
+        .cmd(&["run"])
+        .env("FAST", &fast)
+        .env("NAP", "33")
+        .spawn()
+        .unwrap();
+    wait_for(&ws.root().join("out.txt"));
+    let out = ws.repro(&["run", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("the workspace is busy: pid"),
+        "{}",
+        text(&out)
+    );
+    // A waiting run proceeds once the holder is gone, even if it was killed.
+    let second = ws
+        .cmd(&["run"])
+        .env("FAST", &fast)
+        .env("NAP", "33")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    first.wait().unwrap();
+    std::fs::write(&fast, "").unwrap();
+    let out = second.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("waiting for the workspace lock"),
+        "{}",
+        text(&out)
+    );
+}
