@@ -111,14 +111,17 @@ impl Store {
     pub fn put_record(&self, record: &Record) -> Result<()> {
         let path = self.record_path(&record.key);
         let bytes = serde_json::to_vec_pretty(record)?;
-        self.write_atomic(&path, |f| f.write_all(&bytes))
+        self.write_atomic(&path, true, |f| f.write_all(&bytes))
             .with_context(|| format!("cannot write record {}", path.display()))
     }
 
     pub fn put_log(&self, key: &str, log: &Path) -> Result<()> {
         let dest = self.log_path(key);
-        self.write_atomic(&dest, |f| io::copy(&mut File::open(log)?, f).map(|_| ()))
-            .with_context(|| format!("cannot store log {}", dest.display()))
+        // A log is not a result: losing it in a power cut costs nothing, so no fsync.
+        self.write_atomic(&dest, false, |f| {
+            io::copy(&mut File::open(log)?, f).map(|_| ())
+        })
+        .with_context(|| format!("cannot store log {}", dest.display()))
     }
 
     /// Stores a workspace out (already hashed as `snap`) and returns its record entry.
@@ -165,8 +168,10 @@ impl Store {
         if dest.exists() {
             return Ok(());
         }
-        self.write_atomic(&dest, |f| io::copy(&mut File::open(src)?, f).map(|_| ()))
-            .with_context(|| format!("cannot store {} in the cache", src.display()))
+        self.write_atomic(&dest, true, |f| {
+            io::copy(&mut File::open(src)?, f).map(|_| ())
+        })
+        .with_context(|| format!("cannot store {} in the cache", src.display()))
     }
 
     fn put_bytes(&self, bytes: &[u8], hash: &str) -> Result<()> {
@@ -174,14 +179,15 @@ impl Store {
         if dest.exists() {
             return Ok(());
         }
-        self.write_atomic(&dest, |f| f.write_all(bytes))
+        self.write_atomic(&dest, true, |f| f.write_all(bytes))
             .with_context(|| format!("cannot store object {hash}"))
     }
 
-    /// temp name → fill → fsync → read-only → rename.
+    /// temp name → fill → fsync (if `durable`) → read-only → rename.
     fn write_atomic(
         &self,
         dest: &Path,
+        durable: bool,
         fill: impl FnOnce(&mut File) -> io::Result<()>,
     ) -> io::Result<()> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
@@ -192,7 +198,9 @@ impl Store {
         let result = (|| {
             let mut f = File::create(&tmp)?;
             fill(&mut f)?;
-            f.sync_all()?;
+            if durable {
+                f.sync_all()?;
+            }
             f.set_permissions(fs::Permissions::from_mode(0o444))?;
             drop(f);
             if let Some(parent) = dest.parent() {
@@ -216,8 +224,19 @@ impl Store {
         }
         let staging = sibling_temp(&dest);
         remove_path(&staging)?;
+        if let Err(e) = self.fill_staging(out, &staging) {
+            let _ = remove_path(&staging);
+            return Err(e);
+        }
+        remove_path(&dest)?;
+        fs::rename(&staging, &dest).with_context(|| format!("cannot restore {}", out.path))?;
+        Ok(())
+    }
+
+    /// Builds an out at `staging`, verifying every file it copies.
+    fn fill_staging(&self, out: &OutRecord, staging: &Path) -> Result<()> {
         match &out.kind {
-            OutKind::File { exec, .. } => self.restore_file(&out.hash, &staging, *exec)?,
+            OutKind::File { exec, .. } => self.restore_file(&out.hash, staging, *exec)?,
             OutKind::Dir { .. } => {
                 let manifest = self.read_object(&out.hash)?;
                 let entries: Vec<Entry> =
@@ -225,7 +244,7 @@ impl Store {
                         hash: out.hash.clone(),
                         problem: "not a folder manifest",
                     })?;
-                fs::create_dir_all(&staging)?;
+                fs::create_dir_all(staging)?;
                 for e in &entries {
                     let target = staging.join(e.path());
                     if let Some(parent) = target.parent() {
@@ -239,10 +258,8 @@ impl Store {
                     }
                 }
             }
-            OutKind::Link { target } => std::os::unix::fs::symlink(target, &staging)?,
+            OutKind::Link { target } => std::os::unix::fs::symlink(target, staging)?,
         }
-        remove_path(&dest)?;
-        fs::rename(&staging, &dest).with_context(|| format!("cannot restore {}", out.path))?;
         Ok(())
     }
 
