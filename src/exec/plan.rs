@@ -149,17 +149,38 @@ pub fn plan(
     let n = pipeline.stages.len();
     let mut decisions = vec![Decision::Excluded; n];
     let mut parts = vec![None; n];
+    // What each settled stage's outs will be: its last record if skipped, the cached record if
+    // restored. Stages below a restore can then be decided now too.
+    let mut expected: Vec<Option<Record>> = vec![None; n];
     for i in 0..n {
         if !selected[i] {
             continue;
         }
         let stage = &pipeline.stages[i];
-        let waiting: Vec<String> = pipeline.dag.upstream[i]
+        let ups = &pipeline.dag.upstream[i];
+        let unsettled: Vec<String> = ups
             .iter()
-            .filter(|&&u| !matches!(decisions[u], Decision::Skip | Decision::Excluded))
+            .filter(|&&u| selected[u] && expected[u].is_none())
             .map(|&u| pipeline.stages[u].name.clone())
             .collect();
-        if !waiting.is_empty() {
+        // A dep inside an upstream's out folder can only be hashed once that folder is there.
+        let nested = stage.deps.iter().any(|d| {
+            ups.iter().any(|&u| {
+                matches!(decisions[u], Decision::Restore(_))
+                    && pipeline.stages[u].outs.iter().any(|o| {
+                        d != o
+                            && (d.starts_with(&format!("{o}/")) || o.starts_with(&format!("{d}/")))
+                    })
+            })
+        });
+        if !unsettled.is_empty() || nested {
+            let waiting = if unsettled.is_empty() {
+                ups.iter()
+                    .map(|&u| pipeline.stages[u].name.clone())
+                    .collect()
+            } else {
+                unsettled
+            };
             decisions[i] = if forced[i] {
                 Decision::Run(vec!["forced".into()])
             } else {
@@ -167,8 +188,15 @@ pub fn plan(
             };
             continue;
         }
-        let dep_hash = |d: &str| Ok(hashes.get(d).cloned().flatten());
-        let upstream = |u: usize| state.stages.get(&pipeline.stages[u].name).cloned();
+        let from_upstream = |d: &str| {
+            ups.iter()
+                .filter_map(|&u| expected[u].as_ref())
+                .flat_map(|r| r.outs.iter())
+                .find(|o| o.path == d)
+                .map(|o| o.hash.clone())
+        };
+        let dep_hash = |d: &str| Ok(from_upstream(d).or_else(|| hashes.get(d).cloned().flatten()));
+        let upstream = |u: usize| expected[u].clone();
         let p = key_parts(pipeline, i, kinds, &dep_hash, &upstream)?;
         let key = p.key();
         let last = state.stages.get(&stage.name);
@@ -176,6 +204,11 @@ pub fn plan(
             Decision::Run(vec!["forced".into()])
         } else {
             decide(ws, &p, &key, last)
+        };
+        expected[i] = match &decisions[i] {
+            Decision::Skip => last.cloned(),
+            Decision::Restore(_) => ws.store.record(&key),
+            _ => None,
         };
         parts[i] = Some(p);
     }

@@ -89,7 +89,7 @@ impl Pipeline {
     ) -> Result<Pipeline> {
         let shown = file.display().to_string();
         let parsed: PipelineFile =
-            serde_yaml_ng::from_str(source).map_err(|e| yaml_error(&shown, &e))?;
+            serde_yaml_ng::from_str(source).map_err(|e| yaml_error(&shown, source, &e))?;
         let lines = schema::stage_lines(source);
         let mut params = parsed.params;
         for item in overrides {
@@ -153,12 +153,22 @@ impl Pipeline {
     }
 }
 
-fn yaml_error(file: &str, err: &serde_yaml_ng::Error) -> anyhow::Error {
+fn yaml_error(file: &str, source: &str, err: &serde_yaml_ng::Error) -> anyhow::Error {
     let msg = err.to_string();
     match err.location() {
         Some(loc) => {
             let msg = msg.split(" at line ").next().unwrap_or(&msg);
-            anyhow!("{file}:{}:{}: {msg}", loc.line(), loc.column())
+            // `${...}` inside `[ ]` or `{ }` reads as YAML flow syntax: the commonest slip.
+            let line = source
+                .lines()
+                .nth(loc.line().saturating_sub(1))
+                .unwrap_or("");
+            let hint = if line.contains("${") && (line.contains('[') || line.contains(": {")) {
+                " (quote values that hold ${...} inside [ ] or { }: \"${matrix.x}.txt\")"
+            } else {
+                ""
+            };
+            anyhow!("{file}:{}:{}: {msg}{hint}", loc.line(), loc.column())
         }
         None => anyhow!("{file}: {msg}"),
     }
