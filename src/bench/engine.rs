@@ -38,7 +38,7 @@ pub struct EngineArgs {
 }
 
 pub fn run(args: &EngineArgs) -> Result<()> {
-    if args.stages == 0 || args.stages % 10 != 0 {
+    if args.stages == 0 || !args.stages.is_multiple_of(10) {
         bail!("--stages must be a positive multiple of 10");
     }
     let groups = args.stages / 10;
