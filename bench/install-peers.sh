@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs the peer tools that `repro bench` compares against into bench/.venv (git-ignored).
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m venv .venv
+.venv/bin/pip install -q dvc
+.venv/bin/dvc --version
