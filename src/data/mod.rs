@@ -5,4 +5,6 @@
 //! token shards; training and evaluation read them with [`shards::TokenShard`] and cut batches
 //! with [`shards::Batcher`] and [`shards::eval_batches`].
 
+pub mod packages;
 pub mod shards;
+pub mod sources;
