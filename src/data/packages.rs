@@ -297,3 +297,55 @@ fn single_file(dir: &Path) -> Result<Option<PathBuf>> {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_file_with_the_pinned_hash_is_used_without_downloading() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = b"pretend tarball";
+        let package = PackageRef {
+            // A registry client that does not exist: reaching the download step would fail.
+            registry: Registry::Npm,
+            name: "@example/never-downloaded",
+            version: "1.2.3",
+            blake3: Box::leak(blake3::hash(content).to_hex().to_string().into_boxed_str()),
+        };
+        let cache = package.cache_dir(dir.path());
+        assert!(cache.ends_with("npm-_example_never-downloaded-1.2.3"));
+        std::fs::create_dir_all(&cache).unwrap();
+        std::fs::write(cache.join("example-never-downloaded-1.2.3.tgz"), content).unwrap();
+        let mut messages = Vec::new();
+        let fetched = fetch(&package, dir.path(), &mut |m: &str| {
+            messages.push(m.to_string())
+        })
+        .unwrap();
+        assert_eq!(fetched.blake3, package.blake3);
+        assert!(messages[0].contains("cached"), "{messages:?}");
+    }
+
+    #[test]
+    fn a_missing_tool_is_named_in_the_error() {
+        let err = require_tool("no-such-tool-7f3a", "unpacking test packages").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("`no-such-tool-7f3a`"), "{message}");
+        assert!(message.contains("unpacking test packages"), "{message}");
+    }
+
+    #[test]
+    fn registry_specs_use_each_clients_spelling() {
+        let mut package = PackageRef {
+            registry: Registry::Npm,
+            name: "pkg",
+            version: "1.0",
+            blake3: "",
+        };
+        assert_eq!(package.spec(), "pkg@1.0");
+        package.registry = Registry::PypiSdist;
+        assert_eq!(package.spec(), "pkg==1.0");
+        package.registry = Registry::Debian;
+        assert_eq!(package.spec(), "pkg=1.0");
+    }
+}

