@@ -7,12 +7,13 @@
 //! lines; the separator never occurs inside a document (it is removed from document text).
 //!
 //! # The held-out split
-//! Each document gets a key: blake3 of (seed, source, ordinal, title). Documents are ordered
-//! by key (a seeded shuffle that mixes sources), the optional byte cap keeps a prefix of that
-//! order, and within each source the first `round(fraction × n)` documents by key are held out.
-//! The split is therefore per source (every source is represented in both files), whole
-//! documents only, and a pure function of (documents, seed, fraction, cap). Both files list
-//! their documents in key order.
+//! Each document gets a key: blake3 of (seed, source name, ordinal within the source, title).
+//! Documents are ordered by key (a seeded shuffle that mixes sources), the optional byte cap
+//! keeps a prefix of that order, and within each source the first `round(fraction × n)`
+//! documents by key are held out. The split is therefore per source (every source with enough
+//! documents is represented in both files), whole documents only, a pure function of
+//! (documents, seed, fraction, cap), and a source's split does not depend on which other
+//! sources are chosen (unless the cap binds). Both files list their documents in key order.
 
 use super::packages::{self, PackageRef};
 use super::sources::{Document, Source};
@@ -242,17 +243,21 @@ pub fn split_by_document(
         "heldout_fraction {} is not between 0 and 1",
         split.heldout_fraction
     );
-    let key = |i: usize| {
-        let doc = &documents[i];
+    // The ordinal counts within the source, so a source's split does not change when other
+    // sources are added or removed.
+    let mut ordinals = vec![0u64; sources.len()];
+    let mut order: Vec<([u8; 32], usize)> = Vec::with_capacity(documents.len());
+    for (i, doc) in documents.iter().enumerate() {
+        let ordinal = &mut ordinals[doc.source];
         let mut hasher = blake3::Hasher::new();
         hasher.update(&split.seed.to_le_bytes());
         hasher.update(sources[doc.source].as_bytes());
         hasher.update(&[0]);
-        hasher.update(&(i as u64).to_le_bytes());
+        hasher.update(&ordinal.to_le_bytes());
         hasher.update(doc.document.title.as_bytes());
-        *hasher.finalize().as_bytes()
-    };
-    let mut order: Vec<([u8; 32], usize)> = (0..documents.len()).map(|i| (key(i), i)).collect();
+        *ordinal += 1;
+        order.push((*hasher.finalize().as_bytes(), i));
+    }
     order.sort_unstable();
     let mut kept: Vec<usize> = order.into_iter().map(|(_, i)| i).collect();
     if let Some(cap) = split.max_bytes {
@@ -424,6 +429,24 @@ mod tests {
                 .count()
         };
         assert_eq!([per_source(0), per_source(1), per_source(2)], [20, 4, 0]);
+
+        // Dropping a source leaves the other sources' held-out documents as they were.
+        let (without_first, names_without_first) = corpus(&[0, 40, 3]);
+        let (_, heldout_without_first) =
+            split_by_document(&without_first, &names_without_first, &split).unwrap();
+        let titles = |docs: &[SourcedDocument], picked: &[usize]| {
+            let mut t: Vec<String> = picked
+                .iter()
+                .filter(|&&i| docs[i].source == 1)
+                .map(|&i| docs[i].document.title.clone())
+                .collect();
+            t.sort();
+            t
+        };
+        assert_eq!(
+            titles(&documents, &heldout),
+            titles(&without_first, &heldout_without_first)
+        );
 
         let other_seed = SplitSpec { seed: 8, ..split };
         let (_, heldout_8) = split_by_document(&documents, &names, &other_seed).unwrap();
