@@ -1,12 +1,13 @@
 //! repro: declarative, content-addressed pipelines for reproducing ML papers.
 //!
 //! Two halves meet at one seam: the pipeline engine (`pipeline`, `cache`, `exec`) knows nothing
-//! about machine learning, and the stage kinds (`stages`) know nothing about scheduling or
-//! caching.
+//! about machine learning, and the stage kinds (`stages`, built on `nn` and `data`) know nothing
+//! about scheduling or caching.
 
 pub mod bench;
 pub mod cache;
 pub mod cli;
+pub mod data;
 pub mod exec;
 pub mod pipeline;
 pub mod stages;
