@@ -3,3 +3,4 @@
 //! Two halves meet at one seam: the pipeline engine (`pipeline`, `cache`, `exec`) knows nothing
 //! about machine learning, and the stage kinds (`stages`, built on `nn` and `data`) know nothing
 //! about scheduling or caching.
+pub mod nn;
