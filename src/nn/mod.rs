@@ -14,6 +14,9 @@ pub mod rng;
 pub mod tensor;
 pub mod train;
 
+#[cfg(test)]
+mod oracle_tests;
+
 pub use config::{FfnKind, ModelConfig};
 pub use model::{BatchLoss, Model};
 pub use train::{bench_train, StepStats, TrainConfig, Trainer};
