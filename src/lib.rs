@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod exec;
+pub mod nn;
 pub mod pipeline;
 pub mod stages;
 pub mod workspace;

@@ -1,0 +1,248 @@
+//! Model configuration: every size explicit, plus the SPEC §6 ladder.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FfnKind {
+    #[serde(rename = "mlp")]
+    Mlp,
+    #[serde(rename = "swiglu")]
+    Swiglu,
+    #[serde(rename = "moe")]
+    Moe,
+    #[serde(rename = "peer")]
+    Peer,
+    #[serde(rename = "sgatlin")]
+    Sgatlin,
+    #[serde(rename = "sgatlin-gelu")]
+    SgatlinGelu,
+}
+
+impl FfnKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FfnKind::Mlp => "mlp",
+            FfnKind::Swiglu => "swiglu",
+            FfnKind::Moe => "moe",
+            FfnKind::Peer => "peer",
+            FfnKind::Sgatlin => "sgatlin",
+            FfnKind::SgatlinGelu => "sgatlin-gelu",
+        }
+    }
+    /// Kinds routed by product keys (sgatlin, its ablation, PEER).
+    pub fn is_product_key(&self) -> bool {
+        matches!(
+            self,
+            FfnKind::Peer | FfnKind::Sgatlin | FfnKind::SgatlinGelu
+        )
+    }
+    pub fn is_sparse(&self) -> bool {
+        self.is_product_key() || *self == FfnKind::Moe
+    }
+}
+
+impl std::str::FromStr for FfnKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            format!(
+                "unknown ffn kind `{s}` (expected mlp, swiglu, moe, peer, sgatlin, sgatlin-gelu)"
+            )
+        })
+    }
+}
+
+/// Sizes of one model. Fields that a kind does not use are ignored by it (and by `validate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub seq_len: usize,
+    pub ffn: FfnKind,
+    /// sgatlin: channels C; peer: heads; moe: unused.
+    pub channels: usize,
+    /// sgatlin/peer: pool size N (a perfect square); moe: number of experts (16).
+    pub experts: usize,
+    /// Experts selected per channel/head (sgatlin, peer) or per token (moe).
+    pub topk: usize,
+    /// Router key width (sgatlin W_key output, peer query/key width).
+    pub d_key: usize,
+    /// Hidden width of mlp/swiglu, and of each moe expert.
+    pub d_ffw: usize,
+}
+
+/// d_ffw = 256 * floor((8/3 * d) / 256), at least 256 (SPEC §2).
+pub fn default_d_ffw(d_model: usize) -> usize {
+    (256 * ((8.0 / 3.0 * d_model as f64) / 256.0).floor() as usize).max(256)
+}
+
+fn perfect_square_near(x: f64) -> usize {
+    let r = x.round().max(1.0) as usize;
+    r * r
+}
+
+pub fn isqrt(n: usize) -> usize {
+    let mut r = (n as f64).sqrt() as usize;
+    while r * r > n {
+        r -= 1;
+    }
+    while (r + 1) * (r + 1) <= n {
+        r += 1;
+    }
+    r
+}
+
+impl ModelConfig {
+    /// SPEC §6. d_model = 128·s rounded to a multiple of 64 (integer s) or 32 (fractional s),
+    /// at least that multiple; n_layers = max(1, round(2·s)).
+    pub fn ladder(ffn: FfnKind, scale: f64, vocab: usize, seq_len: usize) -> ModelConfig {
+        let unit = if scale.fract() == 0.0 { 64.0 } else { 32.0 };
+        let d_model = (((128.0 * scale) / unit).round().max(1.0) * unit) as usize;
+        let n_layers = ((2.0 * scale).round() as usize).max(1);
+        let (channels, experts, topk, d_ffw) = match ffn {
+            FfnKind::Mlp | FfnKind::Swiglu => (1, 0, 0, default_d_ffw(d_model)),
+            FfnKind::Moe => (1, 16, 2, d_model),
+            FfnKind::Sgatlin | FfnKind::SgatlinGelu => {
+                (16, perfect_square_near(16.0 + 12.0 * scale), 8, 0)
+            }
+            FfnKind::Peer => (16, perfect_square_near(32.0 + 24.0 * scale), 8, 0),
+        };
+        ModelConfig {
+            vocab,
+            d_model,
+            n_layers,
+            seq_len,
+            ffn,
+            channels,
+            experts,
+            topk,
+            d_key: 128,
+            d_ffw,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.d_model.min(64)
+    }
+
+    pub fn n_heads(&self) -> usize {
+        self.d_model / self.head_dim()
+    }
+
+    pub fn sqrt_experts(&self) -> usize {
+        isqrt(self.experts)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let pos = |v: usize, name: &str| {
+            if v == 0 {
+                Err(format!("model config: `{name}` must be positive"))
+            } else {
+                Ok(())
+            }
+        };
+        pos(self.vocab, "vocab")?;
+        pos(self.d_model, "d_model")?;
+        pos(self.n_layers, "n_layers")?;
+        pos(self.seq_len, "seq_len")?;
+        if self.vocab > u32::MAX as usize {
+            return Err("model config: `vocab` must fit in u32".into());
+        }
+        if self.d_model > 64 && self.d_model % 64 != 0 {
+            return Err(format!(
+                "model config: `d_model` = {} must be a multiple of the head dim 64 (or at most 64, one head)",
+                self.d_model
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "model config: `d_model` = {} must be even (RoPE rotates pairs)",
+                self.d_model
+            ));
+        }
+        match self.ffn {
+            FfnKind::Mlp | FfnKind::Swiglu => pos(self.d_ffw, "d_ffw")?,
+            FfnKind::Moe => {
+                pos(self.d_ffw, "d_ffw")?;
+                pos(self.experts, "experts")?;
+                pos(self.topk, "topk")?;
+                if self.topk > self.experts {
+                    return Err(format!(
+                        "model config: moe `topk` = {} exceeds `experts` = {}",
+                        self.topk, self.experts
+                    ));
+                }
+            }
+            FfnKind::Peer | FfnKind::Sgatlin | FfnKind::SgatlinGelu => {
+                pos(self.channels, "channels")?;
+                pos(self.experts, "experts")?;
+                pos(self.topk, "topk")?;
+                pos(self.d_key, "d_key")?;
+                let r = isqrt(self.experts);
+                if r * r != self.experts {
+                    return Err(format!(
+                        "model config: `experts` = {} must be a perfect square for product-key routing",
+                        self.experts
+                    ));
+                }
+                if self.topk >= r {
+                    return Err(format!(
+                        "model config: `topk` = {} must be below sqrt(experts) = {r}",
+                        self.topk
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters of one feedforward layer (all of them, and those one token touches).
+    fn ffn_params(&self) -> (usize, usize) {
+        let d = self.d_model;
+        let (c, n, k, dk, f) = (
+            self.channels,
+            self.experts,
+            self.topk,
+            self.d_key,
+            self.d_ffw,
+        );
+        let s = self.sqrt_experts();
+        match self.ffn {
+            FfnKind::Mlp => (2 * d * f, 2 * d * f),
+            FfnKind::Swiglu => {
+                let p = d * 2 * f + 2 * f + f * d + d;
+                (p, p)
+            }
+            FfnKind::Moe => {
+                let expert = d * 2 * f + 2 * f + f * d + d;
+                (d * n + n * expert, d * n + k * expert)
+            }
+            FfnKind::Sgatlin | FfnKind::SgatlinGelu => {
+                let router = d * dk + dk * 2 * c * s;
+                (router + 2 * c * n * d, router + 2 * c * k * d)
+            }
+            FfnKind::Peer => {
+                let router = d * 2 * c * dk + 2 * c * s * dk;
+                (router + 2 * n * d, router + 2 * c * k * d)
+            }
+        }
+    }
+
+    fn backbone_params(&self) -> usize {
+        let d = self.d_model;
+        let per_layer = 4 * d * d + 2 * d + 2 * self.head_dim();
+        self.vocab * d + self.n_layers * per_layer + d
+    }
+
+    pub fn total_params(&self) -> usize {
+        self.backbone_params() + self.n_layers * self.ffn_params().0
+    }
+
+    /// Parameters one token touches: the backbone (embedding included) plus the router and the
+    /// selected experts of each feedforward layer.
+    pub fn active_params_per_token(&self) -> usize {
+        self.backbone_params() + self.n_layers * self.ffn_params().1
+    }
+}

@@ -1,0 +1,153 @@
+//! Feedforward layers. Each owns its parameter handles and its saved activations, and has an
+//! explicit forward and backward pass over the `Backend`.
+
+pub mod mlp;
+pub mod moe;
+pub mod peer;
+pub mod sgatlin;
+pub mod swiglu;
+
+use super::backend::Backend;
+use super::config::{FfnKind, ModelConfig};
+use super::tensor::ParamTable;
+
+/// Grow-only scratch: resize a buffer to `len` without shrinking its allocation.
+pub(crate) fn ensure(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() != len {
+        buf.resize(len, 0.0);
+    }
+}
+
+/// Expert usage accumulated over evaluation batches (SPEC §7, last bullet).
+#[derive(Clone, Debug, Default)]
+pub struct GateStats {
+    /// How often each expert (pool row) was selected.
+    pub selected: Vec<u64>,
+    /// Accumulated gate mass per expert: |raw score| for sgatlin, the softmax weight for
+    /// peer and moe.
+    pub mass: Vec<f64>,
+}
+
+impl GateStats {
+    pub fn new(n: usize) -> GateStats {
+        GateStats {
+            selected: vec![0; n],
+            mass: vec![0.0; n],
+        }
+    }
+    pub fn reset(&mut self) {
+        self.selected.fill(0);
+        self.mass.fill(0.0);
+    }
+    /// Fraction of experts selected at least once.
+    pub fn fraction_used(&self) -> f64 {
+        let used = self.selected.iter().filter(|&&c| c > 0).count();
+        used as f64 / self.selected.len().max(1) as f64
+    }
+    /// KL(z || uniform) = log N + sum z_i log z_i of the normalised gate mass z.
+    pub fn unevenness(&self) -> f64 {
+        let total: f64 = self.mass.iter().sum();
+        let n = self.mass.len() as f64;
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let mut kl = n.ln();
+        for &m in &self.mass {
+            if m > 0.0 {
+                let z = m / total;
+                kl += z * z.ln();
+            }
+        }
+        kl
+    }
+}
+
+pub enum FfnLayer {
+    Mlp(mlp::Mlp),
+    Swiglu(swiglu::Swiglu),
+    Moe(moe::Moe),
+    Peer(peer::Peer),
+    Sgatlin(sgatlin::Sgatlin),
+}
+
+impl FfnLayer {
+    pub fn new(table: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> FfnLayer {
+        match cfg.ffn {
+            FfnKind::Mlp => FfnLayer::Mlp(mlp::Mlp::new(table, prefix, cfg)),
+            FfnKind::Swiglu => FfnLayer::Swiglu(swiglu::Swiglu::new(table, prefix, cfg)),
+            FfnKind::Moe => FfnLayer::Moe(moe::Moe::new(table, prefix, cfg)),
+            FfnKind::Peer => FfnLayer::Peer(peer::Peer::new(table, prefix, cfg)),
+            FfnKind::Sgatlin | FfnKind::SgatlinGelu => {
+                FfnLayer::Sgatlin(sgatlin::Sgatlin::new(table, prefix, cfg))
+            }
+        }
+    }
+
+    /// out[n, d] = FFW(h) (overwritten).
+    pub fn forward(
+        &mut self,
+        be: &dyn Backend,
+        p: &[f32],
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+        stats: bool,
+    ) {
+        match self {
+            FfnLayer::Mlp(l) => l.forward(be, p, h, n, out),
+            FfnLayer::Swiglu(l) => l.forward(be, p, h, n, out),
+            FfnLayer::Moe(l) => l.forward(be, p, h, n, out, stats),
+            FfnLayer::Peer(l) => l.forward(be, p, h, n, out, stats),
+            FfnLayer::Sgatlin(l) => l.forward(be, p, h, n, out, stats),
+        }
+    }
+
+    /// dh (overwritten) from dy; parameter gradients are added into g.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &mut self,
+        be: &dyn Backend,
+        p: &[f32],
+        g: &mut [f32],
+        h: &[f32],
+        dy: &[f32],
+        n: usize,
+        dh: &mut [f32],
+    ) {
+        match self {
+            FfnLayer::Mlp(l) => l.backward(be, p, g, h, dy, n, dh),
+            FfnLayer::Swiglu(l) => l.backward(be, p, g, h, dy, n, dh),
+            FfnLayer::Moe(l) => l.backward(be, p, g, h, dy, n, dh),
+            FfnLayer::Peer(l) => l.backward(be, p, g, h, dy, n, dh),
+            FfnLayer::Sgatlin(l) => l.backward(be, p, g, h, dy, n, dh),
+        }
+    }
+
+    pub fn gate_stats(&self) -> Option<&GateStats> {
+        match self {
+            FfnLayer::Moe(l) => Some(&l.stats),
+            FfnLayer::Peer(l) => Some(&l.stats),
+            FfnLayer::Sgatlin(l) => Some(&l.stats),
+            _ => None,
+        }
+    }
+
+    pub fn reset_gate_stats(&mut self) {
+        match self {
+            FfnLayer::Moe(l) => l.stats.reset(),
+            FfnLayer::Peer(l) => l.stats.reset(),
+            FfnLayer::Sgatlin(l) => l.stats.reset(),
+            _ => {}
+        }
+    }
+
+    /// The router outputs of the last forward pass (scores, indices), each [tokens, C, k],
+    /// for product-key kinds: the raw material of feedforward circuits.
+    pub fn last_routing(&self) -> Option<(&[f32], &[u32])> {
+        match self {
+            FfnLayer::Sgatlin(l) => Some((&l.scores, &l.indices)),
+            FfnLayer::Peer(l) => Some((&l.scores, &l.indices)),
+            _ => None,
+        }
+    }
+}

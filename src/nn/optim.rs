@@ -1,0 +1,174 @@
+//! AdamW (SPEC §4), global-norm clipping and the warmup-stable-sqrt-decay schedule.
+
+use super::backend::Backend;
+use super::cpu::adamw::AdamWStep;
+use super::tensor::ParamTable;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// lambda of the decoupled decay theta <- theta - lr * lambda * theta (not on norm scales).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// Optimiser state: first and second moments mirroring the flat parameter buffer.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Updates applied so far (bias correction uses t + 1 for the next one).
+    pub t: u64,
+}
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, n_params: usize) -> AdamW {
+        AdamW {
+            cfg,
+            m: vec![0.0; n_params],
+            v: vec![0.0; n_params],
+            t: 0,
+        }
+    }
+
+    /// One update of every tensor; `grad_scale` multiplies the gradients first (clipping).
+    pub fn update(
+        &mut self,
+        be: &dyn Backend,
+        table: &ParamTable,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        grad_scale: f32,
+    ) {
+        self.t += 1;
+        for info in &table.infos {
+            let r = info.offset..info.offset + info.len;
+            let step = AdamWStep {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: if info.decay {
+                    self.cfg.weight_decay
+                } else {
+                    0.0
+                },
+                t: self.t,
+                grad_scale,
+            };
+            be.adamw_update(
+                &mut params[r.clone()],
+                &grads[r.clone()],
+                &mut self.m[r.clone()],
+                &mut self.v[r],
+                &step,
+            );
+        }
+    }
+}
+
+/// L2 norm of all gradients, summed in f64 over fixed chunks in a fixed order.
+pub fn global_norm(grads: &[f32]) -> f64 {
+    let partials: Vec<f64> = grads
+        .par_chunks(16384)
+        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .collect();
+    partials.iter().sum::<f64>().sqrt()
+}
+
+/// The factor that brings the global norm down to `max_norm` (1 when already below).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f32 {
+    if max_norm > 0.0 && norm > max_norm {
+        (max_norm / norm) as f32
+    } else {
+        1.0
+    }
+}
+
+/// Warmup-stable-sqrt-decay: linear warmup, constant, then lr * (1 - sqrt(t / T_decay)) over
+/// the last 20% of the steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub peak_lr: f64,
+    pub total_steps: u64,
+    /// Effective warmup after clamping (see `new`).
+    pub warmup_steps: u64,
+    pub decay_start: u64,
+}
+
+impl Schedule {
+    /// Clamps the warmup so that short runs still reach the peak: it may use at most the
+    /// steps before the decay phase and at most 10% of the run beyond the first step.
+    pub fn new(peak_lr: f64, total_steps: u64, warmup_steps: u64) -> Schedule {
+        let total = total_steps.max(1);
+        let decay_steps = ((total as f64) * 0.2).round() as u64;
+        let decay_start = total - decay_steps.min(total);
+        let warmup = warmup_steps
+            .min(decay_start)
+            .min((total / 10).max(1))
+            .min(warmup_steps);
+        Schedule {
+            peak_lr,
+            total_steps: total,
+            warmup_steps: warmup,
+            decay_start,
+        }
+    }
+
+    /// Learning rate of 0-based step `step`.
+    pub fn lr(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.peak_lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if step < self.decay_start {
+            return self.peak_lr;
+        }
+        let t_decay = (self.total_steps - self.decay_start).max(1) as f64;
+        let t = ((step - self.decay_start) as f64).min(t_decay);
+        self.peak_lr * (1.0 - (t / t_decay).sqrt())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_holds_and_decays() {
+        let s = Schedule::new(1e-3, 1000, 100);
+        assert_eq!(s.warmup_steps, 100);
+        assert_eq!(s.decay_start, 800);
+        assert!((s.lr(0) - 1e-5).abs() < 1e-12);
+        assert!((s.lr(99) - 1e-3).abs() < 1e-12);
+        assert_eq!(s.lr(500), 1e-3);
+        assert_eq!(s.lr(800), 1e-3);
+        assert!((s.lr(850) - 1e-3 * (1.0 - (0.25f64).sqrt())).abs() < 1e-12);
+        assert!(s.lr(999) > 0.0 && s.lr(999) < 1e-4);
+        // A short run clamps a long warmup.
+        let s = Schedule::new(1e-3, 50, 1000);
+        assert_eq!(s.warmup_steps, 5);
+        assert_eq!(s.lr(10), 1e-3);
+    }
+
+    #[test]
+    fn clip_scale_only_shrinks() {
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-7);
+    }
+}

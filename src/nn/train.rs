@@ -1,0 +1,397 @@
+//! The trainer: model + AdamW + schedule + step counter + rng, one batch per `step`.
+
+use super::checkpoint;
+use super::config::ModelConfig;
+use super::model::Model;
+use super::optim::{clip_scale, global_norm, AdamW, AdamWConfig, Schedule};
+use super::rng::Rng;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub lr: f64,
+    pub adamw: AdamWConfig,
+    /// Global-norm clip (1.0; 2.0 for the story model); 0 disables.
+    pub clip: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// Targets equal to this id are masked out of the loss.
+    pub pad_id: Option<u32>,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            adamw: AdamWConfig::default(),
+            clip: 1.0,
+            warmup_steps: 1000,
+            total_steps: 1000,
+            pad_id: None,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// The step just taken (0-based).
+    pub step: u64,
+    pub loss: f64,
+    /// Before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    /// Target tokens counted in the loss.
+    pub tokens: usize,
+}
+
+pub struct Trainer {
+    pub model: Model,
+    pub opt: AdamW,
+    pub schedule: Schedule,
+    pub cfg: TrainConfig,
+    /// Steps taken so far.
+    pub step: u64,
+    pub rng: Rng,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl Trainer {
+    pub fn new(model_cfg: &ModelConfig, cfg: TrainConfig) -> Result<Trainer> {
+        let mut rng = Rng::new(cfg.seed);
+        let model = Model::with_backend(model_cfg, Box::new(super::cpu::CpuBackend), &mut rng)
+            .map_err(|e| anyhow!(e))?;
+        let opt = AdamW::new(cfg.adamw.clone(), model.params.len());
+        let schedule = Schedule::new(cfg.lr, cfg.total_steps, cfg.warmup_steps);
+        Ok(Trainer {
+            model,
+            opt,
+            schedule,
+            cfg,
+            step: 0,
+            rng,
+            inputs: vec![],
+            targets: vec![],
+        })
+    }
+
+    /// Splits rows of seq_len + 1 tokens into inputs and next-token targets.
+    fn split_rows(&mut self, batch: &[u32]) -> Result<()> {
+        let t = self.model.cfg.seq_len;
+        if batch.is_empty() || batch.len() % (t + 1) != 0 {
+            bail!(
+                "batch of {} tokens is not a positive multiple of seq_len + 1 = {}",
+                batch.len(),
+                t + 1
+            );
+        }
+        self.inputs.clear();
+        self.targets.clear();
+        for row in batch.chunks(t + 1) {
+            self.inputs.extend_from_slice(&row[..t]);
+            self.targets.extend_from_slice(&row[1..]);
+        }
+        Ok(())
+    }
+
+    /// One optimisation step on `batch` (B rows of seq_len + 1 tokens).
+    pub fn step(&mut self, batch: &[u32]) -> Result<StepStats> {
+        self.split_rows(batch)?;
+        let out = self
+            .model
+            .forward_backward(&self.inputs, &self.targets, self.cfg.pad_id)
+            .map_err(|e| anyhow!("step {}: {e}", self.step))?;
+        if !out.loss.is_finite() {
+            bail!("step {}: loss is {} (diverged)", self.step, out.loss);
+        }
+        let norm = global_norm(&self.model.grads);
+        if !norm.is_finite() {
+            bail!("step {}: gradient norm is {} (diverged)", self.step, norm);
+        }
+        let lr = self.schedule.lr(self.step);
+        self.model
+            .optimizer_step(&mut self.opt, lr as f32, clip_scale(norm, self.cfg.clip));
+        let stats = StepStats {
+            step: self.step,
+            loss: out.loss,
+            grad_norm: norm,
+            lr,
+            tokens: out.tokens,
+        };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// Token-weighted mean loss over held-out batches (rows of seq_len + 1 tokens).
+    pub fn eval_loss(&mut self, batches: &[&[u32]]) -> Result<f64> {
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for b in batches {
+            self.split_rows(b)?;
+            let out = self
+                .model
+                .loss(&self.inputs, &self.targets, self.cfg.pad_id)
+                .map_err(|e| anyhow!(e))?;
+            sum += out.loss * out.tokens as f64;
+            count += out.tokens;
+        }
+        if count == 0 {
+            bail!("evaluation batches hold no counted tokens");
+        }
+        Ok(sum / count as f64)
+    }
+
+    fn metadata(&self) -> Result<HashMap<String, String>> {
+        let mut m = HashMap::new();
+        m.insert("format".into(), "repro-nn-checkpoint-1".into());
+        m.insert(
+            "model_config".into(),
+            serde_json::to_string(&self.model.cfg)?,
+        );
+        m.insert("train_config".into(), serde_json::to_string(&self.cfg)?);
+        m.insert("step".into(), self.step.to_string());
+        m.insert("adam_t".into(), self.opt.t.to_string());
+        let rng: Vec<String> = self.rng.state().iter().map(|x| x.to_string()).collect();
+        m.insert("rng".into(), rng.join(","));
+        Ok(m)
+    }
+
+    /// Weights, optimiser moments, step and rng state: enough to resume bit-exactly.
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let bufs: [(&str, &[f32]); 3] = [
+            ("", &self.model.params),
+            ("optim.m.", &self.opt.m),
+            ("optim.v.", &self.opt.v),
+        ];
+        checkpoint::save(path, &self.model.table, &bufs, self.metadata()?)
+    }
+
+    /// Weights only, named like `blocks.0.attn.wq`, with the model config in the metadata.
+    pub fn export_weights(&self, path: &Path) -> Result<()> {
+        let mut m = HashMap::new();
+        m.insert(
+            "model_config".into(),
+            serde_json::to_string(&self.model.cfg)?,
+        );
+        checkpoint::save(path, &self.model.table, &[("", &self.model.params)], m)
+    }
+
+    pub fn load_checkpoint(path: &Path) -> Result<Trainer> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| anyhow!("checkpoint {} lacks metadata `{k}`", path.display()))
+        };
+        let model_cfg: ModelConfig = serde_json::from_str(get("model_config")?)?;
+        let cfg: TrainConfig = serde_json::from_str(get("train_config")?)?;
+        let mut tr = Trainer::new(&model_cfg, cfg)?;
+        let (mut bufs, _) = checkpoint::load(path, &tr.model.table, &["", "optim.m.", "optim.v."])?;
+        tr.opt.v = bufs.pop().unwrap_or_default();
+        tr.opt.m = bufs.pop().unwrap_or_default();
+        tr.model.params = bufs.pop().unwrap_or_default();
+        tr.step = get("step")?.parse()?;
+        tr.opt.t = get("adam_t")?.parse()?;
+        let words: Vec<u64> = get("rng")?
+            .split(',')
+            .map(|w| w.parse())
+            .collect::<Result<_, _>>()?;
+        let state: [u64; 4] = words
+            .try_into()
+            .map_err(|_| anyhow!("checkpoint rng state must be 4 words"))?;
+        tr.rng = Rng::from_state(state);
+        Ok(tr)
+    }
+}
+
+/// Training throughput on random tokens: (tokens per second of forward + backward + AdamW,
+/// bytes held by parameters, gradients, moments and activation buffers).
+pub fn bench_train(cfg: &ModelConfig, batch: usize, steps: usize) -> Result<(f64, usize)> {
+    let tc = TrainConfig {
+        total_steps: (steps as u64 + 1).max(10),
+        warmup_steps: 1,
+        ..TrainConfig::default()
+    };
+    let mut tr = Trainer::new(cfg, tc)?;
+    let mut rng = Rng::new(12345);
+    let data: Vec<u32> = (0..batch * (cfg.seq_len + 1))
+        .map(|_| (rng.next_u64() % cfg.vocab as u64) as u32)
+        .collect();
+    tr.step(&data)?; // warm the buffers
+    let t0 = std::time::Instant::now();
+    for _ in 0..steps {
+        tr.step(&data)?;
+    }
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    let tokens = (steps * batch * cfg.seq_len) as f64;
+    let bytes = tr.model.allocated_bytes() + 8 * tr.opt.m.len();
+    Ok((tokens / secs, bytes))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::nn::config::FfnKind;
+
+    /// A tiny model of each kind, small enough for exhaustive checks.
+    pub(crate) fn tiny(ffn: FfnKind) -> ModelConfig {
+        let (channels, experts, topk, d_ffw) = match ffn {
+            FfnKind::Mlp | FfnKind::Swiglu => (1, 0, 0, 64),
+            FfnKind::Moe => (1, 4, 2, 32),
+            _ => (2, 16, 2, 0),
+        };
+        ModelConfig {
+            vocab: 64,
+            d_model: 32,
+            n_layers: 2,
+            seq_len: 8,
+            ffn,
+            channels,
+            experts,
+            topk,
+            d_key: 8,
+            d_ffw,
+        }
+    }
+
+    const ALL: [FfnKind; 6] = [
+        FfnKind::Mlp,
+        FfnKind::Swiglu,
+        FfnKind::Moe,
+        FfnKind::Peer,
+        FfnKind::Sgatlin,
+        FfnKind::SgatlinGelu,
+    ];
+
+    /// Rows of a periodic pattern at shifting offsets.
+    fn pattern_batch(step: usize, rows: usize, seq: usize) -> Vec<u32> {
+        let period = [3u32, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7];
+        let mut out = Vec::new();
+        for r in 0..rows {
+            for t in 0..=seq {
+                out.push(period[(step * 7 + r * 3 + t) % period.len()]);
+            }
+        }
+        out
+    }
+
+    fn train_cfg(total: u64) -> TrainConfig {
+        TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 5,
+            total_steps: total,
+            seed: 7,
+            ..TrainConfig::default()
+        }
+    }
+
+    #[test]
+    fn training_decreases_loss_on_a_repeated_pattern() {
+        for kind in ALL {
+            let mut tr = Trainer::new(&tiny(kind), train_cfg(50)).unwrap();
+            let first = tr.step(&pattern_batch(0, 4, 8)).unwrap().loss;
+            let mut last = first;
+            for s in 1..50 {
+                last = tr.step(&pattern_batch(s, 4, 8)).unwrap().loss;
+            }
+            assert!(
+                last < 0.3 * first,
+                "{}: loss {first} -> {last}",
+                kind.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_and_resumes_bitwise() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [FfnKind::Sgatlin, FfnKind::Peer, FfnKind::Moe] {
+            let cfg = tiny(kind);
+            let run = |steps: usize| {
+                let mut tr = Trainer::new(&cfg, train_cfg(8)).unwrap();
+                let losses: Vec<f64> = (0..steps)
+                    .map(|s| tr.step(&pattern_batch(s, 3, 8)).unwrap().loss)
+                    .collect();
+                (tr, losses)
+            };
+            let (a, la) = run(8);
+            let (b, lb) = run(8);
+            assert_eq!(la, lb, "{}: losses differ between runs", kind.as_str());
+            assert!(
+                a.model.params == b.model.params,
+                "{}: weights differ between runs",
+                kind.as_str()
+            );
+
+            let (c, _) = run(4);
+            let path = dir.path().join(format!("{}.safetensors", kind.as_str()));
+            c.save_checkpoint(&path).unwrap();
+            drop(c);
+            let mut r = Trainer::load_checkpoint(&path).unwrap();
+            assert_eq!(r.step, 4);
+            let lr: Vec<f64> = (4..8)
+                .map(|s| r.step(&pattern_batch(s, 3, 8)).unwrap().loss)
+                .collect();
+            assert_eq!(
+                lr,
+                la[4..].to_vec(),
+                "{}: resumed losses differ",
+                kind.as_str()
+            );
+            let same = a
+                .model
+                .params
+                .iter()
+                .zip(&r.model.params)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{}: resumed weights are not bitwise identical",
+                kind.as_str()
+            );
+            assert!(a.opt.m == r.opt.m && a.opt.v == r.opt.v);
+        }
+    }
+
+    #[test]
+    fn weights_export_uses_pytorch_style_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let tr = Trainer::new(&tiny(FfnKind::Sgatlin), train_cfg(8)).unwrap();
+        let path = dir.path().join("w.safetensors");
+        tr.export_weights(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let wq = st.tensor("blocks.0.attn.wq").unwrap();
+        assert_eq!(wq.shape(), &[32, 32]);
+        assert!(st.tensor("blocks.1.ffn.experts.u").is_ok());
+        assert!(st.tensor("optim.m.embed").is_err());
+    }
+
+    #[test]
+    fn nan_loss_is_reported_with_its_step() {
+        let mut tr = Trainer::new(&tiny(FfnKind::Mlp), train_cfg(8)).unwrap();
+        tr.step(&pattern_batch(0, 2, 8)).unwrap();
+        tr.model.params[0] = f32::NAN;
+        let err = tr.step(&pattern_batch(1, 2, 8)).unwrap_err().to_string();
+        assert!(err.contains("step 1"), "{err}");
+    }
+
+    #[test]
+    fn padding_is_masked_out_of_the_loss() {
+        let mut cfg = train_cfg(8);
+        cfg.pad_id = Some(0);
+        let mut tr = Trainer::new(&tiny(FfnKind::Mlp), cfg).unwrap();
+        let mut batch = pattern_batch(0, 2, 8);
+        for x in batch[5..9].iter_mut() {
+            *x = 0;
+        }
+        let s = tr.step(&batch).unwrap();
+        assert_eq!(s.tokens, 2 * 8 - 4);
+    }
+}
