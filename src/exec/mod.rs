@@ -59,8 +59,8 @@ enum Outcome {
     Failed(String),
 }
 
-/// Default capacity of a resource the user did not size: GPUs are counted, memory is the
-/// machine's, anything else is one at a time.
+/// Default capacity of a resource the user did not size: GPUs are counted, memory and cores
+/// are the machine's, anything else is one at a time.
 pub fn default_capacity(resource: &str) -> u64 {
     match resource {
         "gpu" => std::fs::read_dir("/proc/driver/nvidia/gpus")
@@ -68,6 +68,7 @@ pub fn default_capacity(resource: &str) -> u64 {
             .unwrap_or(0)
             .max(1),
         "memory" => physical_memory_mib(),
+        "cores" => std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
         _ => 1,
     }
 }

@@ -2,7 +2,11 @@
 //! and inputs to its outs, run in a child process (`repro __stage CONTEXT`) so that it is
 //! isolated, logged and stopped exactly like a shell stage.
 
+mod corpus;
+mod evaluate;
 mod table;
+mod tokenise;
+pub mod train;
 
 use crate::exec::plan::KindVersion;
 use crate::pipeline::Kinds;
@@ -10,6 +14,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
+use std::time::Instant;
 
 /// What a kind is given when it runs (written by the executor as JSON).
 #[derive(Debug, Deserialize)]
@@ -52,7 +57,7 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            kinds: vec![&table::Table],
+            kinds: vec![&corpus::Corpus, &tokenise::Tokenise, &train::Train, &evaluate::Evaluate, &table::Table],
         }
     }
 }
@@ -106,5 +111,49 @@ pub fn check_keys(with: &Map<String, Value>, known: &[&str]) -> Result<(), Strin
             known.join(", ")
         )),
         None => Ok(()),
+    }
+}
+
+/// Parses a kind's `with` into its typed parameters; the error names the bad field.
+pub fn parse_with<T: serde::de::DeserializeOwned>(with: &Map<String, Value>) -> Result<T, String> {
+    serde_json::from_value(Value::Object(with.clone())).map_err(|e| format!("with: {e}"))
+}
+
+/// The stage's one out folder, created empty.
+pub fn out_dir(ctx: &StageContext) -> Result<PathBuf> {
+    let [out] = ctx.outs.as_slice() else {
+        anyhow::bail!("a `{}` stage writes one folder: give exactly one out", ctx.kind)
+    };
+    let dir = ctx.workspace.join(out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Progress reported to the scheduler through `$REPRO_PROGRESS`, at most a few times a second.
+pub struct Progress {
+    file: Option<PathBuf>,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    pub fn from_env() -> Progress {
+        Progress { file: std::env::var_os("REPRO_PROGRESS").map(PathBuf::from), last: None }
+    }
+
+    pub fn update(&mut self, pos: u64, len: u64, msg: &str) {
+        self.write(|| serde_json::json!({"pos": pos, "len": len, "msg": msg}).to_string(), pos == len);
+    }
+
+    pub fn message(&mut self, msg: &str) {
+        self.write(|| serde_json::json!({"msg": msg}).to_string(), true);
+    }
+
+    fn write(&mut self, text: impl FnOnce() -> String, force: bool) {
+        let Some(file) = &self.file else { return };
+        if !force && self.last.is_some_and(|t| t.elapsed().as_millis() < 250) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let _ = std::fs::write(file, text());
     }
 }
