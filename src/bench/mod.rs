@@ -2,6 +2,7 @@
 //! ratios against a reference run side by side in the same command, never timed tests.
 
 mod engine;
+mod train;
 
 use anyhow::Result;
 use std::process::ExitCode;
@@ -16,11 +17,18 @@ pub struct BenchArgs {
 enum Bench {
     /// The pipeline engine: no-op runs, hashing, scheduling; DVC side by side if installed.
     Engine(engine::EngineArgs),
+    /// Training throughput and memory of every feedforward kind; PyTorch side by side.
+    Train(train::TrainArgs),
+    /// One training measurement in a process of its own (used by `bench train`).
+    #[command(name = "train-one", hide = true)]
+    TrainOne(train::TrainOneArgs),
 }
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.what {
         Bench::Engine(a) => engine::run(a)?,
+        Bench::Train(a) => train::run(a)?,
+        Bench::TrainOne(a) => train::one(a)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -68,7 +68,9 @@ pub fn default_capacity(resource: &str) -> u64 {
             .unwrap_or(0)
             .max(1),
         "memory" => physical_memory_mib(),
-        "cores" => std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+        "cores" => std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1),
         _ => 1,
     }
 }

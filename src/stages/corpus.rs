@@ -79,13 +79,18 @@ impl StageKind for Corpus {
                 corpus::from_text_file(&ctx.workspace.join(file), sep, &spec.split(), &out)?
             }
             None => {
-                let downloads = ctx.workspace.join(w.downloads.as_deref().unwrap_or(".repro/downloads"));
+                let downloads = ctx
+                    .workspace
+                    .join(w.downloads.as_deref().unwrap_or(".repro/downloads"));
                 corpus::assemble(&spec, &out, &downloads, &mut say)?
             }
         };
         println!(
             "train: {} documents, {} bytes; held-out: {} documents, {} bytes",
-            manifest.train.documents, manifest.train.bytes, manifest.heldout.documents, manifest.heldout.bytes
+            manifest.train.documents,
+            manifest.train.bytes,
+            manifest.heldout.documents,
+            manifest.heldout.bytes
         );
         Ok(())
     }

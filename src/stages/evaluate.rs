@@ -55,7 +55,10 @@ impl StageKind for Evaluate {
 
     fn run(&self, ctx: &StageContext) -> Result<()> {
         let w: With = parse_with(&ctx.with).map_err(anyhow::Error::msg)?;
-        let metrics_path = ctx.metrics.as_ref().context("an evaluate stage needs `metrics:` (a JSON file to write)")?;
+        let metrics_path = ctx
+            .metrics
+            .as_ref()
+            .context("an evaluate stage needs `metrics:` (a JSON file to write)")?;
         let model_dir = ctx.workspace.join(&w.model);
         let mut model = load_model(&model_dir.join("model.safetensors"))?;
         let tokens_dir = ctx.workspace.join(&w.tokens);
@@ -64,7 +67,12 @@ impl StageKind for Evaluate {
         let t = model.cfg.seq_len;
         let usable = w.max_tokens.map_or(shard.len(), |m| m.min(shard.len()));
         let tokens = &shard.tokens()[..usable];
-        anyhow::ensure!(tokens.len() > t, "held-out split has {} tokens, fewer than one window of {}", tokens.len(), t + 1);
+        anyhow::ensure!(
+            tokens.len() > t,
+            "held-out split has {} tokens, fewer than one window of {}",
+            tokens.len(),
+            t + 1
+        );
 
         model.collect_gate_stats = true;
         model.reset_gate_stats();
@@ -72,10 +80,16 @@ impl StageKind for Evaluate {
         let total = tokens.len() / (w.batch * t).max(1) + 1;
         let mut progress = Progress::from_env();
         for (i, batch) in eval_batches(tokens, w.batch, t).enumerate() {
-            let out = model.loss(&batch.inputs, &batch.targets, manifest.pad_id).map_err(|e| anyhow!(e))?;
+            let out = model
+                .loss(&batch.inputs, &batch.targets, manifest.pad_id)
+                .map_err(|e| anyhow!(e))?;
             sum += out.loss * out.tokens as f64;
             count += out.tokens;
-            progress.update(i as u64 + 1, total as u64, &format!("loss {:.3}", sum / count.max(1) as f64));
+            progress.update(
+                i as u64 + 1,
+                total as u64,
+                &format!("loss {:.3}", sum / count.max(1) as f64),
+            );
         }
         let loss = sum / count.max(1) as f64;
         anyhow::ensure!(loss.is_finite(), "held-out loss is {loss}");
@@ -86,7 +100,9 @@ impl StageKind for Evaluate {
             .filter_map(|(layer, s)| s.map(|s| json!({"layer": layer, "fraction_used": s.fraction_used(), "unevenness": s.unevenness()})))
             .collect();
         let mean = |key: &str| -> Option<f64> {
-            (!usage.is_empty()).then(|| usage.iter().filter_map(|u| u[key].as_f64()).sum::<f64>() / usage.len() as f64)
+            (!usage.is_empty()).then(|| {
+                usage.iter().filter_map(|u| u[key].as_f64()).sum::<f64>() / usage.len() as f64
+            })
         };
         let mut metrics = std::fs::read(model_dir.join("train.json"))
             .ok()
@@ -99,8 +115,14 @@ impl StageKind for Evaluate {
         metrics.insert("experts_used".into(), json!(mean("fraction_used")));
         metrics.insert("unevenness".into(), json!(mean("unevenness")));
         metrics.insert("usage_by_layer".into(), Value::Array(usage));
-        println!("held-out loss {loss:.4} (perplexity {:.2}) over {count} tokens", loss.exp());
-        std::fs::write(ctx.workspace.join(metrics_path), serde_json::to_vec_pretty(&metrics)?)?;
+        println!(
+            "held-out loss {loss:.4} (perplexity {:.2}) over {count} tokens",
+            loss.exp()
+        );
+        std::fs::write(
+            ctx.workspace.join(metrics_path),
+            serde_json::to_vec_pretty(&metrics)?,
+        )?;
         Ok(())
     }
 }
@@ -108,12 +130,18 @@ impl StageKind for Evaluate {
 /// A model from weights exported by `train` (its config travels in the file's metadata).
 pub fn load_model(path: &Path) -> Result<Model> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not safetensors", path.display()))?;
     let cfg_text = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("model_config").cloned())
-        .with_context(|| format!("{} has no model_config metadata (not written by repro's train)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} has no model_config metadata (not written by repro's train)",
+                path.display()
+            )
+        })?;
     let cfg: ModelConfig = serde_json::from_str(&cfg_text)?;
     let mut model = Model::new(&cfg, 0).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let (mut bufs, _) = checkpoint::load(path, &model.table, &[""])?;

@@ -4,6 +4,7 @@
 
 mod corpus;
 mod evaluate;
+mod plot;
 mod table;
 mod tokenise;
 pub mod train;
@@ -57,7 +58,14 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            kinds: vec![&corpus::Corpus, &tokenise::Tokenise, &train::Train, &evaluate::Evaluate, &table::Table],
+            kinds: vec![
+                &corpus::Corpus,
+                &tokenise::Tokenise,
+                &train::Train,
+                &evaluate::Evaluate,
+                &table::Table,
+                &plot::Plot,
+            ],
         }
     }
 }
@@ -122,7 +130,10 @@ pub fn parse_with<T: serde::de::DeserializeOwned>(with: &Map<String, Value>) -> 
 /// The stage's one out folder, created empty.
 pub fn out_dir(ctx: &StageContext) -> Result<PathBuf> {
     let [out] = ctx.outs.as_slice() else {
-        anyhow::bail!("a `{}` stage writes one folder: give exactly one out", ctx.kind)
+        anyhow::bail!(
+            "a `{}` stage writes one folder: give exactly one out",
+            ctx.kind
+        )
     };
     let dir = ctx.workspace.join(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -137,11 +148,17 @@ pub struct Progress {
 
 impl Progress {
     pub fn from_env() -> Progress {
-        Progress { file: std::env::var_os("REPRO_PROGRESS").map(PathBuf::from), last: None }
+        Progress {
+            file: std::env::var_os("REPRO_PROGRESS").map(PathBuf::from),
+            last: None,
+        }
     }
 
     pub fn update(&mut self, pos: u64, len: u64, msg: &str) {
-        self.write(|| serde_json::json!({"pos": pos, "len": len, "msg": msg}).to_string(), pos == len);
+        self.write(
+            || serde_json::json!({"pos": pos, "len": len, "msg": msg}).to_string(),
+            pos == len,
+        );
     }
 
     pub fn message(&mut self, msg: &str) {

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Without `columns`, the columns are `stage`, then every param, then every metric (nested
-//! metrics flattened as `a.b`), in order of first appearance.
+//! metrics flattened as `a.b`), in order of first appearance. With `best: loss` and
+//! `group: [budget, ffn]`, only the row with the lowest `loss` of each group is kept.
 
 use super::{check_keys, StageContext, StageKind};
 use anyhow::{bail, Context, Result};
@@ -30,8 +31,11 @@ impl StageKind for Table {
     }
 
     fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String> {
-        check_keys(with, &["from", "columns", "sort"])?;
-        for key in ["from", "columns", "sort"] {
+        check_keys(with, &["from", "columns", "sort", "group", "best"])?;
+        if with.get("best").is_some_and(|b| !b.is_string()) {
+            return Err("`with.best` must be a column name".into());
+        }
+        for key in ["from", "columns", "sort", "group"] {
             if let Some(v) = with.get(key) {
                 if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
                     return Err(format!("`with.{key}` must be a list of names"));
@@ -78,6 +82,9 @@ impl StageKind for Table {
         if rows.is_empty() {
             bail!("no upstream stages to tabulate (add them to `needs`)");
         }
+        if let Some(best) = ctx.with.get("best").and_then(Value::as_str) {
+            rows = best_per_group(rows, &names("group"), best);
+        }
         let mut columns = names("columns");
         if columns.is_empty() {
             for row in &rows {
@@ -110,6 +117,33 @@ impl StageKind for Table {
         w.flush()?;
         Ok(())
     }
+}
+
+/// For each combination of the `group` columns, the row with the lowest `best` value.
+fn best_per_group(
+    rows: Vec<IndexMap<String, Value>>,
+    group: &[String],
+    best: &str,
+) -> Vec<IndexMap<String, Value>> {
+    let mut winners: IndexMap<Vec<String>, IndexMap<String, Value>> = IndexMap::new();
+    for row in rows {
+        let Some(score) = row.get(best).and_then(Value::as_f64) else {
+            continue;
+        };
+        let key: Vec<String> = group
+            .iter()
+            .map(|g| row.get(g).map(cell).unwrap_or_default())
+            .collect();
+        let better = winners
+            .get(&key)
+            .and_then(|w| w.get(best))
+            .and_then(Value::as_f64)
+            .is_none_or(|old| score < old);
+        if better {
+            winners.insert(key, row);
+        }
+    }
+    winners.into_values().collect()
 }
 
 fn flatten(prefix: &str, value: &Value, row: &mut IndexMap<String, Value>) {

@@ -30,11 +30,18 @@ struct With {
 impl With {
     fn spec(&self) -> Result<TokenizerSpec, String> {
         match (self.tokenizer.as_deref().unwrap_or("bpe"), self.vocab) {
-            ("bpe", Some(v)) if v >= 300 => Ok(TokenizerSpec::Bpe { vocab_size: v, pad: self.pad }),
-            ("bpe", Some(v)) => Err(format!("with.vocab = {v} is too small for a byte-level BPE (at least 300)")),
+            ("bpe", Some(v)) if v >= 300 => Ok(TokenizerSpec::Bpe {
+                vocab_size: v,
+                pad: self.pad,
+            }),
+            ("bpe", Some(v)) => Err(format!(
+                "with.vocab = {v} is too small for a byte-level BPE (at least 300)"
+            )),
             ("bpe", None) => Err("a BPE needs with.vocab (e.g. 4096)".into()),
             ("gpt2", None) => Ok(TokenizerSpec::Gpt2),
-            ("gpt2", Some(_)) => Err("GPT-2's tokenizer has its own vocabulary: drop with.vocab".into()),
+            ("gpt2", Some(_)) => {
+                Err("GPT-2's tokenizer has its own vocabulary: drop with.vocab".into())
+            }
             (other, _) => Err(format!("with.tokenizer `{other}`: expected bpe or gpt2")),
         }
     }
@@ -70,7 +77,11 @@ impl StageKind for Tokenise {
         let m = &report.manifest;
         println!(
             "vocab {}: train {} tokens, held-out {} tokens (trained in {:.1}s, encoded in {:.1}s)",
-            m.vocab_size, m.train.tokens, m.heldout.tokens, report.train_seconds, report.encode_seconds
+            m.vocab_size,
+            m.train.tokens,
+            m.heldout.tokens,
+            report.train_seconds,
+            report.encode_seconds
         );
         Ok(())
     }

@@ -125,7 +125,9 @@ impl With {
         match (self.flops, self.steps) {
             (Some(_), Some(_)) => return Err("give with.flops or with.steps, not both".into()),
             (None, None) => return Err("give with.flops (a FLOP budget) or with.steps".into()),
-            (Some(f), None) if !(f > 0.0) => return Err(format!("with.flops must be positive, got {f}")),
+            (Some(f), None) if !(f > 0.0) => {
+                return Err(format!("with.flops must be positive, got {f}"))
+            }
             _ => {}
         }
         if self.seq_len == 0 || self.batch == 0 {
@@ -165,7 +167,9 @@ impl StageKind for Train {
         let tokens_dir = ctx.workspace.join(&w.tokens);
         let manifest = read_tokens_manifest(&tokens_dir)?;
         let shard = TokenShard::open(&tokens_dir.join(&manifest.train.file))?;
-        let cfg = w.model_config(manifest.vocab_size as usize).map_err(anyhow::Error::msg)?;
+        let cfg = w
+            .model_config(manifest.vocab_size as usize)
+            .map_err(anyhow::Error::msg)?;
 
         let fwd_per_seq = flops::forward_flops_per_seq(&cfg);
         let steps = match (w.steps, w.flops) {
@@ -210,11 +214,19 @@ impl StageKind for Train {
                 println!("resuming at step {} from {}", t.step, ckpt.display());
                 (t, c)
             }
-            None => (Trainer::new(&cfg, tc)?, String::from("step,loss,lr,grad_norm\n")),
+            None => (
+                Trainer::new(&cfg, tc)?,
+                String::from("step,loss,lr,grad_norm\n"),
+            ),
         };
         let batcher = Batcher::new(
             shard.tokens(),
-            BatcherConfig { batch_size: w.batch, seq_len: w.seq_len, seed: w.seed, sampling: Sampling::Random },
+            BatcherConfig {
+                batch_size: w.batch,
+                seq_len: w.seq_len,
+                seed: w.seed,
+                sampling: Sampling::Random,
+            },
         )?;
 
         let mut progress = Progress::from_env();
@@ -226,7 +238,11 @@ impl StageKind for Train {
         while trainer.step < steps {
             let batch = batcher.batch_at(trainer.step);
             rows.clear();
-            for (inp, tgt) in batch.inputs.chunks(w.seq_len).zip(batch.targets.chunks(w.seq_len)) {
+            for (inp, tgt) in batch
+                .inputs
+                .chunks(w.seq_len)
+                .zip(batch.targets.chunks(w.seq_len))
+            {
                 rows.extend_from_slice(inp);
                 rows.push(*tgt.last().expect("non-empty row"));
             }
@@ -240,7 +256,12 @@ impl StageKind for Train {
             let secs = t0.elapsed().as_secs_f64();
             let tps = (done as usize * w.batch * w.seq_len) as f64 / secs.max(1e-9);
             let eta = (steps - trainer.step) as f64 * secs / done as f64;
-            let msg = format!("loss {:.3}  {:.0} tok/s  ETA {}", s.loss, tps, short_duration(eta));
+            let msg = format!(
+                "loss {:.3}  {:.0} tok/s  ETA {}",
+                s.loss,
+                tps,
+                short_duration(eta)
+            );
             progress.update(trainer.step, steps, &msg);
             if trainer.step % 100 == 0 || trainer.step == steps {
                 println!("step {}/{steps} {msg}", trainer.step);
@@ -287,24 +308,36 @@ impl StageKind for Train {
 
 pub fn read_tokens_manifest(dir: &Path) -> Result<TokensManifest> {
     let path = dir.join("tokens.json");
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {} (is it a tokenise output?)", path.display()))?;
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("cannot read {} (is it a tokenise output?)", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("bad {}", path.display()))
 }
 
-fn save_resume(trainer: &Trainer, ckpt: &Path, curve: &str, curve_file: &Path, fingerprint: &str) -> Result<()> {
+fn save_resume(
+    trainer: &Trainer,
+    ckpt: &Path,
+    curve: &str,
+    curve_file: &Path,
+    fingerprint: &str,
+) -> Result<()> {
     // Temp names and renames: a kill during the save leaves the previous checkpoint intact.
     let tmp = ckpt.with_extension("tmp");
     trainer.save_checkpoint(&tmp)?;
     std::fs::write(curve_file.with_extension("tmp"), curve)?;
     std::fs::write(ckpt.with_extension("fingerprint.tmp"), fingerprint)?;
     std::fs::rename(curve_file.with_extension("tmp"), curve_file)?;
-    std::fs::rename(ckpt.with_extension("fingerprint.tmp"), ckpt.with_extension("fingerprint"))?;
+    std::fs::rename(
+        ckpt.with_extension("fingerprint.tmp"),
+        ckpt.with_extension("fingerprint"),
+    )?;
     std::fs::rename(&tmp, ckpt)?;
     Ok(())
 }
 
 fn resume(ckpt: &Path, curve_file: &Path, fingerprint: &str) -> Result<Option<(Trainer, String)>> {
-    let Ok(stored) = std::fs::read_to_string(ckpt.with_extension("fingerprint")) else { return Ok(None) };
+    let Ok(stored) = std::fs::read_to_string(ckpt.with_extension("fingerprint")) else {
+        return Ok(None);
+    };
     if stored != fingerprint || !ckpt.is_file() {
         return Ok(None);
     }
@@ -312,7 +345,12 @@ fn resume(ckpt: &Path, curve_file: &Path, fingerprint: &str) -> Result<Option<(T
     // The curve is cut back to the checkpoint's step: rows written after it were redone.
     let curve: String = std::fs::read_to_string(curve_file)?
         .lines()
-        .filter(|l| l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_none_or(|s| s < trainer.step))
+        .filter(|l| {
+            l.split(',')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_none_or(|s| s < trainer.step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     Ok(Some((trainer, curve)))
