@@ -395,3 +395,55 @@ pub(crate) mod tests {
         assert_eq!(s.tokens, 2 * 8 - 4);
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::nn::config::FfnKind;
+
+    /// `cargo test --release bench_train_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_train_throughput() {
+        let scale: f64 = std::env::var("BENCH_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1.0);
+        let seq: usize = std::env::var("BENCH_SEQ")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(256);
+        let batch: usize = std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(8);
+        let kinds: Vec<FfnKind> = match std::env::var("BENCH_KIND") {
+            Ok(k) => vec![k.parse().unwrap()],
+            Err(_) => vec![
+                FfnKind::Mlp,
+                FfnKind::Swiglu,
+                FfnKind::Moe,
+                FfnKind::Peer,
+                FfnKind::Sgatlin,
+            ],
+        };
+        for kind in kinds {
+            let cfg = ModelConfig::ladder(kind, scale, 4096, seq);
+            let steps: usize = std::env::var("BENCH_STEPS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3);
+            let (tps, bytes) = bench_train(&cfg, batch, steps).unwrap();
+            println!(
+                "{:8} d={} L={} params={} active={}: {:.0} tok/s, {:.1} MiB",
+                kind.as_str(),
+                cfg.d_model,
+                cfg.n_layers,
+                cfg.total_params(),
+                cfg.active_params_per_token(),
+                tps,
+                bytes as f64 / 1048576.0
+            );
+        }
+    }
+}

@@ -75,8 +75,11 @@ pub fn product_key_topk_forward<T: Real>(
                 for (j, &s) in h2.iter().enumerate() {
                     push_topk(&mut b2, &mut n2, s, j as u32);
                 }
-                for &(s1, i1) in b1.iter() {
-                    for &(s2, i2) in b2.iter() {
+                // Pair (a, b) is dominated by every (a', b') with a' <= a, b' <= b (higher or
+                // equal score, earlier in a-major order, which wins ties), so only pairs with
+                // (a + 1) * (b + 1) <= k can reach the final top-k. Same result as all k*k.
+                for (a, &(s1, i1)) in b1.iter().enumerate() {
+                    for &(s2, i2) in b2.iter().take(k / (a + 1)) {
                         push_topk(&mut fin, &mut nf, s1 + s2, i1 * sqrt_n as u32 + i2);
                     }
                 }
