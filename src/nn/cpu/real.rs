@@ -88,6 +88,12 @@ unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole Sync wrapper).
+    #[inline(always)]
+    pub(crate) fn ptr(&self) -> *mut T {
+        self.0
+    }
+
     /// # Safety
     /// No two concurrent callers may touch overlapping ranges.
     #[inline(always)]
