@@ -151,3 +151,47 @@ impl FfnLayer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::config::FfnKind;
+    use crate::nn::model::Model;
+
+    #[test]
+    fn unevenness_is_zero_for_uniform_and_log_n_for_one_expert() {
+        let mut g = GateStats::new(4);
+        g.mass = vec![1.0; 4];
+        g.selected = vec![1, 0, 2, 0];
+        assert!(g.unevenness().abs() < 1e-12);
+        assert_eq!(g.fraction_used(), 0.5);
+        g.mass = vec![0.0, 3.0, 0.0, 0.0];
+        assert!((g.unevenness() - 4f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sparse_models_collect_gate_statistics() {
+        for kind in [FfnKind::Sgatlin, FfnKind::Peer, FfnKind::Moe] {
+            let cfg = crate::nn::train::tests::tiny(kind);
+            let mut m = Model::new(&cfg, 3).unwrap();
+            m.collect_gate_stats = true;
+            let toks: Vec<u32> = (0..32).map(|i| (i * 7 % 64) as u32).collect();
+            m.forward_logits(&toks).unwrap();
+            let stats = m.gate_stats();
+            assert_eq!(stats.len(), 2);
+            let per_token = if kind == FfnKind::Moe {
+                cfg.topk
+            } else {
+                cfg.channels * cfg.topk
+            };
+            for s in stats {
+                let s = s.unwrap();
+                assert_eq!(s.selected.iter().sum::<u64>() as usize, 32 * per_token);
+                assert!(s.fraction_used() > 0.0 && s.fraction_used() <= 1.0);
+                assert!(s.unevenness() >= 0.0);
+            }
+            m.reset_gate_stats();
+            assert_eq!(m.gate_stats()[0].unwrap().selected.iter().sum::<u64>(), 0);
+        }
+    }
+}
