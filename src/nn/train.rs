@@ -360,6 +360,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn training_is_bitwise_identical_across_thread_counts() {
+        // Large enough that gemm takes its threaded path (m * n * k >= 48^3).
+        let cfg = ModelConfig {
+            d_model: 64,
+            seq_len: 32,
+            ..tiny(FfnKind::Sgatlin)
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut tr = Trainer::new(&cfg, train_cfg(4)).unwrap();
+                let losses: Vec<f64> = (0..3)
+                    .map(|s| tr.step(&pattern_batch(s, 4, 32)).unwrap().loss)
+                    .collect();
+                (losses, tr.model.params.clone())
+            })
+        };
+        let (l1, p1) = run(1);
+        let (l3, p3) = run(3);
+        assert_eq!(l1, l3);
+        assert!(
+            p1.iter().zip(&p3).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "weights depend on the thread count"
+        );
+    }
+
+    #[test]
     fn weights_export_uses_pytorch_style_names() {
         let dir = tempfile::tempdir().unwrap();
         let tr = Trainer::new(&tiny(FfnKind::Sgatlin), train_cfg(8)).unwrap();
@@ -434,8 +464,10 @@ mod bench {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(3);
             let (tps, bytes) = bench_train(&cfg, batch, steps).unwrap();
+            let gflops =
+                tps * crate::nn::flops::real_train_flops_per_seq(&cfg) / cfg.seq_len as f64 / 1e9;
             println!(
-                "{:8} d={} L={} params={} active={}: {:.0} tok/s, {:.1} MiB",
+                "{:8} d={} L={} params={} active={}: {:.0} tok/s ({gflops:.1} real GFLOP/s), {:.1} MiB",
                 kind.as_str(),
                 cfg.d_model,
                 cfg.n_layers,
