@@ -62,6 +62,30 @@ impl GateStats {
     }
 }
 
+/// Router outputs forced at one token position (row of the batch, b * seq + t).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingOverride {
+    pub token: usize,
+    /// [C * k] raw scores and expert indices, channel-major.
+    pub scores: Vec<f32>,
+    pub indices: Vec<u32>,
+}
+
+/// Writes the overrides into the router outputs of this forward pass.
+pub(crate) fn apply_overrides(
+    overrides: &[RoutingOverride],
+    scores: &mut [f32],
+    indices: &mut [u32],
+) {
+    for o in overrides {
+        let slots = o.scores.len();
+        if (o.token + 1) * slots <= scores.len() {
+            scores[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.scores);
+            indices[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.indices);
+        }
+    }
+}
+
 pub enum FfnLayer {
     Mlp(mlp::Mlp),
     Swiglu(swiglu::Swiglu),
@@ -141,6 +165,20 @@ impl FfnLayer {
         }
     }
 
+    pub fn set_routing_override(&mut self, overrides: Vec<RoutingOverride>) -> Result<(), String> {
+        match self {
+            FfnLayer::Sgatlin(l) => l.overrides = overrides,
+            FfnLayer::Peer(l) => l.overrides = overrides,
+            _ => {
+                return Err(
+                    "routing overrides apply to product-key kinds (sgatlin, sgatlin-gelu, peer)"
+                        .into(),
+                )
+            }
+        }
+        Ok(())
+    }
+
     /// The router outputs of the last forward pass (scores, indices), each [tokens, C, k],
     /// for product-key kinds: the raw material of feedforward circuits.
     pub fn last_routing(&self) -> Option<(&[f32], &[u32])> {
@@ -192,6 +230,26 @@ mod tests {
             }
             m.reset_gate_stats();
             assert_eq!(m.gate_stats()[0].unwrap().selected.iter().sum::<u64>(), 0);
+            if kind != FfnKind::Moe {
+                // Patching token 3 of layer 1 with token 5's routing copies it exactly.
+                let slots = cfg.channels * cfg.topk;
+                let (sc, ix) = m.last_routing(1).unwrap();
+                let (sc5, ix5) = (
+                    sc[5 * slots..6 * slots].to_vec(),
+                    ix[5 * slots..6 * slots].to_vec(),
+                );
+                let patch = RoutingOverride {
+                    token: 3,
+                    scores: sc5.clone(),
+                    indices: ix5.clone(),
+                };
+                m.set_routing_override(1, vec![patch]).unwrap();
+                m.forward_logits(&toks).unwrap();
+                let (sc, ix) = m.last_routing(1).unwrap();
+                assert_eq!(&sc[3 * slots..4 * slots], &sc5[..]);
+                assert_eq!(&ix[3 * slots..4 * slots], &ix5[..]);
+                m.set_routing_override(1, vec![]).unwrap();
+            }
         }
     }
 }

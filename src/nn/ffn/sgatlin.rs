@@ -40,6 +40,8 @@ pub struct Sgatlin {
     dhk: Vec<f32>,
     order: SlotOrder,
     pub stats: GateStats,
+    /// Forced router outputs (gating patching); empty in training.
+    pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Sgatlin {
@@ -113,6 +115,7 @@ impl Sgatlin {
             dlogits: vec![],
             dhk: vec![],
             order: SlotOrder::default(),
+            overrides: Vec::new(),
             stats: GateStats::new(c * n),
         }
     }
@@ -159,6 +162,7 @@ impl Sgatlin {
             false,
         );
         be.product_key_topk_forward(r.shape, &self.logits, &mut self.scores, &mut self.indices);
+        super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
         let e = &self.experts;
         be.experts_forward(
             e.shape,
