@@ -15,6 +15,8 @@ pub mod tensor;
 pub mod train;
 
 #[cfg(test)]
+mod dfdx_oracle_tests;
+#[cfg(test)]
 mod oracle_tests;
 
 pub use config::{FfnKind, ModelConfig};
