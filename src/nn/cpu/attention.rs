@@ -106,74 +106,76 @@ pub fn attention_backward<T: Real>(
         SharedMut(dk.as_mut_ptr()),
         SharedMut(dv.as_mut_ptr()),
     );
-    (0..s.batch * hn).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / hn, bh % hn);
-        let base = b * tn * d + h * hd;
-        let a = &att[bh * tn * tn..(bh + 1) * tn * tn];
-        let mut ds = vec![T::ZERO; tn * tn];
-        let dom = MatRef {
-            data: &dout[base..],
-            rs: d,
-            cs: 1,
-        };
-        // SAFETY (all gemm_into_ptr calls below): `ds` is local; the strided blocks of dq, dk,
-        // dv at `base` belong to this (b, h) task alone.
-        unsafe {
-            // dA = dO · V^T
-            let vt = MatRef {
-                data: &v[base..],
-                rs: 1,
-                cs: d,
-            };
-            gemm_into_ptr(tn, tn, hd, dom, vt, ds.as_mut_ptr(), tn, 1, false);
-            // dV = A^T · dO
-            let at = MatRef {
-                data: a,
-                rs: 1,
-                cs: tn,
-            };
-            gemm_into_ptr(tn, hd, tn, at, dom, dvp.ptr().add(base), d, 1, false);
-        }
-        // dS = A * (dA - rowsum(A * dA)) * scale (zero above the diagonal, where A is zero).
-        for t in 0..tn {
-            let ar = &a[t * tn..(t + 1) * tn];
-            let dr = &mut ds[t * tn..(t + 1) * tn];
-            let mut acc = T::ZERO;
-            for u in 0..=t {
-                acc += ar[u] * dr[u];
-            }
-            for u in 0..=t {
-                dr[u] = ar[u] * (dr[u] - acc) * scale;
-            }
-            for x in dr[t + 1..].iter_mut() {
-                *x = T::ZERO;
-            }
-        }
-        unsafe {
-            let dsm = MatRef {
-                data: &ds[..],
-                rs: tn,
-                cs: 1,
-            };
-            // dQ = dS · K
-            let km = MatRef {
-                data: &k[base..],
+    (0..s.batch * hn).into_par_iter().for_each_init(
+        || vec![T::ZERO; tn * tn],
+        |ds, bh| {
+            let (b, h) = (bh / hn, bh % hn);
+            let base = b * tn * d + h * hd;
+            let a = &att[bh * tn * tn..(bh + 1) * tn * tn];
+            let dom = MatRef {
+                data: &dout[base..],
                 rs: d,
                 cs: 1,
             };
-            gemm_into_ptr(tn, hd, tn, dsm, km, dqp.ptr().add(base), d, 1, false);
-            // dK = dS^T · Q
-            let dst = MatRef {
-                data: &ds[..],
-                rs: 1,
-                cs: tn,
-            };
-            let qm = MatRef {
-                data: &q[base..],
-                rs: d,
-                cs: 1,
-            };
-            gemm_into_ptr(tn, hd, tn, dst, qm, dkp.ptr().add(base), d, 1, false);
-        }
-    });
+            // SAFETY (all gemm_into_ptr calls below): `ds` is local; the strided blocks of dq, dk,
+            // dv at `base` belong to this (b, h) task alone.
+            unsafe {
+                // dA = dO · V^T
+                let vt = MatRef {
+                    data: &v[base..],
+                    rs: 1,
+                    cs: d,
+                };
+                gemm_into_ptr(tn, tn, hd, dom, vt, ds.as_mut_ptr(), tn, 1, false);
+                // dV = A^T · dO
+                let at = MatRef {
+                    data: a,
+                    rs: 1,
+                    cs: tn,
+                };
+                gemm_into_ptr(tn, hd, tn, at, dom, dvp.ptr().add(base), d, 1, false);
+            }
+            // dS = A * (dA - rowsum(A * dA)) * scale (zero above the diagonal, where A is zero).
+            for t in 0..tn {
+                let ar = &a[t * tn..(t + 1) * tn];
+                let dr = &mut ds[t * tn..(t + 1) * tn];
+                let mut acc = T::ZERO;
+                for u in 0..=t {
+                    acc += ar[u] * dr[u];
+                }
+                for u in 0..=t {
+                    dr[u] = ar[u] * (dr[u] - acc) * scale;
+                }
+                for x in dr[t + 1..].iter_mut() {
+                    *x = T::ZERO;
+                }
+            }
+            unsafe {
+                let dsm = MatRef {
+                    data: &ds[..],
+                    rs: tn,
+                    cs: 1,
+                };
+                // dQ = dS · K
+                let km = MatRef {
+                    data: &k[base..],
+                    rs: d,
+                    cs: 1,
+                };
+                gemm_into_ptr(tn, hd, tn, dsm, km, dqp.ptr().add(base), d, 1, false);
+                // dK = dS^T · Q
+                let dst = MatRef {
+                    data: &ds[..],
+                    rs: 1,
+                    cs: tn,
+                };
+                let qm = MatRef {
+                    data: &q[base..],
+                    rs: d,
+                    cs: 1,
+                };
+                gemm_into_ptr(tn, hd, tn, dst, qm, dkp.ptr().add(base), d, 1, false);
+            }
+        },
+    );
 }
