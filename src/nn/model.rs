@@ -162,7 +162,8 @@ impl Model {
         self.backend.name()
     }
 
-    /// Bytes held by parameters, gradients and the activation buffers of the last batch.
+    /// Bytes held by parameters, gradients and the activation and scratch buffers of the last
+    /// batch (optimiser moments excluded).
     pub fn allocated_bytes(&self) -> usize {
         let mut floats = self.params.len() + self.grads.len();
         for b in &self.blocks {
@@ -182,6 +183,11 @@ impl Model {
             floats += v.capacity();
         }
         floats * 4
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.ffn.scratch_bytes())
+                .sum::<usize>()
     }
 
     /// Per-layer gate statistics (None for dense kinds).

@@ -147,6 +147,17 @@ impl FfnLayer {
         }
     }
 
+    /// Bytes held by this layer's saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        match self {
+            FfnLayer::Mlp(l) => l.scratch_bytes(),
+            FfnLayer::Swiglu(l) => l.scratch_bytes(),
+            FfnLayer::Moe(l) => l.scratch_bytes(),
+            FfnLayer::Peer(l) => l.scratch_bytes(),
+            FfnLayer::Sgatlin(l) => l.scratch_bytes(),
+        }
+    }
+
     pub fn gate_stats(&self) -> Option<&GateStats> {
         match self {
             FfnLayer::Moe(l) => Some(&l.stats),

@@ -260,3 +260,20 @@ impl Moe {
         }
     }
 }
+
+impl Moe {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.probs.capacity()
+            + self.hx.capacity()
+            + self.z.capacity()
+            + self.y.capacity()
+            + self.o.capacity()
+            + self.dprob.capacity()
+            + self.dlogits.capacity()
+            + self.dout.capacity()
+            + self.dy.capacity()
+            + self.dz.capacity()
+            + self.dhx.capacity())
+    }
+}

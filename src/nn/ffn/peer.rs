@@ -279,3 +279,20 @@ impl Peer {
         );
     }
 }
+
+impl Peer {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.q.capacity()
+            + self.logits.capacity()
+            + self.scores.capacity()
+            + self.a.capacity()
+            + self.coef.capacity()
+            + self.w.capacity()
+            + self.dscores.capacity()
+            + self.da.capacity()
+            + self.dlogits.capacity()
+            + self.dq.capacity()
+            + self.indices.capacity())
+    }
+}

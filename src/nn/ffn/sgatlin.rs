@@ -258,3 +258,20 @@ impl Sgatlin {
         be.matmul(n, d, dk, &self.dhk, false, r.w_key.of(p), true, dh, true);
     }
 }
+
+impl Sgatlin {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.hk.capacity()
+            + self.logits.capacity()
+            + self.scores.capacity()
+            + self.a.capacity()
+            + self.coef.capacity()
+            + self.w.capacity()
+            + self.dscores.capacity()
+            + self.da.capacity()
+            + self.dlogits.capacity()
+            + self.dhk.capacity()
+            + self.indices.capacity())
+    }
+}
