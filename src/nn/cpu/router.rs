@@ -1,8 +1,8 @@
 //! The product-key top-k selection shared by sgatlin and PEER.
 //!
 //! Per token the logits row holds two halves of `channels * sqrt_n` sub-key scores, laid out
-//! [half][channel][sub_key]. Per channel: top-k of each half, the k*k sums of the two, and the
-//! final top-k of those. The selected score is s1[a] + s2[b], so its gradient flows back to the
+//! `[half][channel][sub_key]`. Per channel: top-k of each half, the k*k sums of the two, and the
+//! final top-k of those. The selected score is `s1[a] + s2[b]`, so its gradient flows back to the
 //! two sub-key logits it came from, recovered from the index as (idx / sqrt_n, idx % sqrt_n).
 
 use super::real::Real;
