@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Training hyper-parameters; fields left out of a serialised config take the SPEC §4 defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub lr: f64,
     pub adamw: AdamWConfig,
@@ -401,6 +402,16 @@ pub(crate) mod tests {
         assert_eq!(wq.shape(), &[32, 32]);
         assert!(st.tensor("blocks.1.ffn.experts.u").is_ok());
         assert!(st.tensor("optim.m.embed").is_err());
+    }
+
+    #[test]
+    fn train_config_fills_missing_fields_with_spec_defaults() {
+        let c: TrainConfig = serde_json::from_str(r#"{"total_steps": 500, "clip": 2.0}"#).unwrap();
+        assert_eq!(
+            (c.total_steps, c.clip, c.lr, c.adamw.weight_decay),
+            (500, 2.0, 1e-3, 0.1)
+        );
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"learning_rate": 1.0}"#).is_err());
     }
 
     #[test]
