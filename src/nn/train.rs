@@ -415,6 +415,17 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn config_parameter_count_matches_the_built_model() {
+        for kind in ALL {
+            for cfg in [tiny(kind), ModelConfig::ladder(kind, 0.5, 500, 16)] {
+                let m = crate::nn::Model::new(&cfg, 0).unwrap();
+                assert_eq!(m.table.total, cfg.total_params(), "{}", kind.as_str());
+                assert!(cfg.active_params_per_token() <= cfg.total_params());
+            }
+        }
+    }
+
+    #[test]
     fn nan_loss_is_reported_with_its_step() {
         let mut tr = Trainer::new(&tiny(FfnKind::Mlp), train_cfg(8)).unwrap();
         tr.step(&pattern_batch(0, 2, 8)).unwrap();
