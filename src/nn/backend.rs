@@ -142,9 +142,9 @@ pub trait Backend: Send + Sync {
         grads: (&mut [f32], &mut [f32], &mut [f32]),
         order: &mut SlotOrder,
     );
-    /// x[rows, d] += b[d]
+    /// `x[rows, d] += b[d]`
     fn add_row_vector(&self, x: &mut [f32], b: &[f32]);
-    /// out[d] += column sums of x[rows, d] (fixed order).
+    /// `out[d]` += column sums of `x[rows, d]` (fixed order).
     fn sum_rows_into(&self, x: &[f32], out: &mut [f32]);
     /// y += x
     fn add_assign(&self, y: &mut [f32], x: &[f32]);

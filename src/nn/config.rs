@@ -123,8 +123,16 @@ impl ModelConfig {
         }
     }
 
+    /// 64 (SPEC §3); one head of width d_model when d_model <= 64; 32 when d_model is a
+    /// multiple of 32 but not of 64 (fractional ladder widths such as 96 or 160).
     pub fn head_dim(&self) -> usize {
-        self.d_model.min(64)
+        if self.d_model <= 64 {
+            self.d_model
+        } else if self.d_model % 64 == 0 {
+            64
+        } else {
+            32
+        }
     }
 
     pub fn n_heads(&self) -> usize {
@@ -150,9 +158,9 @@ impl ModelConfig {
         if self.vocab > u32::MAX as usize {
             return Err("model config: `vocab` must fit in u32".into());
         }
-        if self.d_model > 64 && self.d_model % 64 != 0 {
+        if self.d_model > 64 && self.d_model % 32 != 0 {
             return Err(format!(
-                "model config: `d_model` = {} must be a multiple of the head dim 64 (or at most 64, one head)",
+                "model config: `d_model` = {} must be a multiple of 64 (head dim 64), of 32 (head dim 32) or at most 64 (one head)",
                 self.d_model
             ));
         }
@@ -244,5 +252,93 @@ impl ModelConfig {
     /// selected experts of each feedforward layer.
     pub fn active_params_per_token(&self) -> usize {
         self.backbone_params() + self.n_layers * self.ffn_params().1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ladder_follows_spec_section_6() {
+        let c = ModelConfig::ladder(FfnKind::Sgatlin, 1.0, 4096, 256);
+        assert_eq!(
+            (c.d_model, c.n_layers, c.channels, c.topk, c.experts, c.d_key),
+            (128, 2, 16, 8, 784, 128)
+        );
+        assert_eq!(c.n_heads(), 2);
+        let c = ModelConfig::ladder(FfnKind::Peer, 2.0, 4096, 256);
+        assert_eq!((c.d_model, c.n_layers, c.experts), (256, 4, 80 * 80));
+        let c = ModelConfig::ladder(FfnKind::Mlp, 0.25, 4096, 128);
+        assert_eq!((c.d_model, c.n_layers, c.d_ffw), (32, 1, 256));
+        let c = ModelConfig::ladder(FfnKind::Sgatlin, 0.75, 4096, 128);
+        assert_eq!(
+            (c.d_model, c.n_layers, c.experts, c.head_dim()),
+            (96, 2, 25 * 25, 32)
+        );
+        let c = ModelConfig::ladder(FfnKind::Moe, 3.0, 4096, 128);
+        assert_eq!((c.d_model, c.experts, c.topk, c.d_ffw), (384, 16, 2, 384));
+        assert_eq!(default_d_ffw(256), 512);
+        assert_eq!(default_d_ffw(768), 2048);
+        // sgatlin at s = 7 has about 4.1 B parameters (SPEC §6).
+        let big = ModelConfig::ladder(FfnKind::Sgatlin, 7.0, 50_000, 2048);
+        let p = big.total_params() as f64;
+        assert!((3.9e9..4.4e9).contains(&p), "{p}");
+        for s in [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 8.0] {
+            for k in [
+                FfnKind::Mlp,
+                FfnKind::Swiglu,
+                FfnKind::Moe,
+                FfnKind::Peer,
+                FfnKind::Sgatlin,
+                FfnKind::SgatlinGelu,
+            ] {
+                ModelConfig::ladder(k, s, 4096, 128).validate().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let ok = ModelConfig::ladder(FfnKind::Sgatlin, 1.0, 4096, 256);
+        let err = ModelConfig {
+            experts: 780,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.contains("`experts`") && err.contains("perfect square"),
+            "{err}"
+        );
+        let err = ModelConfig {
+            topk: 28,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("`topk`"), "{err}");
+        let err = ModelConfig {
+            d_model: 100,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("`d_model`"), "{err}");
+        let err = ModelConfig { vocab: 0, ..ok }.validate().unwrap_err();
+        assert!(err.contains("`vocab`"), "{err}");
+    }
+
+    #[test]
+    fn ffn_kinds_serialise_to_their_spec_names() {
+        assert_eq!(
+            serde_json::to_string(&FfnKind::SgatlinGelu).unwrap(),
+            "\"sgatlin-gelu\""
+        );
+        assert_eq!("moe".parse::<FfnKind>().unwrap(), FfnKind::Moe);
+        assert!("dense".parse::<FfnKind>().is_err());
+        let c = ModelConfig::ladder(FfnKind::Peer, 1.0, 100, 16);
+        let back: ModelConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 }

@@ -5,7 +5,7 @@
 use super::backend::Backend;
 use super::config::ModelConfig;
 use super::cpu::{AttnShape, CpuBackend};
-use super::ffn::{ensure, FfnLayer, GateStats};
+use super::ffn::{ensure, FfnLayer, GateStats, RoutingOverride};
 use super::rng::Rng;
 use super::tensor::{Init, ParamId, ParamTable};
 
@@ -162,7 +162,8 @@ impl Model {
         self.backend.name()
     }
 
-    /// Bytes held by parameters, gradients and the activation buffers of the last batch.
+    /// Bytes held by parameters, gradients and the activation and scratch buffers of the last
+    /// batch (optimiser moments excluded).
     pub fn allocated_bytes(&self) -> usize {
         let mut floats = self.params.len() + self.grads.len();
         for b in &self.blocks {
@@ -182,6 +183,11 @@ impl Model {
             floats += v.capacity();
         }
         floats * 4
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.ffn.scratch_bytes())
+                .sum::<usize>()
     }
 
     /// Per-layer gate statistics (None for dense kinds).
@@ -201,6 +207,36 @@ impl Model {
         self.blocks.get(layer).and_then(|b| b.ffn.last_routing())
     }
 
+    /// Replaces the router outputs (scores and indices of all channels, each [C * k]) of the
+    /// given token positions in `layer` on the following forward passes (gating patching,
+    /// SPEC §7); an empty list clears it. Errors for dense kinds or wrong sizes.
+    pub fn set_routing_override(
+        &mut self,
+        layer: usize,
+        overrides: Vec<RoutingOverride>,
+    ) -> Result<(), String> {
+        let slots = self.cfg.channels * self.cfg.topk;
+        for o in &overrides {
+            if o.scores.len() != slots || o.indices.len() != slots {
+                return Err(format!(
+                    "routing override needs {slots} scores and indices (channels x topk)"
+                ));
+            }
+            if let Some(&bad) = o.indices.iter().find(|&&i| i as usize >= self.cfg.experts) {
+                return Err(format!(
+                    "routing override index {bad} is outside the {} experts",
+                    self.cfg.experts
+                ));
+            }
+        }
+        let n = self.blocks.len();
+        let b = self
+            .blocks
+            .get_mut(layer)
+            .ok_or_else(|| format!("layer {layer} does not exist ({n} layers)"))?;
+        b.ffn.set_routing_override(overrides)
+    }
+
     /// Logits [batch * seq, vocab] of the last forward pass (before they are turned into
     /// gradients; valid after `forward_logits`).
     pub fn logits(&self) -> &[f32] {
@@ -218,6 +254,12 @@ impl Model {
         if let Some(tg) = targets {
             if tg.len() != inputs.len() {
                 return Err(format!("{} targets for {} inputs", tg.len(), inputs.len()));
+            }
+            if let Some(&bad) = tg.iter().find(|&&x| x as usize >= self.cfg.vocab) {
+                return Err(format!(
+                    "target id {bad} is outside the vocabulary of {}",
+                    self.cfg.vocab
+                ));
             }
         }
         if let Some(&bad) = inputs.iter().find(|&&x| x as usize >= self.cfg.vocab) {

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     pub beta1: f32,
     pub beta2: f32,
@@ -113,16 +114,14 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Clamps the warmup so that short runs still reach the peak: it may use at most the
-    /// steps before the decay phase and at most 10% of the run beyond the first step.
+    /// Clamps the warmup so that short runs still spend most of their steps at the peak: it
+    /// takes at most a quarter of the run (the spec's 1000 warmup steps apply unchanged from
+    /// 4000 steps on).
     pub fn new(peak_lr: f64, total_steps: u64, warmup_steps: u64) -> Schedule {
         let total = total_steps.max(1);
         let decay_steps = ((total as f64) * 0.2).round() as u64;
         let decay_start = total - decay_steps.min(total);
-        let warmup = warmup_steps
-            .min(decay_start)
-            .min((total / 10).max(1))
-            .min(warmup_steps);
+        let warmup = warmup_steps.min(total / 4).min(decay_start);
         Schedule {
             peak_lr,
             total_steps: total,
@@ -162,8 +161,10 @@ mod tests {
         assert!(s.lr(999) > 0.0 && s.lr(999) < 1e-4);
         // A short run clamps a long warmup.
         let s = Schedule::new(1e-3, 50, 1000);
-        assert_eq!(s.warmup_steps, 5);
-        assert_eq!(s.lr(10), 1e-3);
+        assert_eq!(s.warmup_steps, 12);
+        assert!(s.lr(10) < 1e-3);
+        assert_eq!(s.lr(12), 1e-3);
+        assert_eq!(Schedule::new(1e-3, 4000, 1000).warmup_steps, 1000);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// Training hyper-parameters; fields left out of a serialised config take the SPEC §4 defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub lr: f64,
     pub adamw: AdamWConfig,
@@ -360,6 +361,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn training_is_bitwise_identical_across_thread_counts() {
+        // Large enough that gemm takes its threaded path (m * n * k >= 48^3).
+        let cfg = ModelConfig {
+            d_model: 64,
+            seq_len: 32,
+            ..tiny(FfnKind::Sgatlin)
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut tr = Trainer::new(&cfg, train_cfg(4)).unwrap();
+                let losses: Vec<f64> = (0..3)
+                    .map(|s| tr.step(&pattern_batch(s, 4, 32)).unwrap().loss)
+                    .collect();
+                (losses, tr.model.params.clone())
+            })
+        };
+        let (l1, p1) = run(1);
+        let (l3, p3) = run(3);
+        assert_eq!(l1, l3);
+        assert!(
+            p1.iter().zip(&p3).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "weights depend on the thread count"
+        );
+    }
+
+    #[test]
     fn weights_export_uses_pytorch_style_names() {
         let dir = tempfile::tempdir().unwrap();
         let tr = Trainer::new(&tiny(FfnKind::Sgatlin), train_cfg(8)).unwrap();
@@ -371,6 +402,27 @@ pub(crate) mod tests {
         assert_eq!(wq.shape(), &[32, 32]);
         assert!(st.tensor("blocks.1.ffn.experts.u").is_ok());
         assert!(st.tensor("optim.m.embed").is_err());
+    }
+
+    #[test]
+    fn train_config_fills_missing_fields_with_spec_defaults() {
+        let c: TrainConfig = serde_json::from_str(r#"{"total_steps": 500, "clip": 2.0}"#).unwrap();
+        assert_eq!(
+            (c.total_steps, c.clip, c.lr, c.adamw.weight_decay),
+            (500, 2.0, 1e-3, 0.1)
+        );
+        assert!(serde_json::from_str::<TrainConfig>(r#"{"learning_rate": 1.0}"#).is_err());
+    }
+
+    #[test]
+    fn config_parameter_count_matches_the_built_model() {
+        for kind in ALL {
+            for cfg in [tiny(kind), ModelConfig::ladder(kind, 0.5, 500, 16)] {
+                let m = crate::nn::Model::new(&cfg, 0).unwrap();
+                assert_eq!(m.table.total, cfg.total_params(), "{}", kind.as_str());
+                assert!(cfg.active_params_per_token() <= cfg.total_params());
+            }
+        }
     }
 
     #[test]
@@ -393,5 +445,59 @@ pub(crate) mod tests {
         }
         let s = tr.step(&batch).unwrap();
         assert_eq!(s.tokens, 2 * 8 - 4);
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use crate::nn::config::FfnKind;
+
+    /// `cargo test --release bench_train_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_train_throughput() {
+        let scale: f64 = std::env::var("BENCH_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1.0);
+        let seq: usize = std::env::var("BENCH_SEQ")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(256);
+        let batch: usize = std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(8);
+        let kinds: Vec<FfnKind> = match std::env::var("BENCH_KIND") {
+            Ok(k) => vec![k.parse().unwrap()],
+            Err(_) => vec![
+                FfnKind::Mlp,
+                FfnKind::Swiglu,
+                FfnKind::Moe,
+                FfnKind::Peer,
+                FfnKind::Sgatlin,
+            ],
+        };
+        for kind in kinds {
+            let cfg = ModelConfig::ladder(kind, scale, 4096, seq);
+            let steps: usize = std::env::var("BENCH_STEPS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3);
+            let (tps, bytes) = bench_train(&cfg, batch, steps).unwrap();
+            let gflops =
+                tps * crate::nn::flops::real_train_flops_per_seq(&cfg) / cfg.seq_len as f64 / 1e9;
+            println!(
+                "{:8} d={} L={} params={} active={}: {:.0} tok/s ({gflops:.1} real GFLOP/s), {:.1} MiB",
+                kind.as_str(),
+                cfg.d_model,
+                cfg.n_layers,
+                cfg.total_params(),
+                cfg.active_params_per_token(),
+                tps,
+                bytes as f64 / 1048576.0
+            );
+        }
     }
 }

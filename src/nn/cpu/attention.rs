@@ -1,7 +1,9 @@
 //! Causal multi-head softmax attention (scores and softmax in the element type, f32 in
-//! training). Parallel over (batch, head); every task owns its own rows of the outputs.
+//! training). Parallel over (batch, head); each task runs its products through single-threaded
+//! gemm and owns its own strided block of every output.
 
-use super::real::{dot, Real, SharedMut};
+use super::matmul::{gemm_into_ptr, MatRef};
+use super::real::{Real, SharedMut};
 use rayon::prelude::*;
 
 pub struct AttnShape {
@@ -24,19 +26,30 @@ pub fn attention_forward<T: Real>(
     let (tn, hn, hd) = (s.seq, s.heads, s.head_dim);
     let d = hn * hd;
     let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+    assert!(out.len() >= s.batch * tn * d);
     let outp = SharedMut(out.as_mut_ptr());
     att.par_chunks_mut(tn * tn).enumerate().for_each(|(bh, a)| {
         let (b, h) = (bh / hn, bh % hn);
-        let row = |t: usize| (b * tn + t) * d + h * hd;
+        let base = b * tn * d + h * hd;
+        let qm = MatRef {
+            data: &q[base..],
+            rs: d,
+            cs: 1,
+        };
+        let kt = MatRef {
+            data: &k[base..],
+            rs: 1,
+            cs: d,
+        };
+        // SAFETY: `a` is this task's own block.
+        unsafe { gemm_into_ptr(tn, tn, hd, qm, kt, a.as_mut_ptr(), tn, 1, false) };
         for t in 0..tn {
-            let qr = &q[row(t)..row(t) + hd];
             let ar = &mut a[t * tn..(t + 1) * tn];
             let mut mx = T::from_f64(f64::NEG_INFINITY);
-            for u in 0..=t {
-                let sc = dot(qr, &k[row(u)..row(u) + hd]) * scale;
-                ar[u] = sc;
-                if sc > mx {
-                    mx = sc;
+            for x in ar[..=t].iter_mut() {
+                *x *= scale;
+                if *x > mx {
+                    mx = *x;
                 }
             }
             let mut sum = T::ZERO;
@@ -51,13 +64,19 @@ pub fn attention_forward<T: Real>(
             for x in ar[t + 1..].iter_mut() {
                 *x = T::ZERO;
             }
-            // SAFETY: task (b, h) is the only writer of these head_dim columns of row t.
-            let o = unsafe { outp.slice(row(t), hd) };
-            o.fill(T::ZERO);
-            for u in 0..=t {
-                super::real::axpy(ar[u], &v[row(u)..row(u) + hd], o);
-            }
         }
+        let am = MatRef {
+            data: &a[..],
+            rs: tn,
+            cs: 1,
+        };
+        let vm = MatRef {
+            data: &v[base..],
+            rs: d,
+            cs: 1,
+        };
+        // SAFETY: task (b, h) is the only writer of head h's columns in batch b's rows.
+        unsafe { gemm_into_ptr(tn, hd, tn, am, vm, outp.ptr().add(base), d, 1, false) };
     });
 }
 
@@ -77,41 +96,86 @@ pub fn attention_backward<T: Real>(
     let (tn, hn, hd) = (s.seq, s.heads, s.head_dim);
     let d = hn * hd;
     let scale = T::from_f64(1.0 / (hd as f64).sqrt());
+    assert!(
+        dq.len() >= s.batch * tn * d
+            && dk.len() >= s.batch * tn * d
+            && dv.len() >= s.batch * tn * d
+    );
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
         SharedMut(dv.as_mut_ptr()),
     );
-    (0..s.batch * hn).into_par_iter().for_each(|bh| {
-        let (b, h) = (bh / hn, bh % hn);
-        let row = |t: usize| (b * tn + t) * d + h * hd;
-        let a = &att[bh * tn * tn..(bh + 1) * tn * tn];
-        // SAFETY: rows of head h in batch b belong to this task alone.
-        unsafe {
+    (0..s.batch * hn).into_par_iter().for_each_init(
+        || vec![T::ZERO; tn * tn],
+        |ds, bh| {
+            let (b, h) = (bh / hn, bh % hn);
+            let base = b * tn * d + h * hd;
+            let a = &att[bh * tn * tn..(bh + 1) * tn * tn];
+            let dom = MatRef {
+                data: &dout[base..],
+                rs: d,
+                cs: 1,
+            };
+            // SAFETY (all gemm_into_ptr calls below): `ds` is local; the strided blocks of dq, dk,
+            // dv at `base` belong to this (b, h) task alone.
+            unsafe {
+                // dA = dO · V^T
+                let vt = MatRef {
+                    data: &v[base..],
+                    rs: 1,
+                    cs: d,
+                };
+                gemm_into_ptr(tn, tn, hd, dom, vt, ds.as_mut_ptr(), tn, 1, false);
+                // dV = A^T · dO
+                let at = MatRef {
+                    data: a,
+                    rs: 1,
+                    cs: tn,
+                };
+                gemm_into_ptr(tn, hd, tn, at, dom, dvp.ptr().add(base), d, 1, false);
+            }
+            // dS = A * (dA - rowsum(A * dA)) * scale (zero above the diagonal, where A is zero).
             for t in 0..tn {
-                dqp.slice(row(t), hd).fill(T::ZERO);
-                dkp.slice(row(t), hd).fill(T::ZERO);
-                dvp.slice(row(t), hd).fill(T::ZERO);
+                let ar = &a[t * tn..(t + 1) * tn];
+                let dr = &mut ds[t * tn..(t + 1) * tn];
+                let mut acc = T::ZERO;
+                for u in 0..=t {
+                    acc += ar[u] * dr[u];
+                }
+                for u in 0..=t {
+                    dr[u] = ar[u] * (dr[u] - acc) * scale;
+                }
+                for x in dr[t + 1..].iter_mut() {
+                    *x = T::ZERO;
+                }
             }
-        }
-        let mut ds = vec![T::ZERO; tn];
-        for t in 0..tn {
-            let ar = &a[t * tn..(t + 1) * tn];
-            let dor = &dout[row(t)..row(t) + hd];
-            let mut acc = T::ZERO;
-            for u in 0..=t {
-                let da = dot(dor, &v[row(u)..row(u) + hd]);
-                ds[u] = da;
-                acc += da * ar[u];
-                // dv[u] += a[t,u] * dout[t]
-                unsafe { super::real::axpy(ar[u], dor, dvp.slice(row(u), hd)) };
+            unsafe {
+                let dsm = MatRef {
+                    data: &ds[..],
+                    rs: tn,
+                    cs: 1,
+                };
+                // dQ = dS · K
+                let km = MatRef {
+                    data: &k[base..],
+                    rs: d,
+                    cs: 1,
+                };
+                gemm_into_ptr(tn, hd, tn, dsm, km, dqp.ptr().add(base), d, 1, false);
+                // dK = dS^T · Q
+                let dst = MatRef {
+                    data: &ds[..],
+                    rs: 1,
+                    cs: tn,
+                };
+                let qm = MatRef {
+                    data: &q[base..],
+                    rs: d,
+                    cs: 1,
+                };
+                gemm_into_ptr(tn, hd, tn, dst, qm, dkp.ptr().add(base), d, 1, false);
             }
-            let dqr = unsafe { dqp.slice(row(t), hd) };
-            for u in 0..=t {
-                let g = ar[u] * (ds[u] - acc) * scale;
-                super::real::axpy(g, &k[row(u)..row(u) + hd], dqr);
-                unsafe { super::real::axpy(g, &q[row(t)..row(t) + hd], dkp.slice(row(u), hd)) };
-            }
-        }
-    });
+        },
+    );
 }

@@ -134,8 +134,6 @@ pub fn experts_backward<T: Real>(
         .zip(dscores.par_chunks_mut(slots).zip(da.par_chunks_mut(slots)))
         .enumerate()
         .for_each(|(t, (dxr, (dsr, dar)))| {
-            let xr = &x[t * d..(t + 1) * d];
-            let _ = xr;
             let dyr = &dy[t * d..(t + 1) * d];
             let sc = &scores[t * slots..(t + 1) * slots];
             let ix = &indices[t * slots..(t + 1) * slots];

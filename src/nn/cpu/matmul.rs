@@ -72,6 +72,58 @@ pub fn gemm_strided<T: Real>(
     }
 }
 
+/// Like `gemm_strided`, single-threaded, writing through a raw pointer so that concurrent tasks
+/// can fill disjoint strided blocks of one buffer.
+///
+/// # Safety
+/// `c` must be valid for writes at every (i, j) < (m, n) position, and no other thread may
+/// touch those elements during the call; a and b must be in bounds.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_into_ptr<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: *mut T,
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
+        "gemm: lhs too small"
+    );
+    assert!(
+        b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
+        "gemm: rhs too small"
+    );
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        c_cs as isize,
+        c_rs as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// c[m, n] (+)= op(a) · op(b) for contiguous row-major operands; `a_t` means `a` is stored
 /// as [k, m], `b_t` means `b` is stored as [n, k].
 #[allow(clippy::too_many_arguments)]

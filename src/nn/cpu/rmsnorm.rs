@@ -8,7 +8,7 @@ pub const RMS_EPS: f64 = 1e-6;
 /// the thread count.
 const ROWS_PER_PARTIAL: usize = 64;
 
-/// x, y: [rows, d]; scale: [d]; rstd: [rows] (saved for the backward pass).
+/// x, y: `[rows, d]`; scale: `[d]`; rstd: `[rows]` (saved for the backward pass).
 pub fn rmsnorm_forward<T: Real>(x: &[T], scale: &[T], d: usize, y: &mut [T], rstd: &mut [T]) {
     let eps = T::from_f64(RMS_EPS);
     let inv_d = T::from_f64(1.0 / d as f64);

@@ -1,8 +1,8 @@
 //! The product-key top-k selection shared by sgatlin and PEER.
 //!
 //! Per token the logits row holds two halves of `channels * sqrt_n` sub-key scores, laid out
-//! [half][channel][sub_key]. Per channel: top-k of each half, the k*k sums of the two, and the
-//! final top-k of those. The selected score is s1[a] + s2[b], so its gradient flows back to the
+//! `[half][channel][sub_key]`. Per channel: top-k of each half, the k*k sums of the two, and the
+//! final top-k of those. The selected score is `s1[a] + s2[b]`, so its gradient flows back to the
 //! two sub-key logits it came from, recovered from the index as (idx / sqrt_n, idx % sqrt_n).
 
 use super::real::Real;
@@ -61,31 +61,40 @@ pub fn product_key_topk_forward<T: Real>(
         .par_chunks_mut(slots)
         .zip(indices.par_chunks_mut(slots))
         .zip(logits.par_chunks(per_tok))
-        .for_each(|((sc, ix), lg)| {
-            let mut b1 = vec![(T::ZERO, 0u32); k];
-            let mut b2 = vec![(T::ZERO, 0u32); k];
-            let mut fin = vec![(T::ZERO, 0u32); k];
-            for c in 0..channels {
-                let h1 = &lg[c * sqrt_n..(c + 1) * sqrt_n];
-                let h2 = &lg[(channels + c) * sqrt_n..(channels + c + 1) * sqrt_n];
-                let (mut n1, mut n2, mut nf) = (0, 0, 0);
-                for (j, &s) in h1.iter().enumerate() {
-                    push_topk(&mut b1, &mut n1, s, j as u32);
-                }
-                for (j, &s) in h2.iter().enumerate() {
-                    push_topk(&mut b2, &mut n2, s, j as u32);
-                }
-                for &(s1, i1) in b1.iter() {
-                    for &(s2, i2) in b2.iter() {
-                        push_topk(&mut fin, &mut nf, s1 + s2, i1 * sqrt_n as u32 + i2);
+        .for_each_init(
+            || {
+                (
+                    vec![(T::ZERO, 0u32); k],
+                    vec![(T::ZERO, 0u32); k],
+                    vec![(T::ZERO, 0u32); k],
+                )
+            },
+            |(b1, b2, fin), ((sc, ix), lg)| {
+                for c in 0..channels {
+                    let h1 = &lg[c * sqrt_n..(c + 1) * sqrt_n];
+                    let h2 = &lg[(channels + c) * sqrt_n..(channels + c + 1) * sqrt_n];
+                    let (mut n1, mut n2, mut nf) = (0, 0, 0);
+                    for (j, &s) in h1.iter().enumerate() {
+                        push_topk(b1, &mut n1, s, j as u32);
+                    }
+                    for (j, &s) in h2.iter().enumerate() {
+                        push_topk(b2, &mut n2, s, j as u32);
+                    }
+                    // Pair (a, b) is dominated by every (a', b') with a' <= a, b' <= b (higher or
+                    // equal score, earlier in a-major order, which wins ties), so only pairs with
+                    // (a + 1) * (b + 1) <= k can reach the final top-k. Same result as all k*k.
+                    for (a, &(s1, i1)) in b1.iter().enumerate() {
+                        for &(s2, i2) in b2.iter().take(k / (a + 1)) {
+                            push_topk(fin, &mut nf, s1 + s2, i1 * sqrt_n as u32 + i2);
+                        }
+                    }
+                    for (i, &(s, idx)) in fin.iter().enumerate() {
+                        sc[c * k + i] = s;
+                        ix[c * k + i] = idx;
                     }
                 }
-                for (i, &(s, idx)) in fin.iter().enumerate() {
-                    sc[c * k + i] = s;
-                    ix[c * k + i] = idx;
-                }
-            }
-        });
+            },
+        );
 }
 
 /// dlogits (overwritten): the gradient of the sub-key logits given d(scores).

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 const ROWS_PER_PARTIAL: usize = 64;
 
-/// x[rows, d] += b[d]
+/// `x[rows, d] += b[d]`
 pub fn add_row_vector<T: Real>(x: &mut [T], b: &[T]) {
     let d = b.len();
     x.par_chunks_mut(d).for_each(|r| {
@@ -15,7 +15,7 @@ pub fn add_row_vector<T: Real>(x: &mut [T], b: &[T]) {
     });
 }
 
-/// out[d] += sum over rows of x[rows, d], in a fixed order.
+/// `out[d]` += sum over rows of `x[rows, d]`, in a fixed order.
 pub fn sum_rows_into<T: Real>(x: &[T], out: &mut [T]) {
     let d = out.len();
     let partials: Vec<Vec<T>> = x

@@ -93,3 +93,13 @@ impl Mlp {
         be.matmul(n, d, f, &self.dpre, false, self.w1.of(p), true, dh, false);
     }
 }
+
+impl Mlp {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.pre.capacity()
+            + self.act.capacity()
+            + self.dact.capacity()
+            + self.dpre.capacity())
+    }
+}

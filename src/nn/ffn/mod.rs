@@ -62,6 +62,30 @@ impl GateStats {
     }
 }
 
+/// Router outputs forced at one token position (row of the batch, b * seq + t).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingOverride {
+    pub token: usize,
+    /// [C * k] raw scores and expert indices, channel-major.
+    pub scores: Vec<f32>,
+    pub indices: Vec<u32>,
+}
+
+/// Writes the overrides into the router outputs of this forward pass.
+pub(crate) fn apply_overrides(
+    overrides: &[RoutingOverride],
+    scores: &mut [f32],
+    indices: &mut [u32],
+) {
+    for o in overrides {
+        let slots = o.scores.len();
+        if (o.token + 1) * slots <= scores.len() {
+            scores[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.scores);
+            indices[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.indices);
+        }
+    }
+}
+
 pub enum FfnLayer {
     Mlp(mlp::Mlp),
     Swiglu(swiglu::Swiglu),
@@ -123,6 +147,17 @@ impl FfnLayer {
         }
     }
 
+    /// Bytes held by this layer's saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        match self {
+            FfnLayer::Mlp(l) => l.scratch_bytes(),
+            FfnLayer::Swiglu(l) => l.scratch_bytes(),
+            FfnLayer::Moe(l) => l.scratch_bytes(),
+            FfnLayer::Peer(l) => l.scratch_bytes(),
+            FfnLayer::Sgatlin(l) => l.scratch_bytes(),
+        }
+    }
+
     pub fn gate_stats(&self) -> Option<&GateStats> {
         match self {
             FfnLayer::Moe(l) => Some(&l.stats),
@@ -141,6 +176,20 @@ impl FfnLayer {
         }
     }
 
+    pub fn set_routing_override(&mut self, overrides: Vec<RoutingOverride>) -> Result<(), String> {
+        match self {
+            FfnLayer::Sgatlin(l) => l.overrides = overrides,
+            FfnLayer::Peer(l) => l.overrides = overrides,
+            _ => {
+                return Err(
+                    "routing overrides apply to product-key kinds (sgatlin, sgatlin-gelu, peer)"
+                        .into(),
+                )
+            }
+        }
+        Ok(())
+    }
+
     /// The router outputs of the last forward pass (scores, indices), each [tokens, C, k],
     /// for product-key kinds: the raw material of feedforward circuits.
     pub fn last_routing(&self) -> Option<(&[f32], &[u32])> {
@@ -148,6 +197,70 @@ impl FfnLayer {
             FfnLayer::Sgatlin(l) => Some((&l.scores, &l.indices)),
             FfnLayer::Peer(l) => Some((&l.scores, &l.indices)),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::config::FfnKind;
+    use crate::nn::model::Model;
+
+    #[test]
+    fn unevenness_is_zero_for_uniform_and_log_n_for_one_expert() {
+        let mut g = GateStats::new(4);
+        g.mass = vec![1.0; 4];
+        g.selected = vec![1, 0, 2, 0];
+        assert!(g.unevenness().abs() < 1e-12);
+        assert_eq!(g.fraction_used(), 0.5);
+        g.mass = vec![0.0, 3.0, 0.0, 0.0];
+        assert!((g.unevenness() - 4f64.ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sparse_models_collect_gate_statistics() {
+        for kind in [FfnKind::Sgatlin, FfnKind::Peer, FfnKind::Moe] {
+            let cfg = crate::nn::train::tests::tiny(kind);
+            let mut m = Model::new(&cfg, 3).unwrap();
+            m.collect_gate_stats = true;
+            let toks: Vec<u32> = (0..32).map(|i| (i * 7 % 64) as u32).collect();
+            m.forward_logits(&toks).unwrap();
+            let stats = m.gate_stats();
+            assert_eq!(stats.len(), 2);
+            let per_token = if kind == FfnKind::Moe {
+                cfg.topk
+            } else {
+                cfg.channels * cfg.topk
+            };
+            for s in stats {
+                let s = s.unwrap();
+                assert_eq!(s.selected.iter().sum::<u64>() as usize, 32 * per_token);
+                assert!(s.fraction_used() > 0.0 && s.fraction_used() <= 1.0);
+                assert!(s.unevenness() >= 0.0);
+            }
+            m.reset_gate_stats();
+            assert_eq!(m.gate_stats()[0].unwrap().selected.iter().sum::<u64>(), 0);
+            if kind != FfnKind::Moe {
+                // Patching token 3 of layer 1 with token 5's routing copies it exactly.
+                let slots = cfg.channels * cfg.topk;
+                let (sc, ix) = m.last_routing(1).unwrap();
+                let (sc5, ix5) = (
+                    sc[5 * slots..6 * slots].to_vec(),
+                    ix[5 * slots..6 * slots].to_vec(),
+                );
+                let patch = RoutingOverride {
+                    token: 3,
+                    scores: sc5.clone(),
+                    indices: ix5.clone(),
+                };
+                m.set_routing_override(1, vec![patch]).unwrap();
+                m.forward_logits(&toks).unwrap();
+                let (sc, ix) = m.last_routing(1).unwrap();
+                assert_eq!(&sc[3 * slots..4 * slots], &sc5[..]);
+                assert_eq!(&ix[3 * slots..4 * slots], &ix5[..]);
+                m.set_routing_override(1, vec![]).unwrap();
+            }
         }
     }
 }

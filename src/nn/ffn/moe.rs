@@ -8,6 +8,7 @@ use super::{ensure, GateStats};
 use crate::nn::backend::Backend;
 use crate::nn::config::ModelConfig;
 use crate::nn::tensor::{Init, ParamId, ParamTable};
+use rayon::prelude::*;
 
 pub struct Moe {
     d: usize,
@@ -17,6 +18,8 @@ pub struct Moe {
     gate: ParamId,
     experts: Vec<SwigluWeights>,
     probs: Vec<f32>,
+    /// Selected experts per token, [tokens, k].
+    chosen: Vec<u32>,
     /// Routed rows grouped by expert: (token, expert); rows of expert e are starts[e]..starts[e+1].
     routes: Vec<(u32, u32)>,
     starts: Vec<usize>,
@@ -53,6 +56,7 @@ impl Moe {
             gate,
             experts,
             probs: vec![],
+            chosen: vec![],
             routes: vec![],
             starts: vec![],
             hx: vec![],
@@ -92,29 +96,39 @@ impl Moe {
             false,
         );
         // Top-k on the logits (ties: lower index first), then softmax over all experts.
-        let mut chosen = vec![0u32; n * k];
-        for t in 0..n {
-            let row = &mut self.probs[t * ne..(t + 1) * ne];
-            let mut order: Vec<u32> = (0..ne as u32).collect();
-            order.sort_by(|&a, &b| {
-                row[b as usize]
-                    .partial_cmp(&row[a as usize])
-                    .unwrap_or(std::cmp::Ordering::Equal)
+        self.chosen.resize(n * k, 0);
+        let chosen = &mut self.chosen;
+        self.probs
+            .par_chunks_mut(ne)
+            .zip(chosen.par_chunks_mut(k))
+            .for_each(|(row, pick)| {
+                // Top-k by repeated arg-max (k is 2); ties go to the lower index, as in
+                // jax.lax.top_k.
+                for slot in 0..k {
+                    let mut best: Option<usize> = None;
+                    for (e, &x) in row.iter().enumerate() {
+                        if pick[..slot].contains(&(e as u32)) {
+                            continue;
+                        }
+                        if best.is_none_or(|b| x > row[b]) {
+                            best = Some(e);
+                        }
+                    }
+                    pick[slot] = best.unwrap_or(0) as u32;
+                }
+                let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                for x in row.iter_mut() {
+                    *x /= sum;
+                }
             });
-            chosen[t * k..(t + 1) * k].copy_from_slice(&order[..k]);
-            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for x in row.iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x;
-            }
-            for x in row.iter_mut() {
-                *x /= sum;
-            }
-        }
         self.starts.clear();
         self.starts.resize(ne + 1, 0);
-        for &e in &chosen {
+        for &e in self.chosen.iter() {
             self.starts[e as usize + 1] += 1;
         }
         for e in 0..ne {
@@ -123,7 +137,7 @@ impl Moe {
         let mut fill = self.starts.clone();
         self.routes.clear();
         self.routes.resize(n * k, (0, 0));
-        for (j, &e) in chosen.iter().enumerate() {
+        for (j, &e) in self.chosen.iter().enumerate() {
             self.routes[fill[e as usize]] = ((j / k) as u32, e);
             fill[e as usize] += 1;
         }
@@ -258,5 +272,23 @@ impl Moe {
                 dh[t * d + i] += self.dhx[r * d + i];
             }
         }
+    }
+}
+
+impl Moe {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.chosen.capacity()
+            + self.probs.capacity()
+            + self.hx.capacity()
+            + self.z.capacity()
+            + self.y.capacity()
+            + self.o.capacity()
+            + self.dprob.capacity()
+            + self.dlogits.capacity()
+            + self.dout.capacity()
+            + self.dy.capacity()
+            + self.dz.capacity()
+            + self.dhx.capacity())
     }
 }

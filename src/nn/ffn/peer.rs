@@ -32,6 +32,8 @@ pub struct Peer {
     dq: Vec<f32>,
     order: SlotOrder,
     pub stats: GateStats,
+    /// Forced router outputs (gating patching); empty in training.
+    pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Peer {
@@ -94,6 +96,7 @@ impl Peer {
             dlogits: vec![],
             dq: vec![],
             order: SlotOrder::default(),
+            overrides: Vec::new(),
             stats: GateStats::new(n),
         }
     }
@@ -155,6 +158,7 @@ impl Peer {
             &mut self.scores,
             &mut self.indices,
         );
+        super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
         be.experts_forward(
             self.eshape,
             ExpertMode::PeerSoftmaxGelu,
@@ -273,5 +277,22 @@ impl Peer {
             dh,
             true,
         );
+    }
+}
+
+impl Peer {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.q.capacity()
+            + self.logits.capacity()
+            + self.scores.capacity()
+            + self.a.capacity()
+            + self.coef.capacity()
+            + self.w.capacity()
+            + self.dscores.capacity()
+            + self.da.capacity()
+            + self.dlogits.capacity()
+            + self.dq.capacity()
+            + self.indices.capacity())
     }
 }

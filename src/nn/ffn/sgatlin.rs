@@ -40,6 +40,8 @@ pub struct Sgatlin {
     dhk: Vec<f32>,
     order: SlotOrder,
     pub stats: GateStats,
+    /// Forced router outputs (gating patching); empty in training.
+    pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Sgatlin {
@@ -113,6 +115,7 @@ impl Sgatlin {
             dlogits: vec![],
             dhk: vec![],
             order: SlotOrder::default(),
+            overrides: Vec::new(),
             stats: GateStats::new(c * n),
         }
     }
@@ -159,6 +162,7 @@ impl Sgatlin {
             false,
         );
         be.product_key_topk_forward(r.shape, &self.logits, &mut self.scores, &mut self.indices);
+        super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
         let e = &self.experts;
         be.experts_forward(
             e.shape,
@@ -252,5 +256,22 @@ impl Sgatlin {
         );
         be.matmul(d, dk, n, h, true, &self.dhk, false, r.w_key.of_mut(g), true);
         be.matmul(n, d, dk, &self.dhk, false, r.w_key.of(p), true, dh, true);
+    }
+}
+
+impl Sgatlin {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        4 * (self.hk.capacity()
+            + self.logits.capacity()
+            + self.scores.capacity()
+            + self.a.capacity()
+            + self.coef.capacity()
+            + self.w.capacity()
+            + self.dscores.capacity()
+            + self.da.capacity()
+            + self.dlogits.capacity()
+            + self.dhk.capacity()
+            + self.indices.capacity())
     }
 }

@@ -168,3 +168,11 @@ impl Swiglu {
         );
     }
 }
+
+impl Swiglu {
+    /// Bytes held by the saved activations and scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        let a = &self.acts;
+        4 * (a.z.capacity() + a.y.capacity() + a.dy.capacity() + a.dz.capacity())
+    }
+}
