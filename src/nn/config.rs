@@ -128,7 +128,7 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         if self.d_model <= 64 {
             self.d_model
-        } else if self.d_model % 64 == 0 {
+        } else if self.d_model.is_multiple_of(64) {
             64
         } else {
             32
@@ -158,13 +158,13 @@ impl ModelConfig {
         if self.vocab > u32::MAX as usize {
             return Err("model config: `vocab` must fit in u32".into());
         }
-        if self.d_model > 64 && self.d_model % 32 != 0 {
+        if self.d_model > 64 && !self.d_model.is_multiple_of(32) {
             return Err(format!(
                 "model config: `d_model` = {} must be a multiple of 64 (head dim 64), of 32 (head dim 32) or at most 64 (one head)",
                 self.d_model
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "model config: `d_model` = {} must be even (RoPE rotates pairs)",
                 self.d_model

@@ -245,7 +245,7 @@ impl Model {
 
     fn check_batch(&self, inputs: &[u32], targets: Option<&[u32]>) -> Result<usize, String> {
         let t = self.cfg.seq_len;
-        if inputs.is_empty() || inputs.len() % t != 0 {
+        if inputs.is_empty() || !inputs.len().is_multiple_of(t) {
             return Err(format!(
                 "batch of {} tokens is not a positive multiple of seq_len {t}",
                 inputs.len()

@@ -85,7 +85,7 @@ impl Trainer {
     /// Splits rows of seq_len + 1 tokens into inputs and next-token targets.
     fn split_rows(&mut self, batch: &[u32]) -> Result<()> {
         let t = self.model.cfg.seq_len;
-        if batch.is_empty() || batch.len() % (t + 1) != 0 {
+        if batch.is_empty() || !batch.len().is_multiple_of(t + 1) {
             bail!(
                 "batch of {} tokens is not a positive multiple of seq_len + 1 = {}",
                 batch.len(),

@@ -72,8 +72,7 @@ impl StageKind for Plot {
         let (xi, yi) = (col(&w.x)?, col(&w.y)?);
         let si = w.series.as_deref().map(col).transpose()?;
         let pi = w.panel.as_deref().map(col).transpose()?;
-        // panel → series → points
-        let mut data: BTreeMap<Key, BTreeMap<Key, Vec<(f64, f64)>>> = BTreeMap::new();
+        let mut data = Panels::new();
         for row in reader.records() {
             let row = row?;
             let num = |i: usize| row.get(i).and_then(|s| s.parse::<f64>().ok());
@@ -104,6 +103,9 @@ impl StageKind for Plot {
     }
 }
 
+/// panel → series → (x, y) points.
+type Panels = BTreeMap<Key, BTreeMap<Key, Vec<(f64, f64)>>>;
+
 /// Sorts numbers numerically and text alphabetically.
 #[derive(PartialEq, Eq, Clone)]
 struct Key(String);
@@ -130,7 +132,7 @@ const PW: f64 = 360.0;
 const PH: f64 = 280.0;
 const M: (f64, f64, f64, f64) = (64.0, 20.0, 34.0, 48.0); // left, right, top, bottom
 
-fn render(w: &With, data: &BTreeMap<Key, BTreeMap<Key, Vec<(f64, f64)>>>) -> String {
+fn render(w: &With, data: &Panels) -> String {
     let series: Vec<Key> = {
         let mut s: Vec<Key> = data.values().flat_map(|m| m.keys().cloned()).collect();
         s.sort();

@@ -125,7 +125,7 @@ impl With {
         match (self.flops, self.steps) {
             (Some(_), Some(_)) => return Err("give with.flops or with.steps, not both".into()),
             (None, None) => return Err("give with.flops (a FLOP budget) or with.steps".into()),
-            (Some(f), None) if !(f > 0.0) => {
+            (Some(f), None) if f.is_nan() || f <= 0.0 => {
                 return Err(format!("with.flops must be positive, got {f}"))
             }
             _ => {}

@@ -48,7 +48,7 @@ pub fn documents(unpacked: &Path) -> Result<Vec<Document>> {
 /// The decompressed blocks of one testament, in index order (empty records are skipped).
 pub fn read_ztext_blocks(bzs: &[u8], bzz: &[u8]) -> Result<Vec<String>> {
     ensure!(
-        bzs.len() % 12 == 0,
+        bzs.len().is_multiple_of(12),
         "block index is {} bytes, not a whole number of 12-byte records",
         bzs.len()
     );
