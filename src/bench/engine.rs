@@ -128,7 +128,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
 
     match dvc_executable(args.dvc.as_deref()) {
         Some(dvc) => {
-            write_dvc_yaml(&ws, groups)?;
+            std::fs::write(ws.join("dvc.yaml"), stages_yaml(groups))?;
             let run_dvc = |argv: &[&str]| time(Command::new(&dvc).args(argv).current_dir(&ws));
             if !ws.join(".dvc").exists() {
                 run_dvc(&["init", "--no-scm", "-q"])?;
@@ -224,16 +224,7 @@ fn prepare(dir: &Path, groups: usize, data_mb: usize) -> Result<PathBuf> {
         let _ = crate::cache::store::remove_path(&dir.join(stale));
     }
     std::fs::create_dir_all(dir.join("o"))?;
-    let mut yaml = String::from("stages:\n");
-    for (name, cmd, deps, outs) in stages(groups) {
-        writeln!(
-            yaml,
-            "  {name}:\n    cmd: {cmd}\n    deps: [{}]\n    outs: [{}]",
-            deps.join(", "),
-            outs.join(", ")
-        )?;
-    }
-    std::fs::write(dir.join("repro.yaml"), yaml)?;
+    std::fs::write(dir.join("repro.yaml"), stages_yaml(groups))?;
     Ok(dir.canonicalize()?)
 }
 
@@ -279,18 +270,18 @@ fn stages(groups: usize) -> Vec<StageDef> {
     out
 }
 
-fn write_dvc_yaml(ws: &Path, groups: usize) -> Result<()> {
+/// The stages as a pipeline file; with only `cmd`, `deps` and `outs`, it is a dvc.yaml too.
+fn stages_yaml(groups: usize) -> String {
     let mut yaml = String::from("stages:\n");
     for (name, cmd, deps, outs) in stages(groups) {
-        writeln!(
+        let _ = writeln!(
             yaml,
             "  {name}:\n    cmd: {cmd}\n    deps: [{}]\n    outs: [{}]",
             deps.join(", "),
             outs.join(", ")
-        )?;
+        );
     }
-    std::fs::write(ws.join("dvc.yaml"), yaml)?;
-    Ok(())
+    yaml
 }
 
 fn dvc_executable(given: Option<&str>) -> Option<String> {

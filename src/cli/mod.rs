@@ -223,12 +223,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
                 .unwrap_or(1)
         })
         .max(1);
-    let width = pipeline
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(8);
+    let width = pipeline.longest_name();
 
     if args.dry_run {
         let state = ws.load_state(&pipeline.file);
@@ -290,12 +285,7 @@ fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode
         &selected,
         &vec![false; pipeline.stages.len()],
     )?;
-    let width = pipeline
-        .stages
-        .iter()
-        .map(|s| s.name.len())
-        .max()
-        .unwrap_or(8);
+    let width = pipeline.longest_name();
     print_plan(&pipeline, &plan.decisions, width);
     let _ = ws.stats.save(&ws.state_dir.join("statcache"));
     Ok(ExitCode::SUCCESS)

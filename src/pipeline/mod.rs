@@ -131,6 +131,11 @@ impl Pipeline {
         })
     }
 
+    /// The length of the longest stage name, for aligned output.
+    pub fn longest_name(&self) -> usize {
+        self.stages.iter().map(|s| s.name.len()).max().unwrap_or(8)
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
     }
