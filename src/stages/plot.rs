@@ -197,7 +197,7 @@ fn render(w: &With, data: &Panels) -> String {
             );
         }
         for v in ticks(x0, x1) {
-            let label = if w.logx { format!("1e{v}") } else { short(v) };
+            let label = if w.logx { scientific(10f64.powf(v)) } else { short(v) };
             let _ = writeln!(
                 svg,
                 r##"<line x1="{0}" y1="{b}" x2="{0}" y2="{1}" stroke="#444"/><text x="{0}" y="{2}" text-anchor="middle">{label}</text>"##,
@@ -284,6 +284,11 @@ fn short(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// `3.2e5`, `1e6`: two significant digits.
+fn scientific(v: f64) -> String {
+    format!("{v:.1e}").replace(".0e", "e")
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -301,5 +306,7 @@ mod tests {
         let t = ticks(4.1, 6.9);
         assert_eq!(t, vec![4.5, 5.0, 5.5, 6.0, 6.5]);
         assert!(Key("10".into()) > Key("9".into()));
+        assert_eq!(scientific(10f64.powf(5.5)), "3.2e5");
+        assert_eq!(scientific(1e6), "1e6");
     }
 }
