@@ -66,3 +66,13 @@ impl Rng {
         }
     }
 }
+
+/// A seed that differs on every test run (tests print it on failure, so a failure can be
+/// replayed by putting the printed seed back).
+#[cfg(test)]
+pub(crate) fn fresh_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

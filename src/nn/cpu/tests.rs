@@ -11,14 +11,7 @@ use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use super::rope::{rope_apply, rope_tables};
 use super::router::{product_key_topk_backward, product_key_topk_forward, ProductKeyShape};
 use super::xent::softmax_xent;
-use crate::nn::rng::Rng;
-
-fn fresh_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
+use crate::nn::rng::{fresh_seed, Rng};
 
 fn cast<T: Real>(x: &[f64]) -> Vec<T> {
     x.iter().map(|&v| T::from_f64(v)).collect()
