@@ -103,7 +103,7 @@ stages:
     outs: [data/tokens]
   train:
     uses: train
-    with: {tokens: data/tokens, ffn: sgatlin, d_model: 32, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, seq_len: 16, batch: 4, steps: 1500, checkpoint_s: 0, seed: 3}
+    with: {tokens: data/tokens, ffn: sgatlin, d_model: 32, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, seq_len: 16, batch: 4, steps: 3000, checkpoint_s: 0, seed: 3}
     outs: [models/tiny]
 "#;
 
@@ -143,7 +143,22 @@ fn killed_training_resumes_to_identical_weights() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Kill once the stage reports a step well past the first checkpoint, but far from the end.
+    let progress = ws.root().join(".repro/scratch/train/progress");
+    let step = || -> u64 {
+        let text = std::fs::read_to_string(&progress).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["pos"].as_u64())
+            .unwrap_or(0)
+    };
+    while step() < 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "training never reached step 200"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
     assert!(
