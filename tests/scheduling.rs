@@ -222,9 +222,10 @@ fn one_writer_per_workspace() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    // The first run's stage is already asleep; the second run's must not be.
+    std::fs::write(&fast, "").unwrap();
     unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
     first.wait().unwrap();
-    std::fs::write(&fast, "").unwrap();
     let out = second.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
