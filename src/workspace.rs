@@ -9,7 +9,7 @@
 //! .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
 //! ```
 
-use crate::cache::{lock::WorkspaceLock, Hasher, Record, StatCache, Store};
+use crate::cache::{atomic, lock::WorkspaceLock, Hasher, Record, StatCache, Store};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -85,7 +85,8 @@ impl Workspace {
 
     pub fn save_state(&self, pipeline_file: &Path, state: &State) -> Result<()> {
         let path = self.state_path(pipeline_file);
-        write_atomic(&path, &serde_json::to_vec(state)?)?;
+        atomic::write(&path, &serde_json::to_vec(state)?, true)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         if self.stats.is_dirty() {
             self.stats
                 .save(&self.state_dir.join("statcache"))
@@ -116,16 +117,4 @@ pub fn file_safe(name: &str) -> String {
             }
         })
         .collect()
-}
-
-/// Write to a temp name beside `path`, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -1,5 +1,6 @@
 //! Content hashing, the content-addressed store, stage keys and the workspace lock.
 
+pub mod atomic;
 pub mod hash;
 pub mod key;
 pub mod lock;

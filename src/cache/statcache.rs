@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::Metadata;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -120,11 +120,8 @@ impl StatCache {
             }
             out.extend_from_slice(&e.hash);
         }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&out)?;
-        drop(f);
-        std::fs::rename(&tmp, path)
+        // A cache, not a result: a lost write only costs re-hashing, so no fsync.
+        super::atomic::write(path, &out, false)
     }
 }
 

@@ -11,6 +11,7 @@
 //! Every write goes to a temp name, is fsynced, then renamed. Every restore re-hashes what it
 //! copies, so a corrupted object is caught and the stage runs again instead.
 
+use super::atomic;
 use super::hash::{hash_file, Entry, Snapshot};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -183,7 +184,7 @@ impl Store {
             .with_context(|| format!("cannot store object {hash}"))
     }
 
-    /// temp name → fill → fsync (if `durable`) → read-only → rename.
+    /// A write into the store: through `tmp/`, fsynced if `durable`, read-only, renamed in.
     fn write_atomic(
         &self,
         dest: &Path,
@@ -195,23 +196,13 @@ impl Store {
             .root
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()));
-        let result = (|| {
-            let mut f = File::create(&tmp)?;
-            fill(&mut f)?;
-            if durable {
-                f.sync_all()?;
-            }
-            f.set_permissions(fs::Permissions::from_mode(0o444))?;
-            drop(f);
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            fs::rename(&tmp, dest)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
         }
-        result
+        atomic::write_via(&tmp, dest, durable, |f| {
+            fill(f)?;
+            f.set_permissions(fs::Permissions::from_mode(0o444))
+        })
     }
 
     /// Copies an out back into the workspace, re-hashing it on the way. A file is put in place

@@ -68,7 +68,12 @@ pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
             row.insert(k, crate::pipeline::template::display(&v));
         }
         if let Some(m) = record.and_then(|r: &Record| r.metrics.as_ref()) {
-            flatten_into("", m, &mut row);
+            let mut flat = indexmap::IndexMap::new();
+            crate::stages::flatten_metrics("", m, &mut flat);
+            row.extend(
+                flat.iter()
+                    .map(|(k, v)| (k.clone(), crate::pipeline::template::display(v))),
+            );
         }
         for k in row.keys() {
             if !columns.contains(k) {
@@ -122,30 +127,6 @@ pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn flatten_into(prefix: &str, v: &serde_json::Value, row: &mut indexmap::IndexMap<String, String>) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, x) in m {
-                flatten_into(
-                    &if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    },
-                    x,
-                    row,
-                );
-            }
-        }
-        other => {
-            row.insert(
-                prefix.to_string(),
-                crate::pipeline::template::display(other),
-            );
-        }
-    }
 }
 
 /// Re-hashes every object; corrupt ones are named and set aside, so they are never restored.

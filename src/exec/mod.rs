@@ -103,19 +103,22 @@ impl Executor<'_> {
     pub fn run(&self, opts: &RunOptions, reporter: &mut Reporter) -> Result<Summary> {
         let p = self.pipeline;
         let n = p.stages.len();
-        let capacity = |r: &str| {
-            opts.resources
-                .get(r)
-                .copied()
-                .unwrap_or_else(|| default_capacity(r))
-        };
+        // Sized once: the scheduling loop asks for them at every turn, for every stage.
+        let mut capacities: BTreeMap<&str, u64> = BTreeMap::new();
         for s in &p.stages {
             for (r, &need) in &s.resources {
-                if need > capacity(r) {
-                    bail!("stage `{}` needs {r}={need}, but only {} is available (set it with --resources {r}=N)", s.name, capacity(r));
+                let have = *capacities.entry(r).or_insert_with(|| {
+                    opts.resources
+                        .get(r)
+                        .copied()
+                        .unwrap_or_else(|| default_capacity(r))
+                });
+                if need > have {
+                    bail!("stage `{}` needs {r}={need}, but only {have} is available (set it with --resources {r}=N)", s.name);
                 }
             }
         }
+        let capacity = |r: &str| capacities[r];
         let state = self.ws.load_state(&p.file);
         let mut finished: Vec<(String, Record)> = Vec::new();
         let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
@@ -301,7 +304,7 @@ impl Executor<'_> {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
-        crate::workspace::write_atomic(&marker, token.as_bytes())?;
+        crate::cache::atomic::write(&marker, token.as_bytes(), true)?;
         signals::install();
         Ok(token)
     }
@@ -353,13 +356,8 @@ impl Executor<'_> {
                 problem: "missing"
             })
         })?;
-        let stale = plan::stale_outs(self.ws, &record);
-        for out in record
-            .outs
-            .iter()
-            .filter(|o| stale.iter().any(|s| s.contains(&format!("`{}`", o.path))))
-        {
-            self.ws.store.restore_out(&self.ws.root, out)?;
+        for stale in plan::stale_outs(self.ws, &record) {
+            self.ws.store.restore_out(&self.ws.root, stale.out)?;
         }
         Ok(record)
     }

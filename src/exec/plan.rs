@@ -96,16 +96,37 @@ pub fn outs_digest(outs: &[OutRecord]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// An out of a record that the workspace no longer holds as recorded.
+pub struct StaleOut<'a> {
+    pub out: &'a OutRecord,
+    /// Gone (or unreadable), rather than changed.
+    pub missing: bool,
+}
+
+impl StaleOut<'_> {
+    pub fn reason(&self) -> String {
+        let what = if self.missing {
+            "is missing"
+        } else {
+            "was modified"
+        };
+        format!("out `{}` {what}", self.out.path)
+    }
+}
+
 /// Outs of `record` that are missing from the workspace or differ from what was recorded.
-pub fn stale_outs(ws: &Workspace, record: &Record) -> Vec<String> {
+pub fn stale_outs<'a>(ws: &Workspace, record: &'a Record) -> Vec<StaleOut<'a>> {
     let hasher = ws.hasher();
     record
         .outs
         .iter()
-        .filter_map(|o| match hasher.hash(&o.path) {
-            Ok(Some(h)) if h.to_hex().as_str() == o.hash => None,
-            Ok(Some(_)) => Some(format!("out `{}` was modified", o.path)),
-            _ => Some(format!("out `{}` is missing", o.path)),
+        .filter_map(|out| match hasher.hash(&out.path) {
+            Ok(Some(h)) if h.to_hex().as_str() == out.hash => None,
+            Ok(Some(_)) => Some(StaleOut {
+                out,
+                missing: false,
+            }),
+            _ => Some(StaleOut { out, missing: true }),
         })
         .collect()
 }
@@ -218,7 +239,7 @@ pub fn plan(
 /// The decision for a stage whose key is known.
 pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, last: Option<&Record>) -> Decision {
     if let Some(last) = last.filter(|r| r.key == key) {
-        let stale = stale_outs(ws, last);
+        let stale: Vec<String> = stale_outs(ws, last).iter().map(StaleOut::reason).collect();
         if stale.is_empty() {
             return Decision::Skip;
         }

@@ -10,6 +10,7 @@
 
 use super::config::{FfnKind, ModelConfig};
 use super::model::Model;
+use super::oracle_tests::assert_matches_oracle;
 use super::rng::{fresh_seed, Rng};
 use dfdx::prelude::*;
 use std::collections::HashMap;
@@ -436,27 +437,10 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
     let loss = g.loss(&inputs, &targets);
     let want = loss.array();
     let grads = loss.backward();
-    let kind = cfg.ffn.as_str();
-    assert!(
-        (got.loss - want).abs() <= 1e-4 * want.abs(),
-        "{kind}: loss {} vs dfdx {want}",
-        got.loss
-    );
-    for info in &model.table.infos {
-        let gd = grads.get(&g.params[&info.name]).as_vec();
-        let ours = &model.grads[info.offset..info.offset + info.len];
-        let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for (a, b) in ours.iter().zip(&gd) {
-            diff += (*a as f64 - b).powi(2);
-            norm += b * b;
-        }
-        let (diff, norm) = (diff.sqrt(), norm.sqrt());
-        assert!(
-            diff <= 1e-4 * norm + 1e-7,
-            "{kind}: gradient of {} differs from dfdx: |diff| {diff:e}, |dfdx| {norm:e}",
-            info.name
-        );
-    }
+    let label = format!("{} seed {seed} (dfdx)", cfg.ffn.as_str());
+    assert_matches_oracle(&label, &model, got.loss, want, &|info| {
+        grads.get(&g.params[&info.name]).as_vec()
+    });
 }
 
 fn tiny(ffn: FfnKind) -> ModelConfig {

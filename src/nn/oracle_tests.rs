@@ -5,6 +5,7 @@
 use super::config::{FfnKind, ModelConfig};
 use super::model::Model;
 use super::rng::{fresh_seed, Rng};
+use super::tensor::ParamInfo;
 
 type Var = usize;
 
@@ -501,24 +502,38 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
     let loss = o.loss(&inputs, &targets);
     let want = o.tp.v(loss);
     let grads = o.tp.backward(loss);
-    let kind = cfg.ffn.as_str();
+    let label = format!("{} seed {seed}", cfg.ffn.as_str());
+    assert_matches_oracle(&label, &model, got.loss, want, &|info| {
+        grads[info.offset..info.offset + info.len].to_vec()
+    });
+}
+
+/// Our loss and every parameter gradient against an oracle's: the loss within 1e-4 relative,
+/// each gradient tensor within 1e-4 of the oracle's norm. `label` names the kind and the seed,
+/// so a failure can be replayed.
+pub(crate) fn assert_matches_oracle(
+    label: &str,
+    model: &Model,
+    loss: f64,
+    oracle_loss: f64,
+    oracle_grad: &dyn Fn(&ParamInfo) -> Vec<f64>,
+) {
     assert!(
-        (got.loss - want).abs() <= 1e-4 * want.abs(),
-        "{kind} seed {seed}: loss {} vs oracle {want}",
-        got.loss
+        (loss - oracle_loss).abs() <= 1e-4 * oracle_loss.abs(),
+        "{label}: loss {loss} vs oracle {oracle_loss}"
     );
     for info in &model.table.infos {
-        let r = info.offset..info.offset + info.len;
+        let want = oracle_grad(info);
+        let ours = &model.grads[info.offset..info.offset + info.len];
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
-        for i in r {
-            let g = model.grads[i] as f64;
-            diff += (g - grads[i]).powi(2);
-            norm += grads[i].powi(2);
+        for (a, b) in ours.iter().zip(&want) {
+            diff += (*a as f64 - b).powi(2);
+            norm += b * b;
         }
         let (diff, norm) = (diff.sqrt(), norm.sqrt());
         assert!(
             diff <= 1e-4 * norm + 1e-7,
-            "{kind} seed {seed}: gradient of {} differs: |diff| {diff:e}, |oracle| {norm:e}",
+            "{label}: gradient of {} differs: |diff| {diff:e}, |oracle| {norm:e}",
             info.name
         );
     }

@@ -146,7 +146,8 @@ fn best_per_group(
     winners.into_values().collect()
 }
 
-fn flatten(prefix: &str, value: &Value, row: &mut IndexMap<String, Value>) {
+/// Nested metrics as flat columns: `{"a": {"b": 1}}` becomes `a.b = 1`.
+pub fn flatten(prefix: &str, value: &Value, row: &mut IndexMap<String, Value>) {
     match value {
         Value::Object(m) => {
             for (k, v) in m {
