@@ -157,7 +157,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         }
         None => writeln!(
             report,
-            "DVC not found: run bench/install-peers.sh to compare"
+            "DVC skipped (--dvc none) or not found (bench/install-peers.sh installs it)"
         )?,
     }
     print!("{report}");
