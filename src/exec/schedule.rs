@@ -1,0 +1,236 @@
+//! The scheduling loop: starts every stage whose upstreams are done when a job slot and its
+//! resources are free, collects outcomes, blocks the descendants of failures, and handles Ctrl-C.
+
+use super::plan::{self, Decision};
+use super::report::Reporter;
+use super::stage::{Outcome, Shared};
+use super::{default_capacity, runner, signals, Executor, RunOptions, Summary};
+use crate::cache::Record;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Status {
+    Pending,
+    Running,
+    Done,
+    Failed,
+    Blocked,
+}
+
+impl Executor<'_> {
+    pub fn run(&self, opts: &RunOptions, reporter: &mut Reporter) -> Result<Summary> {
+        let p = self.pipeline;
+        let n = p.stages.len();
+        // Sized once: the scheduling loop asks for them at every turn, for every stage.
+        let mut capacities: BTreeMap<&str, u64> = BTreeMap::new();
+        for s in &p.stages {
+            for (r, &need) in &s.resources {
+                let have = *capacities.entry(r).or_insert_with(|| {
+                    opts.resources
+                        .get(r)
+                        .copied()
+                        .unwrap_or_else(|| default_capacity(r))
+                });
+                if need > have {
+                    bail!("stage `{}` needs {r}={need}, but only {have} is available (set it with --resources {r}=N)", s.name);
+                }
+            }
+        }
+        let capacity = |r: &str| capacities[r];
+        let state = self.ws.load_state(&p.file);
+        let mut finished: Vec<(String, Record)> = Vec::new();
+        let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
+        let mut summary = Summary::default();
+        let mut records = vec![None; n];
+        let mut status = vec![Status::Pending; n];
+        for (i, decision) in plan.decisions.iter().enumerate() {
+            match decision {
+                Decision::Excluded => status[i] = Status::Done,
+                Decision::Skip => {
+                    status[i] = Status::Done;
+                    summary.skipped += 1;
+                    records[i] = state.stages.get(&p.stages[i].name).cloned();
+                    if opts.verbose {
+                        reporter.finished(&p.stages[i].name, "up to date", None, "");
+                    }
+                }
+                _ => {}
+            }
+        }
+        let shared = Shared {
+            records: Mutex::new(records),
+        };
+
+        let token = self.begin_run(reporter)?;
+        let (tx, rx) = mpsc::channel::<(usize, Result<Outcome>, Duration)>();
+        let mut in_use: BTreeMap<String, u64> = BTreeMap::new();
+        let mut jobs_running = 0;
+        let mut stopping = false;
+        let mut interrupted_at = None;
+        std::thread::scope(|scope| -> Result<()> {
+            loop {
+                if signals::received() > 0 && interrupted_at.is_none() {
+                    interrupted_at = Some(Instant::now());
+                    stopping = true;
+                    summary.interrupted = true;
+                    reporter.note(
+                        "interrupted: stopping running stages (nothing they did is recorded)",
+                    );
+                    self.runner.interrupt();
+                }
+                if !stopping {
+                    for i in 0..n {
+                        if jobs_running >= opts.jobs {
+                            break;
+                        }
+                        let ready = status[i] == Status::Pending
+                            && p.dag.upstream[i].iter().all(|&u| status[u] == Status::Done);
+                        let fits = p.stages[i].resources.iter().all(|(r, &need)| {
+                            in_use.get(r).copied().unwrap_or(0) + need <= capacity(r)
+                        });
+                        if !(ready && fits) {
+                            continue;
+                        }
+                        status[i] = Status::Running;
+                        jobs_running += 1;
+                        for (r, &need) in &p.stages[i].resources {
+                            *in_use.entry(r.clone()).or_default() += need;
+                        }
+                        reporter.started(
+                            &p.stages[i].name,
+                            self.ws.scratch_dir(&p.stages[i].name).join("progress"),
+                        );
+                        let (tx, shared, token, forced) =
+                            (tx.clone(), &shared, &token, opts.forced[i]);
+                        let state = &state;
+                        scope.spawn(move || {
+                            let t0 = Instant::now();
+                            let outcome = self.execute(i, state, shared, token, forced);
+                            let _ = tx.send((i, outcome, t0.elapsed()));
+                        });
+                    }
+                }
+                if jobs_running == 0 {
+                    break;
+                }
+                let Ok((i, outcome, elapsed)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                    reporter.tick();
+                    continue;
+                };
+                jobs_running -= 1;
+                for (r, &need) in &p.stages[i].resources {
+                    *in_use.get_mut(r).expect("held") -= need;
+                }
+                let name = &p.stages[i].name;
+                match outcome {
+                    Ok(o) => {
+                        let (label, rec) = match o {
+                            Outcome::Ran(r) => {
+                                summary.ran += 1;
+                                ("ran", r)
+                            }
+                            Outcome::Restored(r) => {
+                                summary.restored += 1;
+                                ("restored", r)
+                            }
+                            Outcome::Skipped(r) => {
+                                summary.skipped += 1;
+                                ("unchanged", r)
+                            }
+                            Outcome::Failed(msg) => {
+                                let label = if interrupted_at.is_some() {
+                                    "stopped"
+                                } else {
+                                    "failed"
+                                };
+                                reporter.finished(name, label, Some(elapsed), &msg);
+                                status[i] = Status::Failed;
+                                if interrupted_at.is_none() {
+                                    summary.failed.push(name.clone());
+                                    self.block_descendants(i, &mut status, &mut summary, reporter);
+                                    stopping |= !opts.keep_going;
+                                }
+                                continue;
+                            }
+                        };
+                        reporter.finished(name, label, Some(elapsed), "");
+                        finished.push((name.clone(), rec.clone()));
+                        shared.records.lock().expect("records")[i] = Some(rec);
+                        status[i] = Status::Done;
+                    }
+                    Err(e) => {
+                        reporter.finished(name, "failed", Some(elapsed), &format!("{e:#}"));
+                        status[i] = Status::Failed;
+                        summary.failed.push(name.clone());
+                        self.block_descendants(i, &mut status, &mut summary, reporter);
+                        stopping |= !opts.keep_going;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if stopping && !summary.interrupted {
+            let not_started = (0..n).filter(|&i| status[i] == Status::Pending).count();
+            if not_started > 0 {
+                reporter.note(&format!(
+                    "{not_started} stage(s) not started after the failure (--keep-going runs them)"
+                ));
+            }
+        }
+        let mut state = state;
+        state.stages.extend(finished);
+        self.ws.save_state(&p.file, &state)?;
+        self.end_run();
+        Ok(summary)
+    }
+
+    /// A failed stage's descendants can no longer run.
+    fn block_descendants(
+        &self,
+        i: usize,
+        status: &mut [Status],
+        summary: &mut Summary,
+        reporter: &mut Reporter,
+    ) {
+        let reach = self.pipeline.dag.with_descendants(&[i]);
+        for (j, &hit) in reach.iter().enumerate() {
+            if hit && j != i && status[j] == Status::Pending {
+                status[j] = Status::Blocked;
+                summary.blocked += 1;
+                let why = format!("upstream `{}` failed", self.pipeline.stages[i].name);
+                reporter.finished(&self.pipeline.stages[j].name, "blocked", None, &why);
+            }
+        }
+    }
+
+    /// Marks a run in progress; first cleans up after a run that crashed.
+    fn begin_run(&self, reporter: &Reporter) -> Result<String> {
+        let marker = self.ws.state_dir.join("running");
+        if let Ok(old) = std::fs::read_to_string(&marker) {
+            let killed = runner::kill_leftovers(old.trim());
+            if killed > 0 {
+                reporter.note(&format!(
+                    "stopped {killed} leftover process(es) of a run that crashed"
+                ));
+            }
+        }
+        let token = format!(
+            "{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        crate::cache::atomic::write(&marker, token.as_bytes(), true)?;
+        signals::install();
+        Ok(token)
+    }
+
+    fn end_run(&self) {
+        let _ = std::fs::remove_file(self.ws.state_dir.join("running"));
+    }
+}
