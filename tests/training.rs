@@ -208,7 +208,7 @@ fn bad_training_configs_are_refused_before_running() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{with}: {err}");
         assert!(
-            err.contains("repro.yaml:2: stage `t`") && err.contains(expect),
+            err.contains("repro.yaml:4: stage `t`") && err.contains(expect),
             "{with}: expected `{expect}` in {err}"
         );
     }

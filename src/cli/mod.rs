@@ -5,7 +5,7 @@ mod inspect;
 
 use crate::exec::plan::{self, Decision};
 use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
 use crate::workspace::Workspace;
 use anyhow::{bail, Context, Result};
@@ -85,6 +85,9 @@ struct PipelineArgs {
     /// Only these stages and what they depend on (repeatable).
     #[arg(long, value_name = "STAGE")]
     only: Vec<String>,
+    /// Most stages one matrix may expand to (the whole pipeline: 20 times as many).
+    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_MAX_EXPANSIONS)]
+    max_expansions: usize,
 }
 
 #[derive(Args)]
@@ -115,6 +118,9 @@ struct RunArgs {
     /// Also list the stages that were up to date.
     #[arg(short, long)]
     verbose: bool,
+    /// Lines of a failed stage's log to show under it (0: none).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    log_lines: usize,
 }
 
 /// Exit codes: 0 done, 1 a stage failed, 2 bad input, 130 interrupted.
@@ -136,6 +142,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     };
     let kinds = Registry::default();
     let open = || Workspace::open(&root, cli.cache.as_deref());
+    let store = crate::workspace::store_location(&root, cli.cache.as_deref());
     match cli.command {
         Command::Stage { context } => {
             kinds.run_context_file(&context)?;
@@ -144,7 +151,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run(&open()?, &kinds, args),
         Command::Status(p) => status(&open()?, &kinds, &p),
         Command::Dag { p, dot, mermaid } => {
-            let pipeline = load(&root, &kinds, &p)?;
+            let pipeline = load(&root, &store, &kinds, &p)?;
             let text = if dot {
                 pipeline.dag.to_dot(&pipeline.stages)
             } else if mermaid {
@@ -155,8 +162,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log { stage, p } => inspect::log(&open()?, &load(&root, &kinds, &p)?, &stage),
-        Command::Show { p, csv } => inspect::show(&open()?, &load(&root, &kinds, &p)?, csv),
+        Command::Log { stage, p } => {
+            inspect::log(&open()?, &load(&root, &store, &kinds, &p)?, &stage)
+        }
+        Command::Show { p, csv } => inspect::show(&open()?, &load(&root, &store, &kinds, &p)?, csv),
         Command::Verify => inspect::verify(&open()?),
         Command::Gc { workspace_only } => inspect::gc(&open()?, workspace_only),
         Command::Bench(args) => crate::bench::run(&args),
@@ -187,9 +196,14 @@ fn pipeline_path(root: &Path, given: &Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
-fn load(root: &Path, kinds: &Registry, p: &PipelineArgs) -> Result<Pipeline> {
+fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result<Pipeline> {
     let file = pipeline_path(root, &p.pipeline)?;
-    Pipeline::load(&file, root, &p.set, kinds)
+    let opts = LoadOptions {
+        overrides: p.set.clone(),
+        max_expansions: p.max_expansions,
+        store: store.to_path_buf(),
+    };
+    Pipeline::load(&file, root, &opts, kinds)
 }
 
 fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
@@ -200,7 +214,7 @@ fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
 }
 
 fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
-    let pipeline = load(&ws.root, kinds, &args.p)?;
+    let pipeline = load(&ws.root, ws.store.root(), kinds, &args.p)?;
     let selected = selection(&pipeline, &args.p.only)?;
     let mut forced = vec![args.force_all; pipeline.stages.len()];
     for i in pipeline.select(&args.force)? {
@@ -250,6 +264,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
         selected,
         forced,
         verbose: args.verbose,
+        log_lines: args.log_lines,
     };
     let s = executor.run(&opts, &mut reporter)?;
     let mut parts = vec![
@@ -274,7 +289,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
 }
 
 fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode> {
-    let pipeline = load(&ws.root, kinds, p)?;
+    let pipeline = load(&ws.root, ws.store.root(), kinds, p)?;
     let selected = selection(&pipeline, &p.only)?;
     let state = ws.load_state(&pipeline.file);
     let plan = plan::plan(
