@@ -209,6 +209,69 @@ fn sigint_mid_stage_then_rerun() {
 }
 
 #[test]
+fn ctrl_c_kills_a_stage_that_ignores_sigterm() {
+    // Ignoring TERM is inherited by the sleep; its length marks this test's process.
+    let nap = format!("60.{}", std::process::id());
+    let ws = Ws::new(&format!(
+        "stages:\n  stubborn:\n    cmd: trap '' TERM; echo started > started.txt; sleep {nap}; echo done > out.txt\n    outs: [out.txt]\n"
+    ));
+    let child = ws
+        .cmd(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&ws.root().join("started.txt"));
+    let token = run_token(&ws);
+    let sleep = ["sleep", nap.as_str()];
+    // Positive control: both scans below see the stage's sleep while it runs.
+    let t0 = Instant::now();
+    while {
+        let sleeping = processes_running(&sleep);
+        sleeping.is_empty() || !processes_of_run(&token).contains(&sleeping[0])
+    } {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the stage's `sleep {nap}` is not found in /proc"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let t0 = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let s = text(&out);
+    assert_eq!(out.status.code(), Some(130), "Ctrl-C exits 130:\n{s}");
+    assert!(
+        took < Duration::from_secs(15),
+        "repro took {took:?} to stop a stage that ignores SIGTERM"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "stopped after {took:?}: SIGTERM was not ignored, so SIGKILL was never needed"
+    );
+    assert_run_gone(&token, 2);
+    assert_eq!(processes_running(&sleep), Vec::<i32>::new());
+    assert_eq!(
+        stage_lines(&s)
+            .into_iter()
+            .map(|l| (l.state, l.stage, l.detail))
+            .collect::<Vec<_>>(),
+        [("stopped".into(), "stubborn".into(), "interrupted".into())],
+        "{s}"
+    );
+    assert_eq!(ws.records(), 0, "nothing is recorded for a stopped stage");
+    assert!(!ws.root().join("out.txt").exists());
+    let status = text(&ws.repro(&["status"]));
+    assert_eq!(
+        status_of(&status, "stubborn"),
+        ("run".into(), "never run in this workspace".into()),
+        "{status}"
+    );
+}
+
+#[test]
 fn one_writer_per_workspace() {
     let ws = Ws::new(SLOW);
     let fast = ws.dir.path().join("fast");
