@@ -125,10 +125,13 @@ fn failing_command_is_one_clear_line() {
     let out = ws.repro(&["run"]);
     assert_eq!(out.status.code(), Some(1));
     let s = text(&out);
-    assert!(
-        s.lines().any(|l| l.contains("failed")
-            && l.contains("a")
-            && l.contains("exit code 7; log: .repro/logs/a.log")),
+    assert_eq!(
+        stage_lines(&s),
+        [StageLine {
+            state: "failed".into(),
+            stage: "a".into(),
+            detail: "exit code 7; log: .repro/logs/a.log".into()
+        }],
         "{s}"
     );
     assert_eq!(ws.records(), 0);

@@ -67,8 +67,9 @@ fn isoflop_smoke_pipeline_end_to_end() {
 
     // Nothing runs the second time.
     let out = ws.repro(&["run", &smoke]);
-    assert!(
-        text(&out).contains("0 ran, 0 restored, 29 up to date"),
+    assert_eq!(
+        text(&out).lines().last(),
+        Some("0 ran, 0 restored, 29 up to date"),
         "{}",
         text(&out)
     );
