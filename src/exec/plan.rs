@@ -302,8 +302,14 @@ mod tests {
     fn the_kind_version_is_in_the_key_and_named_as_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::open(dir.path(), Some(&dir.path().join("cache"))).unwrap();
-        let pipeline =
-            Pipeline::parse(PIPELINE, Path::new("repro.yaml"), &ws.root, &[], &AnyKind).unwrap();
+        let pipeline = Pipeline::parse(
+            PIPELINE,
+            Path::new("repro.yaml"),
+            &ws.root,
+            &Default::default(),
+            &AnyKind,
+        )
+        .unwrap();
         let t = pipeline.index_of("t").unwrap();
         let s = pipeline.index_of("s").unwrap();
         let no_deps = |d: &str| -> Result<Option<String>> { panic!("no deps here, asked {d}") };
