@@ -25,7 +25,10 @@ fn load(source: &str, workspace: &Path, overrides: &[String]) -> anyhow::Result<
         source,
         Path::new("repro.yaml"),
         workspace,
-        overrides,
+        &repro::pipeline::LoadOptions {
+            overrides: overrides.to_vec(),
+            ..Default::default()
+        },
         &repro::stages::Registry::default(),
     )
 }

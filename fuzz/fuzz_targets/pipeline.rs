@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let kinds = repro::stages::Registry::default();
-    match Pipeline::parse(source, Path::new("repro.yaml"), workspace(), &[], &kinds) {
+    match Pipeline::parse(source, Path::new("repro.yaml"), workspace(), &Default::default(), &kinds) {
         Ok(p) => {
             check_dot(&p.dag.to_dot(&p.stages));
             check_mermaid(&p.dag.to_mermaid(&p.stages));

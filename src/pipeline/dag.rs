@@ -87,6 +87,12 @@ pub fn build(stages: Vec<Stage>, workspace: &Path) -> Result<(Vec<Stage>, Dag), 
     let mut errors = Vec::new();
     let err = |s: &Stage, msg: String| format!("{}: stage `{}`: {msg}", s.line, s.name);
 
+    let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in stages.iter().enumerate() {
+        if s.name != s.base {
+            by_base.entry(&s.base).or_default().push(i);
+        }
+    }
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     for (i, s) in stages.iter().enumerate() {
         if let Some(&j) = by_name.get(s.name.as_str()) {
@@ -149,11 +155,11 @@ pub fn build(stages: Vec<Stage>, workspace: &Path) -> Result<(Vec<Stage>, Dag), 
             upstream[i].extend(found);
         }
         for need in &s.needs {
-            let hits: Vec<usize> = stages
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.name == *need || t.base == *need)
-                .map(|(j, _)| j)
+            let hits: Vec<usize> = by_name
+                .get(need.as_str())
+                .into_iter()
+                .copied()
+                .chain(by_base.get(need.as_str()).into_iter().flatten().copied())
                 .collect();
             if hits.is_empty() {
                 errors.push(err(

@@ -186,12 +186,20 @@ impl Pipeline {
         if source.len() as u64 > MAX_FILE_BYTES {
             bail!("{shown}:1: larger than {} MiB", MAX_FILE_BYTES >> 20);
         }
-        let spans = spans::scan(source).map_err(|e| anyhow!("{shown}:{e}"))?;
+        let spans =
+            spans::scan(source).map_err(|e| anyhow!("{shown}:{}", one_line(&e.to_string())))?;
         let parsed: PipelineFile =
             serde_yaml_ng::from_str(source).map_err(|e| yaml_error(&shown, source, &e))?;
         let mut params = parsed.params;
         for item in &opts.overrides {
-            apply_override(&mut params, item).map_err(|e| anyhow!("{shown}: -S {item}: {e}"))?;
+            apply_override(&mut params, item).map_err(|e| {
+                // At the param's line (or the nearest that exists): where the default is set.
+                let key = item.split('=').next().unwrap_or_default().trim();
+                let mut path = vec!["params"];
+                path.extend(key.split('.'));
+                let line = spans.line(&path).unwrap_or(1);
+                anyhow!("{shown}:{line}: -S {}: {e}", item.escape_debug())
+            })?;
         }
         let stages_line = spans.line(&["stages"]).unwrap_or(1);
 
@@ -219,7 +227,11 @@ impl Pipeline {
                     let mut path = vec!["stages", base.as_str()];
                     path.extend(issue.at.iter().map(String::as_str));
                     let at = spans.line(&path).unwrap_or(line);
-                    errors.push(format!("{shown}:{at}: stage `{base}`: {}", issue.msg));
+                    errors.push(format!(
+                        "{shown}:{at}: stage `{}`: {}",
+                        base.escape_debug(),
+                        one_line(&issue.msg)
+                    ));
                     // Past the budget every later stage fails the same way: one line is enough.
                     if issue.msg.contains("templates expand to more than")
                         || issue.msg.contains("stages in all")
@@ -278,6 +290,16 @@ impl Pipeline {
     }
 }
 
+/// A message that quotes the file, kept to one line: control characters are escaped.
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_debug().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 fn yaml_error(file: &str, source: &str, err: &serde_yaml_ng::Error) -> anyhow::Error {
     let msg = err.to_string();
     match err.location() {
@@ -293,9 +315,14 @@ fn yaml_error(file: &str, source: &str, err: &serde_yaml_ng::Error) -> anyhow::E
             } else {
                 ""
             };
-            anyhow!("{file}:{}:{}: {msg}{hint}", loc.line(), loc.column())
+            anyhow!(
+                "{file}:{}:{}: {}{hint}",
+                loc.line(),
+                loc.column(),
+                one_line(msg)
+            )
         }
-        None => anyhow!("{file}:1: {msg}"),
+        None => anyhow!("{file}:1: {}", one_line(&msg)),
     }
 }
 
@@ -694,6 +721,9 @@ pub fn parse_quantity(name: &str, value: &Value) -> Result<u64, String> {
             let (num, unit) =
                 s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
             let num: f64 = num.trim().parse().map_err(|_| bad())?;
+            if !num.is_finite() || num < 0.0 {
+                return Err(bad());
+            }
             let scale = match unit
                 .trim()
                 .to_ascii_uppercase()

@@ -113,7 +113,7 @@ fn resolve_str(text: &str, scope: &Scope, used: &mut UsedParams) -> Result<Value
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
         let Some(end) = after.find('}') else {
-            return Err(format!("unclosed `${{` in `{text}`"));
+            return Err(format!("unclosed `${{` in `{}`", quoted(text)));
         };
         let expr = &after[..end];
         match lookup(expr, scope, used)? {
@@ -173,6 +173,13 @@ fn lookup(expr: &str, scope: &Scope, used: &mut UsedParams) -> Result<Option<Val
         used.insert(path.join("."), value.clone());
     }
     Ok(Some(value.clone()))
+}
+
+/// Text from the file as it may appear inside a one-line error: escaped, and cut if long.
+fn quoted(text: &str) -> String {
+    let cut = text.floor_char_boundary(80);
+    let more = if cut < text.len() { "…" } else { "" };
+    format!("{}{more}", text[..cut].escape_debug())
 }
 
 fn missing(namespace: &str, expr: &str, root: &IndexMap<String, Value>) -> String {
