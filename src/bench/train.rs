@@ -73,14 +73,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .unwrap_or(1)
     });
     let kinds: Vec<FfnKind> = if args.kinds.is_empty() {
-        vec![
-            FfnKind::Mlp,
-            FfnKind::Swiglu,
-            FfnKind::Moe,
-            FfnKind::Peer,
-            FfnKind::Sgatlin,
-            FfnKind::SgatlinGelu,
-        ]
+        FfnKind::ALL.to_vec()
     } else {
         args.kinds
             .iter()

@@ -19,6 +19,18 @@ pub enum FfnKind {
 }
 
 impl FfnKind {
+    /// Every kind, in the order tables and benchmarks list them.
+    pub const ALL: [FfnKind; 6] = [
+        FfnKind::Mlp,
+        FfnKind::Swiglu,
+        FfnKind::Moe,
+        FfnKind::Peer,
+        FfnKind::Sgatlin,
+        FfnKind::SgatlinGelu,
+    ];
+}
+
+impl FfnKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             FfnKind::Mlp => "mlp",
@@ -303,14 +315,7 @@ mod tests {
         let p = big.total_params() as f64;
         assert!((3.9e9..4.4e9).contains(&p), "{p}");
         for s in [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 8.0] {
-            for k in [
-                FfnKind::Mlp,
-                FfnKind::Swiglu,
-                FfnKind::Moe,
-                FfnKind::Peer,
-                FfnKind::Sgatlin,
-                FfnKind::SgatlinGelu,
-            ] {
+            for k in FfnKind::ALL {
                 ModelConfig::ladder(k, s, 4096, 128).validate().unwrap();
             }
         }

@@ -234,14 +234,7 @@ mod tests {
 
     #[test]
     fn params_match_the_model() {
-        for ffn in [
-            FfnKind::Mlp,
-            FfnKind::Swiglu,
-            FfnKind::Moe,
-            FfnKind::Peer,
-            FfnKind::Sgatlin,
-            FfnKind::SgatlinGelu,
-        ] {
+        for ffn in FfnKind::ALL {
             let c = small(ffn);
             assert_eq!(param_count(&c), c.total_params() as f64, "{ffn:?}");
             let big = ModelConfig::ladder(ffn, 7.0, 50_000, 2048);
@@ -252,14 +245,7 @@ mod tests {
     /// The estimate covers what one real training step allocates, and not much more.
     #[test]
     fn estimate_covers_a_real_step() {
-        for ffn in [
-            FfnKind::Mlp,
-            FfnKind::Swiglu,
-            FfnKind::Moe,
-            FfnKind::Peer,
-            FfnKind::Sgatlin,
-            FfnKind::SgatlinGelu,
-        ] {
+        for ffn in FfnKind::ALL {
             for batch in [1, 3] {
                 let c = small(ffn);
                 let (_, measured) = bench_train(&c, batch, 0).unwrap();

@@ -268,15 +268,6 @@ pub(crate) mod tests {
         }
     }
 
-    const ALL: [FfnKind; 6] = [
-        FfnKind::Mlp,
-        FfnKind::Swiglu,
-        FfnKind::Moe,
-        FfnKind::Peer,
-        FfnKind::Sgatlin,
-        FfnKind::SgatlinGelu,
-    ];
-
     /// Rows of a periodic pattern at shifting offsets.
     fn pattern_batch(step: usize, rows: usize, seq: usize) -> Vec<u32> {
         let period = [3u32, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7];
@@ -301,7 +292,7 @@ pub(crate) mod tests {
 
     #[test]
     fn training_decreases_loss_on_a_repeated_pattern() {
-        for kind in ALL {
+        for kind in FfnKind::ALL {
             let mut tr = Trainer::new(&tiny(kind), train_cfg(50)).unwrap();
             let first = tr.step(&pattern_batch(0, 4, 8)).unwrap().loss;
             let mut last = first;
@@ -423,7 +414,7 @@ pub(crate) mod tests {
 
     #[test]
     fn config_parameter_count_matches_the_built_model() {
-        for kind in ALL {
+        for kind in FfnKind::ALL {
             for cfg in [tiny(kind), ModelConfig::ladder(kind, 0.5, 500, 16)] {
                 let m = crate::nn::Model::new(&cfg, 0).unwrap();
                 assert_eq!(m.table.total, cfg.total_params(), "{}", kind.as_str());

@@ -215,11 +215,7 @@ mod tests {
         let err = Evaluate
             .inputs(&w)
             .expect_err(&format!("{changes} was accepted"));
-        let head = format!("with.{field}");
-        assert!(
-            err.starts_with(&head) && matches!(err[head.len()..].chars().next(), Some(' ' | ':')),
-            "{changes}: expected an error starting with `{head}`, got: {err}"
-        );
+        crate::stages::assert_names_field(&err, field, &changes.to_string());
         err
     }
 

@@ -305,3 +305,14 @@ impl Progress {
         let _ = std::fs::write(file, text());
     }
 }
+
+/// For tests of a kind's `inputs`: the error names `field` first (`with.FIELD` and a space or
+/// colon), as the loader needs to report it at the field's line.
+#[cfg(test)]
+pub fn assert_names_field(err: &str, field: &str, case: &str) {
+    let head = format!("with.{field}");
+    assert!(
+        err.starts_with(&head) && matches!(err[head.len()..].chars().next(), Some(' ' | ':')),
+        "{case}: expected an error starting with `{head}`, got: {err}"
+    );
+}
