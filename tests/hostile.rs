@@ -165,6 +165,8 @@ fn the_state_folder_and_the_pipeline_file_are_not_outs() {
         ("x/../.repro/logs/seed.log", "state folder"),
         ("repro.yaml", "pipeline file `repro.yaml`"),
         ("./repro.yaml", "pipeline file"),
+        (".git", "git repository"),
+        ("sub/../.git/config", "git repository"),
     ] {
         refused(
             &format!("stages:\n  a: {{cmd: 'true', outs: ['{out}']}}\n"),
@@ -183,6 +185,21 @@ fn the_state_folder_and_the_pipeline_file_are_not_outs() {
                 "pipelines/p.yaml:2: stage `a`",
                 "pipeline file `pipelines/p.yaml`",
             ],
+        );
+    }
+}
+
+#[test]
+fn repros_environment_variables_are_not_a_stages_to_set() {
+    for env in [
+        "{REPRO_RUN: x}",
+        "{REPRO_SCRATCH: /tmp}",
+        "[REPRO_STAGE]",
+        "{'A=B': 1}",
+    ] {
+        refused(
+            &format!("stages:\n  a:\n    cmd: 'true'\n    env: {env}\n"),
+            &["repro.yaml:4: stage `a`", "env"],
         );
     }
 }

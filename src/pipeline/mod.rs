@@ -687,9 +687,16 @@ impl Expander<'_> {
         for (k, _) in &env {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(ctx(
-                    &["env"],
+                    &["env", k],
                     "env",
                     format!("`{}` is not a variable name", k.escape_debug()),
+                ));
+            }
+            if k.starts_with("REPRO_") {
+                return Err(ctx(
+                    &["env", k],
+                    "env",
+                    format!("`{k}` is repro's: it tells a stage its run, scratch folder and progress file"),
                 ));
             }
         }

@@ -1,5 +1,5 @@
 //! repro's own files: the cache store, the state folder `.repro/` and the pipeline file being
-//! run. No stage may write them, write a folder that holds them, or read the store or the state
+//! run, and the workspace's `.git`. No stage may write them, write a folder that holds them, or read the store or the state
 //! as an input, however the path is spelt (`./cache`, `sub/../cache`, a symlink to either).
 //!
 //! Paths are compared after resolving symlinks in the part of the path that exists, so the
@@ -40,6 +40,12 @@ impl OwnFiles {
             (
                 resolve(&root.join(pipeline)),
                 format!("the pipeline file `{}`", shown(pipeline)),
+                true,
+            ),
+            // Not repro's, but no result is worth the history of the project.
+            (
+                resolve(&root.join(".git")),
+                "the git repository `.git`".to_string(),
                 true,
             ),
         ];
@@ -157,6 +163,8 @@ mod tests {
             "state/lock",
             "pipelines/p.yaml",
             "pipelines",
+            ".git",
+            ".git/HEAD",
         ] {
             assert!(own.refuse_out(bad).is_some(), "out `{bad}` allowed");
         }
