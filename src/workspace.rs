@@ -9,7 +9,8 @@
 //! .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
 //! ```
 
-use crate::cache::{atomic, lock::WorkspaceLock, Hasher, Record, StatCache, Store};
+use crate::atomic;
+use crate::cache::{lock::WorkspaceLock, Hasher, Record, StatCache, Store};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

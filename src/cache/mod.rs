@@ -1,6 +1,5 @@
 //! Content hashing, the content-addressed store, stage keys and the workspace lock.
 
-pub mod atomic;
 pub mod hash;
 pub mod key;
 pub mod lock;

@@ -11,8 +11,8 @@
 //! Every write goes to a temp name, is fsynced, then renamed. Every restore re-hashes what it
 //! copies, so a corrupted object is caught and the stage runs again instead.
 
-use super::atomic;
 use super::hash::{hash_file, Entry, Snapshot};
+use crate::atomic;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

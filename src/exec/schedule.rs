@@ -225,7 +225,7 @@ impl Executor<'_> {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
-        crate::cache::atomic::write(&marker, token.as_bytes(), true)?;
+        crate::atomic::write(&marker, token.as_bytes(), true)?;
         signals::install();
         Ok(token)
     }
