@@ -14,6 +14,7 @@
 use super::hash::{hash_file, Entry, Snapshot};
 use crate::atomic;
 use anyhow::{anyhow, Context, Result};
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -34,6 +35,45 @@ pub struct Record {
     /// Unix seconds when the stage finished.
     pub created: u64,
     pub duration_s: f64,
+}
+
+impl Record {
+    /// The metrics as flat columns (see [`flatten_metrics`]); empty if the stage has none.
+    pub fn flat_metrics(&self) -> IndexMap<String, serde_json::Value> {
+        self.metrics
+            .as_ref()
+            .map(flatten_metrics)
+            .unwrap_or_default()
+    }
+}
+
+/// Nested metrics as flat columns, in order: `{"a": {"b": 1}, "c": 2}` becomes `a.b = 1`,
+/// `c = 2`. How `repro show` and the `table` kind both read a stage's metrics.
+pub fn flatten_metrics(metrics: &serde_json::Value) -> IndexMap<String, serde_json::Value> {
+    fn walk(
+        prefix: &str,
+        value: &serde_json::Value,
+        out: &mut IndexMap<String, serde_json::Value>,
+    ) {
+        match value {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = IndexMap::new();
+    walk("", metrics, &mut out);
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -380,6 +420,15 @@ mod tests {
     use super::*;
     use crate::cache::hash::Hasher;
     use crate::cache::statcache::StatCache;
+
+    #[test]
+    fn metrics_flatten_in_order() {
+        let m = serde_json::json!({"loss": 2.5, "eval": {"ppl": 12, "by": {"x": "a"}}, "n": 3});
+        let flat = flatten_metrics(&m);
+        let keys: Vec<&str> = flat.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["loss", "eval.ppl", "eval.by.x", "n"]);
+        assert_eq!(flat["eval.by.x"], "a");
+    }
 
     #[test]
     fn outs_round_trip_and_corruption_is_caught() {

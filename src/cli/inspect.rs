@@ -1,6 +1,5 @@
 //! Commands that look at a workspace rather than run it: dag, log, show, verify, gc.
 
-use crate::cache::Record;
 use crate::exec::stage_params;
 use crate::pipeline::{Action, Pipeline};
 use crate::workspace::Workspace;
@@ -67,11 +66,10 @@ pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
         for (k, v) in stage_params(s) {
             row.insert(k, crate::pipeline::template::display(&v));
         }
-        if let Some(m) = record.and_then(|r: &Record| r.metrics.as_ref()) {
-            let mut flat = indexmap::IndexMap::new();
-            crate::stages::flatten_metrics("", m, &mut flat);
+        if let Some(r) = record {
             row.extend(
-                flat.iter()
+                r.flat_metrics()
+                    .iter()
                     .map(|(k, v)| (k.clone(), crate::pipeline::template::display(v))),
             );
         }
