@@ -9,4 +9,4 @@ pub mod store;
 pub use hash::{Hasher, Snapshot};
 pub use key::KeyParts;
 pub use statcache::StatCache;
-pub use store::{flatten_metrics, OutRecord, Record, Store};
+pub use store::{flatten_metrics, GcReport, OutRecord, Record, Store, VerifyReport};

@@ -2,10 +2,8 @@
 
 use crate::exec::stage_params;
 use crate::pipeline::{Action, Pipeline};
-use crate::workspace::Workspace;
+use crate::workspace::{Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Result};
-use rayon::prelude::*;
-use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -42,9 +40,16 @@ pub fn log(ws: &Workspace, p: &Pipeline, name: &str) -> Result<ExitCode> {
     let path = if latest.is_file() {
         latest
     } else {
-        match ws.load_state(&p.file).stages.get(stage) {
+        let loaded = ws.load_state(&p.file);
+        match loaded.state.stages.get(stage) {
             Some(r) if ws.store.log_path(&r.key).is_file() => ws.store.log_path(&r.key),
-            _ => bail!("stage `{stage}` has no log yet (it has not run in this workspace)"),
+            _ => match &loaded.problem {
+                Some(bad) => bail!(
+                    "stage `{stage}` has no log in .repro/logs, and {} so its last run is unknown",
+                    bad.describe(ws)
+                ),
+                None => bail!("stage `{stage}` has no log yet (it has not run in this workspace)"),
+            },
         }
     };
     std::io::stdout().write_all(&std::fs::read(&path)?)?;
@@ -53,7 +58,15 @@ pub fn log(ws: &Workspace, p: &Pipeline, name: &str) -> Result<ExitCode> {
 
 /// Params and metrics of every stage that has a result, one row each.
 pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
-    let state = ws.load_state(&p.file);
+    let loaded = ws.load_state(&p.file);
+    if let Some(bad) = &loaded.problem {
+        eprintln!(
+            "warning: {}; no results are shown until `repro run` moves it aside and rebuilds it \
+             (restoring finished work from the run cache)",
+            bad.describe(ws)
+        );
+    }
+    let state = loaded.state;
     let mut columns: Vec<String> = vec!["stage".into(), "seconds".into()];
     let mut rows = Vec::new();
     for s in &p.stages {
@@ -127,122 +140,101 @@ pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Re-hashes every object; corrupt ones are named and set aside, so they are never restored.
+/// Re-hashes every object and reads every record and state file; prints what was wrong and
+/// what repro did about it. Exit 1 if anything was.
 pub fn verify(ws: &Workspace) -> Result<ExitCode> {
     let t0 = std::time::Instant::now();
-    let objects = ws.store.objects();
-    let bad: Vec<(String, &'static str)> = objects
-        .par_iter()
-        .filter_map(|(hash, path)| {
-            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            match crate::cache::hash::hash_file(path, size) {
-                Ok(h) if h.to_hex().as_str() == hash => None,
-                Ok(_) => Some((hash.clone(), "corrupt")),
-                Err(_) => Some((hash.clone(), "unreadable")),
-            }
-        })
+    let report = ws.store.verify();
+    let states: Vec<(std::path::PathBuf, String)> = ws
+        .state_files()
+        .into_iter()
+        .filter_map(|(path, state)| state.err().map(|e| (path, e)))
         .collect();
-    let bytes: u64 = objects
-        .iter()
-        .filter_map(|(_, p)| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum();
-    for (hash, problem) in &bad {
-        ws.store.quarantine(hash);
-        println!(
-            "{problem}: object {hash} (moved to {})",
-            ws.store.root().join("corrupt").display()
+    let set_aside = |r: &Result<std::path::PathBuf, String>| match r {
+        Ok(dest) => format!("moved to {}", ws.shown(dest)),
+        Err(e) => format!("could not be moved aside: {e}"),
+    };
+    let mut out = String::new();
+    for b in &report.bad_objects {
+        out += &format!(
+            "{}: object {}: {}; a stage that needs it runs again\n",
+            b.problem,
+            b.hash,
+            set_aside(&b.set_aside)
         );
     }
-    // Records whose objects are gone can no longer be restored; their stages will run again.
-    let mut broken = 0;
-    for key in ws.store.record_keys() {
-        match ws.store.record(&key) {
-            Some(r) => {
-                let missing = r
-                    .outs
-                    .iter()
-                    .flat_map(|o| ws.store.objects_of(o))
-                    .any(|h| !ws.store.object_path(&h).is_file());
-                if missing {
-                    broken += 1;
-                    println!(
-                        "incomplete: record {key} (stage `{}`) lacks objects; it will run again",
-                        r.stage
-                    );
-                }
-            }
-            None => {
-                broken += 1;
-                println!("unreadable: record {key}");
-            }
-        }
+    for r in &report.incomplete {
+        out += &format!(
+            "incomplete: record {} (stage `{}`) lacks {} object(s); it will run again\n",
+            r.key, r.stage, r.missing
+        );
     }
-    println!(
-        "checked {} objects ({:.1} MB) in {:.2}s: {} corrupt, {} records incomplete",
-        objects.len(),
-        bytes as f64 / 1e6,
+    for u in &report.unreadable {
+        out += &format!(
+            "unreadable: record {} is {}: {}; its stage runs again and writes a new one\n",
+            u.record.key,
+            u.record.problem,
+            set_aside(&u.set_aside)
+        );
+    }
+    for (path, problem) in &states {
+        out += &format!(
+            "unreadable: state file {} is {problem}: left in place; the next `repro run` of its \
+             pipeline moves it aside, and {STATE_LOST_CONSEQUENCE}\n",
+            ws.shown(path)
+        );
+    }
+    out += &format!(
+        "checked {} objects ({:.1} MB) in {:.2}s: {} corrupt, {} records incomplete, {} records \
+         unreadable, {} state files unreadable\n",
+        report.objects,
+        report.bytes as f64 / 1e6,
         t0.elapsed().as_secs_f64(),
-        bad.len(),
-        broken
+        report.bad_objects.len(),
+        report.incomplete.len(),
+        report.unreadable.len(),
+        states.len()
     );
-    Ok(if bad.is_empty() && broken == 0 {
+    print!("{out}");
+    Ok(if report.is_clean() && states.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-/// Removes objects that no kept record references, and writes left in flight.
+/// Removes objects that no kept record references, and leftovers; with `workspace_only`, first
+/// drops the records that no pipeline state of this workspace uses.
 pub fn gc(ws: &Workspace, workspace_only: bool) -> Result<ExitCode> {
     let _lock = ws.lock(true, |holder| {
         eprintln!("waiting for the workspace lock: {holder}")
     })?;
-    let mut keep_records: HashSet<String> = ws.store.record_keys().into_iter().collect();
-    if workspace_only {
-        let current: HashSet<String> = std::fs::read_dir(ws.state_dir.join("state"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path()).ok())
-            .filter_map(|b| serde_json::from_slice::<crate::workspace::State>(&b).ok())
-            .flat_map(|s| s.stages.into_values().map(|r| r.key))
-            .collect();
-        for key in keep_records.iter().filter(|k| !current.contains(*k)) {
-            let _ = std::fs::remove_file(ws.store.record_path(key));
-            let _ = std::fs::remove_file(ws.store.log_path(key));
-        }
-        keep_records.retain(|k| current.contains(k));
+    let keep = if workspace_only {
+        Some(ws.keys_in_use()?)
+    } else {
+        None
+    };
+    let report = ws.store.gc(keep.as_ref())?;
+    let mut out = String::new();
+    for u in &report.unreadable {
+        out += &format!(
+            "unreadable: record {} is {}; kept, but objects only it refers to were removed \
+             (`repro verify` sets it aside)\n",
+            u.key, u.problem
+        );
     }
-    let referenced: BTreeSet<String> = keep_records
-        .iter()
-        .filter_map(|k| ws.store.record(k))
-        .flat_map(|r| {
-            r.outs
-                .iter()
-                .flat_map(|o| ws.store.objects_of(o))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let (mut removed, mut freed) = (0, 0u64);
-    for (hash, path) in ws.store.objects() {
-        if !referenced.contains(&hash) {
-            freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            std::fs::remove_file(&path)?;
-            removed += 1;
-        }
-    }
-    for e in std::fs::read_dir(ws.store.root().join("tmp"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let _ = std::fs::remove_file(e.path());
-    }
-    println!(
-        "kept {} records; removed {removed} objects ({:.1} MB)",
-        keep_records.len(),
-        freed as f64 / 1e6
+    let dropped = if workspace_only {
+        format!(", dropped {} no pipeline here uses", report.records_removed)
+    } else {
+        String::new()
+    };
+    out += &format!(
+        "kept {} records{dropped}; removed {} objects ({:.1} MB) and {} leftover files\n",
+        report.records_kept,
+        report.objects_removed,
+        report.bytes_freed as f64 / 1e6,
+        report.leftovers_removed
     );
+    print!("{out}");
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,7 @@ use crate::exec::plan::{self, Decision};
 use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
 use crate::pipeline::Pipeline;
 use crate::stages::Registry;
-use crate::workspace::Workspace;
+use crate::workspace::{State, Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -226,7 +226,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
     let width = pipeline.longest_name();
 
     if args.dry_run {
-        let state = ws.load_state(&pipeline.file);
+        let state = loaded_state(ws, &pipeline);
         let plan = plan::plan(ws, &pipeline, &state, kinds, &selected, &forced)?;
         print_plan(&pipeline, &plan.decisions, width);
         return Ok(ExitCode::SUCCESS);
@@ -276,7 +276,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
 fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode> {
     let pipeline = load(&ws.root, kinds, p)?;
     let selected = selection(&pipeline, &p.only)?;
-    let state = ws.load_state(&pipeline.file);
+    let state = loaded_state(ws, &pipeline);
     let plan = plan::plan(
         ws,
         &pipeline,
@@ -289,6 +289,20 @@ fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode
     print_plan(&pipeline, &plan.decisions, width);
     let _ = ws.stats.save(&ws.state_dir.join("statcache"));
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pipeline's state for a command that only reads it; a state file that cannot be used
+/// is said on stderr (`repro run` sets it aside).
+fn loaded_state(ws: &Workspace, pipeline: &Pipeline) -> State {
+    let loaded = ws.load_state(&pipeline.file);
+    if let Some(bad) = &loaded.problem {
+        eprintln!(
+            "warning: {}; {} (`repro run` moves the file aside)",
+            bad.describe(ws),
+            STATE_LOST_CONSEQUENCE
+        );
+    }
+    loaded.state
 }
 
 fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) {
