@@ -4,6 +4,7 @@ use crate::exec::stage_params;
 use crate::pipeline::{Action, Pipeline};
 use crate::workspace::{Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Result};
+use indexmap::{IndexMap, IndexSet};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -52,12 +53,26 @@ pub fn log(ws: &Workspace, p: &Pipeline, name: &str) -> Result<ExitCode> {
             },
         }
     };
-    std::io::stdout().write_all(&std::fs::read(&path)?)?;
+    super::emit(&std::fs::read(&path)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Params and metrics of every stage that has a result, one row each.
-pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
+/// One stage's row in `repro show`: the stage of the file it expands (the table it goes in),
+/// its kind, and its cells by column.
+struct Row {
+    base: String,
+    kind: String,
+    cells: IndexMap<String, String>,
+}
+
+/// Params and metrics of every stage, one row each: one table per stage of the pipeline file
+/// (a matrix stage's expansions share one), or one table of the `columns` asked for, or
+/// (`csv_out`) one CSV of every column or of those asked for.
+///
+/// Grouped by stage rather than by kind: the expansions of one stage have the same params and
+/// metrics by construction, so each table is exactly as wide as its stage needs, whereas all
+/// shell stages share the kind `cmd` and would again make one table of everyone's columns.
+pub fn show(ws: &Workspace, p: &Pipeline, columns: &[String], csv_out: bool) -> Result<ExitCode> {
     let loaded = ws.load_state(&p.file);
     if let Some(bad) = &loaded.problem {
         eprintln!(
@@ -67,77 +82,148 @@ pub fn show(ws: &Workspace, p: &Pipeline, csv_out: bool) -> Result<ExitCode> {
         );
     }
     let state = loaded.state;
-    let mut columns: Vec<String> = vec!["stage".into(), "seconds".into()];
-    let mut rows = Vec::new();
-    for s in &p.stages {
-        let mut row = indexmap::IndexMap::new();
-        row.insert("stage".to_string(), s.name.clone());
-        let record = state.stages.get(&s.name);
-        if let Some(r) = record {
-            row.insert("seconds".into(), format!("{:.2}", r.duration_s));
-        }
-        for (k, v) in stage_params(s) {
-            row.insert(k, crate::pipeline::template::display(&v));
-        }
-        if let Some(r) = record {
-            row.extend(
-                r.flat_metrics()
+    let rows: Vec<Row> = p
+        .stages
+        .iter()
+        .map(|s| {
+            let mut cells = IndexMap::new();
+            cells.insert("stage".to_string(), s.name.clone());
+            let record = state.stages.get(&s.name);
+            if let Some(r) = record {
+                cells.insert("seconds".into(), format!("{:.2}", r.duration_s));
+            }
+            for (k, v) in stage_params(s) {
+                cells.insert(k, crate::pipeline::template::display(&v));
+            }
+            if let Some(r) = record {
+                cells.extend(
+                    r.flat_metrics()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), crate::pipeline::template::display(v))),
+                );
+            }
+            let kind = match &s.action {
+                Action::Cmd { .. } => "cmd".to_string(),
+                Action::Uses { kind, .. } => format!("uses {kind}"),
+            };
+            Row {
+                base: s.base.clone(),
+                kind,
+                cells,
+            }
+        })
+        .collect();
+    let all: Vec<&Row> = rows.iter().collect();
+
+    let mut out = Vec::new();
+    if !columns.is_empty() {
+        let known = union_of_columns(&all);
+        let unknown: Vec<&str> = columns
+            .iter()
+            .filter(|c| !known.contains(c))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            bail!(
+                "--columns: no stage has {}; the columns here are: {}",
+                unknown
                     .iter()
-                    .map(|(k, v)| (k.clone(), crate::pipeline::template::display(v))),
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                known.join(", ")
             );
         }
-        for k in row.keys() {
-            if !columns.contains(k) {
-                columns.push(k.clone());
-            }
-        }
-        rows.push(row);
-    }
-    let mut out = std::io::stdout().lock();
-    if csv_out {
-        let mut w = csv::Writer::from_writer(out);
-        w.write_record(&columns)?;
-        for r in &rows {
-            w.write_record(
-                columns
-                    .iter()
-                    .map(|c| r.get(c).cloned().unwrap_or_default()),
-            )?;
-        }
-        w.flush()?;
-    } else {
-        let cells: Vec<Vec<String>> = rows
+        let mut chosen = vec!["stage".to_string()];
+        chosen.extend(columns.iter().filter(|c| *c != "stage").cloned());
+        // The stages that have any of the columns asked for (besides their name).
+        let picked: Vec<&Row> = rows
             .iter()
-            .map(|r| {
-                columns
-                    .iter()
-                    .map(|c| r.get(c).cloned().unwrap_or_else(|| "-".into()))
-                    .collect()
-            })
+            .filter(|r| chosen[1..].iter().any(|c| r.cells.contains_key(c)))
             .collect();
-        let widths: Vec<usize> = (0..columns.len())
-            .map(|j| {
-                cells
-                    .iter()
-                    .map(|r| r[j].len())
-                    .chain([columns[j].len()])
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        let line = |vals: &[String]| {
-            vals.iter()
-                .zip(&widths)
-                .map(|(v, w)| format!("{v:<w$}"))
-                .collect::<Vec<_>>()
-                .join("  ")
-        };
-        writeln!(out, "{}", line(&columns).trim_end())?;
-        for r in &cells {
-            writeln!(out, "{}", line(r).trim_end())?;
+        if csv_out {
+            write_csv(&mut out, &chosen, &picked)?;
+        } else {
+            write_table(&mut out, &chosen, &picked)?;
+        }
+    } else if csv_out {
+        write_csv(&mut out, &union_of_columns(&all), &all)?;
+    } else {
+        // Stages of the file in order of first appearance.
+        let bases: IndexSet<&str> = rows.iter().map(|r| r.base.as_str()).collect();
+        for (n, base) in bases.iter().enumerate() {
+            let group: Vec<&Row> = rows.iter().filter(|r| r.base == *base).collect();
+            if n > 0 {
+                writeln!(out)?;
+            }
+            let plural = if group.len() == 1 { "" } else { "s" };
+            let kind = &group[0].kind;
+            writeln!(out, "{base} ({kind}, {} stage{plural})", group.len())?;
+            write_table(&mut out, &union_of_columns(&group), &group)?;
         }
     }
+    super::emit(&out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every column of `rows`, in order of first appearance.
+fn union_of_columns(rows: &[&Row]) -> Vec<String> {
+    let mut columns: IndexSet<String> = IndexSet::new();
+    for r in rows {
+        columns.extend(r.cells.keys().cloned());
+    }
+    columns.into_iter().collect()
+}
+
+/// An aligned text table; `-` where a stage has no value.
+fn write_table(out: &mut Vec<u8>, columns: &[String], rows: &[&Row]) -> Result<()> {
+    let cells: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| {
+            columns
+                .iter()
+                .map(|c| r.cells.get(c).map_or("-", String::as_str))
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|j| {
+            cells
+                .iter()
+                .map(|r| r[j].chars().count())
+                .chain([columns[j].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |vals: &mut dyn Iterator<Item = &str>| {
+        vals.zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(&mut columns.iter().map(String::as_str)))?;
+    for r in &cells {
+        writeln!(out, "{}", line(&mut r.iter().copied()))?;
+    }
+    Ok(())
+}
+
+/// CSV; an empty cell where a stage has no value.
+fn write_csv(out: &mut Vec<u8>, columns: &[String], rows: &[&Row]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(out);
+    w.write_record(columns)?;
+    for r in rows {
+        w.write_record(
+            columns
+                .iter()
+                .map(|c| r.cells.get(c).map_or("", String::as_str)),
+        )?;
+    }
+    w.flush()?;
+    Ok(())
 }
 
 /// Re-hashes every object and reads every record and state file; prints what was wrong and
@@ -195,7 +281,7 @@ pub fn verify(ws: &Workspace) -> Result<ExitCode> {
         report.unreadable.len(),
         states.len()
     );
-    print!("{out}");
+    super::emit(out.as_bytes())?;
     Ok(if report.is_clean() && states.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -235,6 +321,6 @@ pub fn gc(ws: &Workspace, workspace_only: bool) -> Result<ExitCode> {
         report.bytes_freed as f64 / 1e6,
         report.leftovers_removed
     );
-    print!("{out}");
+    super::emit(out.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
