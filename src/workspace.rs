@@ -70,15 +70,7 @@ impl Workspace {
             std::fs::create_dir_all(state_dir.join(sub))
                 .with_context(|| format!("cannot create {}", state_dir.join(sub).display()))?;
         }
-        let cache = match cache_dir
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("REPRO_CACHE").map(PathBuf::from))
-        {
-            Some(dir) if dir.is_absolute() => dir,
-            Some(dir) => root.join(dir),
-            None => root.join("cache"),
-        };
-        let store = Store::open(&cache)?;
+        let store = Store::open(&store_location(&root, cache_dir))?;
         let stats = StatCache::load(&state_dir.join("statcache"));
         Ok(Workspace {
             root,
@@ -234,15 +226,91 @@ fn read_state_file(path: &Path) -> std::result::Result<Option<State>, String> {
     }
 }
 
-/// A stage or file name made safe to use as one path component.
+/// The store: `cache_dir`, else `$REPRO_CACHE`, else `cache/` in the workspace `root`.
+pub fn store_location(root: &Path, cache_dir: Option<&Path>) -> PathBuf {
+    match cache_dir
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("REPRO_CACHE").map(PathBuf::from))
+    {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => root.join(dir),
+        None => root.join("cache"),
+    }
+}
+
+/// A stage or pipeline name as one file name, injectively: two names that differ never share a
+/// file. Letters, digits and `@=,._-` stay as they are (so `train@ffn=moe,scale=1` reads as
+/// itself); every other byte, `%` itself, and a leading `.` are written `%XX`. A long result
+/// keeps a readable head and ends in `~` and the blake3 of the whole name (`~` is always
+/// escaped otherwise, so such names cannot collide with short ones).
 pub fn file_safe(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "@=,._-".contains(c) {
-                c
-            } else {
-                '_'
+    const MAX: usize = 200;
+    let mut out = String::with_capacity(name.len());
+    for (i, b) in name.bytes().enumerate() {
+        let keep = b.is_ascii_alphanumeric() || b"@=,_-".contains(&b) || (b == b'.' && i > 0);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.len() > MAX {
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        out.truncate(MAX - 65);
+        // Never end the head inside a `%XX` escape.
+        if let Some(cut) = out[out.len().saturating_sub(2)..].find('%') {
+            out.truncate(out.len() - 2 + cut);
+        }
+        out.push('~');
+        out.push_str(&hash);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn file_names_are_injective_and_bounded() {
+        let long = "x".repeat(500);
+        let names = [
+            "a",
+            "a_b",
+            "a/b",
+            "a b",
+            "a%2Fb",
+            "a%b",
+            ".",
+            "..",
+            "%2E",
+            ".hidden",
+            "train@ffn=moe,scale=1",
+            "train@path=data/x.txt",
+            "train@path=data_x.txt",
+            "s@v=line\nbreak",
+            "s@v=line\nbreak\n",
+            "é",
+            "~",
+            &long,
+            &format!("{long}y"),
+            &format!("{long}%"),
+        ];
+        let mut seen: HashMap<String, &str> = HashMap::new();
+        for name in names {
+            let f = file_safe(name);
+            assert!(f.len() <= 200, "{name}: {} bytes", f.len());
+            assert!(
+                !f.contains('/') && f != "." && f != ".." && !f.starts_with('.'),
+                "{f}"
+            );
+            if let Some(other) = seen.insert(f.clone(), name) {
+                panic!("`{name}` and `{other}` share the file name `{f}`");
             }
-        })
-        .collect()
+        }
+        assert_eq!(file_safe("train@ffn=moe,scale=1"), "train@ffn=moe,scale=1");
+        assert_eq!(file_safe("a/b"), "a%2Fb");
+        assert_eq!(file_safe(".."), "%2E.");
+    }
 }

@@ -37,7 +37,7 @@ fn unknown_key_names_line_and_column() {
 fn unknown_kind() {
     refused(
         "stages:\n  a:\n    uses: trian\n",
-        &["repro.yaml:2: stage `a`", "unknown stage kind", "table"],
+        &["repro.yaml:3: stage `a`", "unknown stage kind", "table"],
     );
 }
 
@@ -99,7 +99,7 @@ fn missing_param() {
 fn empty_matrix() {
     refused(
         "params: {xs: []}\nstages:\n  a:\n    matrix: {x: '${params.xs}'}\n    cmd: 'true'\n",
-        &[":3: stage `a`", "empty list"],
+        &[":4: stage `a`", "matrix.x", "empty list"],
     );
 }
 
@@ -125,10 +125,13 @@ fn failing_command_is_one_clear_line() {
     let out = ws.repro(&["run"]);
     assert_eq!(out.status.code(), Some(1));
     let s = text(&out);
-    assert!(
-        s.lines().any(|l| l.contains("failed")
-            && l.contains("a")
-            && l.contains("exit code 7; log: .repro/logs/a.log")),
+    assert_eq!(
+        stage_lines(&s),
+        [StageLine {
+            state: "failed".into(),
+            stage: "a".into(),
+            detail: "exit code 7; log: .repro/logs/a.log".into()
+        }],
         "{s}"
     );
     assert_eq!(ws.records(), 0);

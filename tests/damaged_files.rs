@@ -192,7 +192,7 @@ fn gc_workspace_only_refuses_while_a_state_file_is_damaged() {
     assert!(ws.run_ok(&[]).is_empty());
     let out = ws.repro(&["gc", "--workspace-only"]);
     assert!(
-        stdout(&out).contains("kept 4 records, dropped 2 no pipeline here uses"),
+        stdout(&out).contains("kept 4 records; removed 2 records no pipeline here uses, "),
         "{}",
         text(&out)
     );
@@ -270,6 +270,11 @@ fn damaged_record_runs_its_stage_and_the_run_cache_restores_the_rest() {
         )) && stdout(&out).contains(&format!(
             "moved to {moved}; its stage runs again and writes a new one"
         )),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        stdout(&out).contains(": 0 corrupt, 0 records incomplete, 1 records unreadable\n"),
         "{}",
         text(&out)
     );

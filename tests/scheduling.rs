@@ -16,6 +16,11 @@ stages:
     let t0 = Instant::now();
     ws.run_ok(&["--jobs", "2"]);
     let wall = t0.elapsed();
+    // The timing only means something if both stages did run.
+    assert_eq!(
+        (ws.read("a.txt"), ws.read("b.txt")),
+        ("a\n".into(), "b\n".into())
+    );
     assert!(
         wall < Duration::from_millis(3800),
         "two 2 s stages took {wall:?} with --jobs 2"
@@ -81,11 +86,23 @@ stages:
     let out = ws.repro(&["run", "--jobs", "2", "--keep-going"]);
     let s = text(&out);
     assert_eq!(out.status.code(), Some(1), "{s}");
-    assert!(s.contains("exit code 3; log: .repro/logs/bad.log"), "{s}");
-    assert!(
-        s.lines()
-            .any(|l| l.contains("blocked") && l.contains("child")),
-        "{s}"
+    let line = |stage: &str| {
+        stage_lines(&s)
+            .into_iter()
+            .find(|l| l.stage == stage)
+            .map(|l| (l.state, l.detail))
+            .unwrap_or_else(|| panic!("no line for `{stage}`:\n{s}"))
+    };
+    assert_eq!(
+        line("bad"),
+        (
+            "failed".into(),
+            "exit code 3; log: .repro/logs/bad.log".into()
+        )
+    );
+    assert_eq!(
+        line("child"),
+        ("blocked".into(), "upstream `bad` failed".into())
     );
     assert_eq!(ws.calls(), ["after_slow", "bad", "slow"]);
     assert_eq!(text(&ws.repro(&["log", "bad"])).trim(), "oops");
@@ -126,18 +143,6 @@ stages:
     outs: [out.txt]
 "#;
 
-fn wait_for(path: &std::path::Path) {
-    let t0 = Instant::now();
-    while !path.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `nap` seconds identify this test's sleeping stage among concurrent tests.
 fn interrupted_run_recovers(signal: i32, nap: &str) {
     let ws = Ws::new(SLOW);
@@ -150,10 +155,19 @@ fn interrupted_run_recovers(signal: i32, nap: &str) {
         .spawn()
         .unwrap();
     wait_for(&ws.root().join("out.txt"));
+    // The stage's processes carry the run's token: the check below can see them.
+    let token = run_token(&ws);
+    assert!(
+        !processes_of_run(&token).is_empty(),
+        "the stage of run {token} is not found in /proc"
+    );
     unsafe { libc::kill(child.id() as i32, signal) };
     let status = child.wait().unwrap();
     if signal == libc::SIGINT {
         assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
+    } else {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(signal), "{status:?}");
     }
     assert_eq!(
         ws.records(),
@@ -161,8 +175,9 @@ fn interrupted_run_recovers(signal: i32, nap: &str) {
         "nothing is recorded for an interrupted stage"
     );
     let status_out = text(&ws.repro(&["status"]));
-    assert!(
-        status_out.contains("slow") && status_out.contains("run"),
+    assert_eq!(
+        status_of(&status_out, "slow"),
+        ("run".into(), "never run in this workspace".into()),
         "{status_out}"
     );
 
@@ -172,17 +187,15 @@ fn interrupted_run_recovers(signal: i32, nap: &str) {
     assert_eq!(ws.read("out.txt"), "partial\ndone\n");
     assert_eq!(ws.calls(), ["slow", "slow"], "the stage ran again");
     assert_eq!(ws.records(), 1);
-    // No process of the first run survives it.
-    let probe = format!("ps -eo args | grep -c '^[s]leep {nap}$' || true");
-    let ps = std::process::Command::new("sh")
-        .args(["-c", &probe])
-        .output()
-        .unwrap();
+    // A killed repro leaves its stage's sleep behind; the next run stops it.
     assert_eq!(
-        String::from_utf8_lossy(&ps.stdout).trim(),
-        "0",
-        "a stage process outlived its run"
+        text(&out).contains("leftover process(es) of a run that crashed"),
+        signal == libc::SIGKILL,
+        "{}",
+        text(&out)
     );
+    // No process of the first run survives it.
+    assert_run_gone(&token, 5);
 }
 
 #[test]
@@ -193,6 +206,69 @@ fn sigkill_mid_stage_then_rerun() {
 #[test]
 fn sigint_mid_stage_then_rerun() {
     interrupted_run_recovers(libc::SIGINT, "32");
+}
+
+#[test]
+fn ctrl_c_kills_a_stage_that_ignores_sigterm() {
+    // Ignoring TERM is inherited by the sleep; its length marks this test's process.
+    let nap = format!("60.{}", std::process::id());
+    let ws = Ws::new(&format!(
+        "stages:\n  stubborn:\n    cmd: trap '' TERM; echo started > started.txt; sleep {nap}; echo done > out.txt\n    outs: [out.txt]\n"
+    ));
+    let child = ws
+        .cmd(&["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&ws.root().join("started.txt"));
+    let token = run_token(&ws);
+    let sleep = ["sleep", nap.as_str()];
+    // Positive control: both scans below see the stage's sleep while it runs.
+    let t0 = Instant::now();
+    while {
+        let sleeping = processes_running(&sleep);
+        sleeping.is_empty() || !processes_of_run(&token).contains(&sleeping[0])
+    } {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the stage's `sleep {nap}` is not found in /proc"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let t0 = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    let s = text(&out);
+    assert_eq!(out.status.code(), Some(130), "Ctrl-C exits 130:\n{s}");
+    assert!(
+        took < Duration::from_secs(15),
+        "repro took {took:?} to stop a stage that ignores SIGTERM"
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "stopped after {took:?}: SIGTERM was not ignored, so SIGKILL was never needed"
+    );
+    assert_run_gone(&token, 2);
+    assert_eq!(processes_running(&sleep), Vec::<i32>::new());
+    assert_eq!(
+        stage_lines(&s)
+            .into_iter()
+            .map(|l| (l.state, l.stage, l.detail))
+            .collect::<Vec<_>>(),
+        [("stopped".into(), "stubborn".into(), "interrupted".into())],
+        "{s}"
+    );
+    assert_eq!(ws.records(), 0, "nothing is recorded for a stopped stage");
+    assert!(!ws.root().join("out.txt").exists());
+    let status = text(&ws.repro(&["status"]));
+    assert_eq!(
+        status_of(&status, "stubborn"),
+        ("run".into(), "never run in this workspace".into()),
+        "{status}"
+    );
 }
 
 #[test]

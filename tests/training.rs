@@ -67,8 +67,9 @@ fn isoflop_smoke_pipeline_end_to_end() {
 
     // Nothing runs the second time.
     let out = ws.repro(&["run", &smoke]);
-    assert!(
-        text(&out).contains("0 ran, 0 restored, 29 up to date"),
+    assert_eq!(
+        text(&out).lines().last(),
+        Some("0 ran, 0 restored, 29 up to date"),
         "{}",
         text(&out)
     );
@@ -208,7 +209,7 @@ fn bad_training_configs_are_refused_before_running() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{with}: {err}");
         assert!(
-            err.contains("repro.yaml:2: stage `t`") && err.contains(expect),
+            err.contains("repro.yaml:4: stage `t`") && err.contains(expect),
             "{with}: expected `{expect}` in {err}"
         );
     }

@@ -58,9 +58,12 @@ fn describe(part: &str) -> String {
 }
 
 fn changed(part: &str, old: &str, new: &str) -> String {
-    // Values are canonical JSON; strings read better without their quotes.
+    // Values are canonical JSON; strings read better without their quotes. The outs list is
+    // one path a line: shown on one line, so a reason never spills onto the next.
     let short = |s: &str| {
-        let s = serde_json::from_str::<String>(s).unwrap_or_else(|_| s.to_string());
+        let s = serde_json::from_str::<String>(s)
+            .unwrap_or_else(|_| s.to_string())
+            .replace('\n', ", ");
         if s.len() > 40 {
             format!("{}…", &s[..s.floor_char_boundary(37)])
         } else {

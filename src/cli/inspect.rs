@@ -270,17 +270,24 @@ pub fn verify(ws: &Workspace) -> Result<ExitCode> {
             ws.shown(path)
         );
     }
-    out += &format!(
-        "checked {} objects ({:.1} MB) in {:.2}s: {} corrupt, {} records incomplete, {} records \
-         unreadable, {} state files unreadable\n",
+    // Unreadable records and state files are counted only when there are some, so the line of
+    // a clean store stays short.
+    let mut summary = format!(
+        "checked {} objects ({:.1} MB) in {:.2}s: {} corrupt, {} records incomplete",
         report.objects,
         report.bytes as f64 / 1e6,
         t0.elapsed().as_secs_f64(),
         report.bad_objects.len(),
         report.incomplete.len(),
-        report.unreadable.len(),
-        states.len()
     );
+    if !report.unreadable.is_empty() {
+        summary += &format!(", {} records unreadable", report.unreadable.len());
+    }
+    if !states.is_empty() {
+        summary += &format!(", {} state files unreadable", states.len());
+    }
+    out += &summary;
+    out.push('\n');
     super::emit(out.as_bytes())?;
     Ok(if report.is_clean() && states.is_empty() {
         ExitCode::SUCCESS
@@ -310,12 +317,12 @@ pub fn gc(ws: &Workspace, workspace_only: bool) -> Result<ExitCode> {
         );
     }
     let dropped = if workspace_only {
-        format!(", dropped {} no pipeline here uses", report.records_removed)
+        format!("{} records no pipeline here uses, ", report.records_removed)
     } else {
         String::new()
     };
     out += &format!(
-        "kept {} records{dropped}; removed {} objects ({:.1} MB) and {} leftover files\n",
+        "kept {} records; removed {dropped}{} objects ({:.1} MB) and {} leftover files\n",
         report.records_kept,
         report.objects_removed,
         report.bytes_freed as f64 / 1e6,

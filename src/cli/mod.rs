@@ -5,7 +5,7 @@ mod inspect;
 
 use crate::exec::plan::{self, Decision};
 use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
 use crate::workspace::{State, Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Context, Result};
@@ -91,6 +91,9 @@ struct PipelineArgs {
     /// Only these stages and what they depend on (repeatable).
     #[arg(long, value_name = "STAGE")]
     only: Vec<String>,
+    /// Most stages one matrix may expand to (the whole pipeline: 20 times as many).
+    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_MAX_EXPANSIONS)]
+    max_expansions: usize,
 }
 
 #[derive(Args)]
@@ -121,6 +124,9 @@ struct RunArgs {
     /// Also list the stages that were up to date.
     #[arg(short, long)]
     verbose: bool,
+    /// Lines of a failed stage's log to show under it (0: none).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    log_lines: usize,
 }
 
 /// Exit codes: 0 done, 1 a stage failed, 2 bad input, 130 interrupted.
@@ -146,6 +152,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     };
     let kinds = Registry::default();
     let open = |root: &Path| Workspace::open(root, cli.cache.as_deref());
+    let store = |root: &Path| crate::workspace::store_location(root, cli.cache.as_deref());
     // The pipeline is loaded before the workspace is opened (which creates `.repro/` and the
     // store), so a missing or bad pipeline file leaves nothing behind.
     match &cli.command {
@@ -155,16 +162,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run(args) => {
             let root = root()?;
-            let pipeline = load(&root, &kinds, &args.p)?;
+            let pipeline = load(&root, &store(&root), &kinds, &args.p)?;
             run(&open(&root)?, &kinds, &pipeline, args)
         }
         Command::Status(p) => {
             let root = root()?;
-            let pipeline = load(&root, &kinds, p)?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
             status(&open(&root)?, &kinds, &pipeline, p)
         }
         Command::Dag { p, dot, mermaid } => {
-            let pipeline = load(&root()?, &kinds, p)?;
+            let pipeline = {
+                let root = root()?;
+                load(&root, &store(&root), &kinds, p)?
+            };
             let text = if *dot {
                 pipeline.dag.to_dot(&pipeline.stages)
             } else if *mermaid {
@@ -177,12 +187,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Log { stage, p } => {
             let root = root()?;
-            let pipeline = load(&root, &kinds, p)?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
             inspect::log(&open(&root)?, &pipeline, stage)
         }
         Command::Show { p, columns, csv } => {
             let root = root()?;
-            let pipeline = load(&root, &kinds, p)?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
             inspect::show(&open(&root)?, &pipeline, columns, *csv)
         }
         Command::Verify => inspect::verify(&open(&root()?)?),
@@ -226,9 +236,14 @@ fn pipeline_path(root: &Path, given: &Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
-fn load(root: &Path, kinds: &Registry, p: &PipelineArgs) -> Result<Pipeline> {
+fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result<Pipeline> {
     let file = pipeline_path(root, &p.pipeline)?;
-    Pipeline::load(&file, root, &p.set, kinds)
+    let opts = LoadOptions {
+        overrides: p.set.clone(),
+        max_expansions: p.max_expansions,
+        store: store.to_path_buf(),
+    };
+    Pipeline::load(&file, root, &opts, kinds)
 }
 
 fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
@@ -288,6 +303,7 @@ fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) ->
         selected,
         forced,
         verbose: args.verbose,
+        log_lines: args.log_lines,
     };
     let s = executor.run(&opts, &mut reporter)?;
     let mut parts = vec![

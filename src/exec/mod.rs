@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub forced: Vec<bool>,
     /// List stages that were already up to date.
     pub verbose: bool,
+    /// Lines of a failed stage's log to print under its status line.
+    pub log_lines: usize,
 }
 
 #[derive(Debug, Default)]

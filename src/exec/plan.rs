@@ -277,3 +277,119 @@ fn unreadable_record(e: &crate::cache::store::UnreadableRecord) -> String {
         e.problem
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::store::OutKind;
+    use crate::pipeline::Kinds;
+    use serde_json::{Map, Value};
+    use std::path::Path;
+
+    /// Accepts any kind, with any parameters and no input paths.
+    struct AnyKind;
+
+    impl Kinds for AnyKind {
+        fn inputs(&self, _: &str, _: &Map<String, Value>) -> Result<Vec<String>, String> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// Every built-in kind at one version.
+    struct Version(&'static str);
+
+    impl KindVersion for Version {
+        fn version(&self, _: &str) -> String {
+            self.0.to_string()
+        }
+    }
+
+    const PIPELINE: &str = "stages:
+  t:
+    uses: fake
+    with: {a: 1}
+    outs: [t.csv]
+  s:
+    cmd: echo s > s.txt
+    outs: [s.txt]
+";
+
+    #[test]
+    fn the_kind_version_is_in_the_key_and_named_as_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path(), Some(&dir.path().join("cache"))).unwrap();
+        let pipeline = Pipeline::parse(
+            PIPELINE,
+            Path::new("repro.yaml"),
+            &ws.root,
+            &Default::default(),
+            &AnyKind,
+        )
+        .unwrap();
+        let t = pipeline.index_of("t").unwrap();
+        let s = pipeline.index_of("s").unwrap();
+        let no_deps = |d: &str| -> Result<Option<String>> { panic!("no deps here, asked {d}") };
+        let no_upstream = |u: usize| -> Option<Record> { panic!("no upstream here, asked {u}") };
+        let parts = |i: usize, v: &'static str| {
+            key_parts(&pipeline, i, &Version(v), &no_deps, &no_upstream).unwrap()
+        };
+
+        let (v1, v2) = (parts(t, "1"), parts(t, "2"));
+        assert_eq!(v1.0["kind"], "fake@1");
+        assert_eq!(v2.0["kind"], "fake@2");
+        assert_ne!(v1.key(), v2.key(), "a new kind version is a new key");
+        assert_eq!(v2.changes_since(&v1.0), ["kind changed"]);
+        let mut without = v2.clone();
+        without.set("kind", "fake@1");
+        assert_eq!(without.key(), v1.key(), "the version is all that differs");
+        // A shell stage names no kind: its key does not move.
+        assert!(!parts(s, "1").0.contains_key("kind"));
+        assert_eq!(parts(s, "1").key(), parts(s, "2").key());
+
+        // Through `plan`: t's last result came from version 1 and its out is in place.
+        std::fs::write(ws.root.join("t.csv"), "a\n").unwrap();
+        let hash = ws.hasher().hash("t.csv").unwrap().unwrap().to_hex();
+        let record = |parts: &KeyParts| Record {
+            key: parts.key(),
+            stage: "t".into(),
+            parts: parts.0.clone(),
+            outs: vec![OutRecord {
+                path: "t.csv".into(),
+                hash: hash.to_string(),
+                kind: OutKind::File {
+                    size: 2,
+                    exec: false,
+                },
+            }],
+            metrics: None,
+            created: 0,
+            duration_s: 0.0,
+        };
+        let all = vec![true; pipeline.stages.len()];
+        let unforced = vec![false; pipeline.stages.len()];
+        let decide_t = |state: &State, v: &'static str| {
+            plan(&ws, &pipeline, state, &Version(v), &all, &unforced)
+                .unwrap()
+                .decisions[t]
+                .clone()
+        };
+        let mut state = State::default();
+        state.stages.insert("t".into(), record(&v1));
+        assert_eq!(decide_t(&state, "1"), Decision::Skip);
+        assert_eq!(
+            decide_t(&state, "2"),
+            Decision::Run(vec!["kind changed".into()])
+        );
+
+        // Once version 2 has run, going back to version 1 restores its stored result.
+        ws.store.put_record(&record(&v1)).unwrap();
+        state.stages.insert("t".into(), record(&v2));
+        assert_eq!(
+            decide_t(&state, "1"),
+            Decision::Restore(vec![
+                "kind changed".into(),
+                "this exact input was run before".into()
+            ])
+        );
+    }
+}

@@ -7,8 +7,8 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub struct Reporter {
@@ -66,6 +66,13 @@ impl Reporter {
         }
     }
 
+    /// The end of a failed stage's log, indented under its status line.
+    pub fn log_tail(&self, log: &Path, lines: usize) {
+        for line in log_tail(log, lines) {
+            self.note(&format!("           │ {line}"));
+        }
+    }
+
     pub fn finished(&mut self, stage: &str, state: &str, elapsed: Option<Duration>, detail: &str) {
         if let Some((bar, _)) = self.running.remove(stage) {
             bar.finish_and_clear();
@@ -82,6 +89,49 @@ impl Reporter {
         );
         self.note(line.trim_end());
     }
+}
+
+/// The last `n` lines of a log, read from its end (a log may be gigabytes), each cut to a
+/// screen's width, with control characters (terminal escapes) made visible.
+pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
+    const WINDOW: u64 = 64 << 10;
+    if n == 0 {
+        return Vec::new();
+    }
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(WINDOW);
+    let mut bytes = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > 0 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
+    let from = lines.len().saturating_sub(n);
+    lines[from..]
+        .iter()
+        .map(|l| {
+            let clean: String = l
+                .chars()
+                .map(|c| {
+                    if c.is_control() && c != '\t' {
+                        '�'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            match clean.char_indices().nth(200) {
+                Some((cut, _)) => format!("{}…", &clean[..cut]),
+                None => clean,
+            }
+        })
+        .collect()
 }
 
 fn progress_text(raw: &str) -> String {

@@ -151,13 +151,16 @@ impl Executor<'_> {
                                 summary.skipped += 1;
                                 ("unchanged", r)
                             }
-                            Outcome::Failed(msg) => {
+                            Outcome::Failed { why, log } => {
                                 let label = if interrupted_at.is_some() {
                                     "stopped"
                                 } else {
                                     "failed"
                                 };
-                                reporter.finished(name, label, Some(elapsed), &msg);
+                                reporter.finished(name, label, Some(elapsed), &why);
+                                if let (Some(log), None) = (log, interrupted_at) {
+                                    reporter.log_tail(&log, opts.log_lines);
+                                }
                                 status[i] = Status::Failed;
                                 if interrupted_at.is_none() {
                                     summary.failed.push(name.clone());

@@ -8,8 +8,10 @@ use crate::cache::store::{remove_path, BadObject};
 use crate::cache::{OutRecord, Record};
 use crate::pipeline::{Action, Stage};
 use crate::workspace::State;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
+use std::io::Read;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,8 +20,15 @@ pub(super) enum Outcome {
     Ran(Record),
     Restored(Record),
     Skipped(Record),
-    Failed(String),
+    /// Why, and the log whose last lines say more.
+    Failed {
+        why: String,
+        log: Option<PathBuf>,
+    },
 }
+
+/// A metrics file larger than this is not a handful of numbers.
+const MAX_METRICS_BYTES: u64 = 16 << 20;
 
 pub(super) struct Shared {
     pub(super) records: Mutex<Vec<Option<Record>>>,
@@ -70,12 +79,80 @@ impl Executor<'_> {
             })
         })?;
         for stale in plan::stale_outs(self.ws, &record) {
+            if let Some(why) = self.pipeline.own.refuse_out(&stale.out.path) {
+                bail!("will not restore `{}`: {why}", stale.out.path);
+            }
             self.ws.store.restore_out(&self.ws.root, stale.out)?;
         }
         Ok(record)
     }
 
+    /// Runs a stage and stores what it wrote. Whatever a stage that did not succeed left in its
+    /// outs is moved aside, so that no partial file can pass for a result.
     fn run_stage(
+        &self,
+        stage: &Stage,
+        key: String,
+        parts: crate::cache::KeyParts,
+        shared: &Shared,
+        token: &str,
+    ) -> Result<Outcome> {
+        // Checked at load, and again now: an upstream may have made a symlink since.
+        for out in &stage.outs {
+            if let Some(why) = self.pipeline.own.refuse_out(out) {
+                bail!("{why}; repro will not clear or write it");
+            }
+        }
+        let outcome = self
+            .run_and_store(stage, key, parts, shared, token)
+            .unwrap_or_else(|e| Outcome::Failed {
+                why: format!("{e:#}"),
+                log: None,
+            });
+        Ok(match outcome {
+            Outcome::Failed { why, log } => match self.set_aside(stage) {
+                Some(moved) => Outcome::Failed {
+                    why: format!("{why}; {moved}"),
+                    log,
+                },
+                None => Outcome::Failed { why, log },
+            },
+            done => done,
+        })
+    }
+
+    /// Moves what a failed stage left in its outs to `.repro/failed/STAGE/`; says where.
+    fn set_aside(&self, stage: &Stage) -> Option<String> {
+        let root = &self.ws.root;
+        let left: Vec<&String> = stage
+            .outs
+            .iter()
+            .filter(|o| std::fs::symlink_metadata(root.join(o)).is_ok())
+            .collect();
+        if left.is_empty() {
+            return None;
+        }
+        let dir = self
+            .ws
+            .state_dir
+            .join("failed")
+            .join(crate::workspace::file_safe(&stage.name));
+        let _ = remove_path(&dir);
+        for out in left {
+            let dest = dir.join(out);
+            let moved = dest
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::rename(root.join(out), &dest));
+            if moved.is_err() {
+                let _ = remove_path(&root.join(out));
+            }
+        }
+        let shown = dir.strip_prefix(root).unwrap_or(&dir).display().to_string();
+        Some(format!("what it wrote is not a result: moved to {shown}/"))
+    }
+
+    fn run_and_store(
         &self,
         stage: &Stage,
         key: String,
@@ -134,47 +211,49 @@ impl Executor<'_> {
             .run(&job)
             .with_context(|| format!("cannot start stage `{}`", stage.name))?;
         let shown_log = log.strip_prefix(root).unwrap_or(&log).display().to_string();
+        let failed = |why: String| {
+            Ok(Outcome::Failed {
+                why: format!("{why}; log: {shown_log}"),
+                log: Some(log.clone()),
+            })
+        };
         match exit {
             Exit::Success => {}
-            Exit::Code(c) => {
-                return Ok(Outcome::Failed(format!("exit code {c}; log: {shown_log}")))
+            Exit::Code(c) => return failed(format!("exit code {c}")),
+            Exit::Signal(s) => return failed(format!("killed by signal {s}")),
+            Exit::Interrupted => {
+                return Ok(Outcome::Failed {
+                    why: "interrupted".into(),
+                    log: None,
+                })
             }
-            Exit::Signal(s) => {
-                return Ok(Outcome::Failed(format!(
-                    "killed by signal {s}; log: {shown_log}"
-                )))
-            }
-            Exit::Interrupted => return Ok(Outcome::Failed("interrupted".into())),
         }
         let duration_s = t0.elapsed().as_secs_f64();
 
+        // Everything is checked before anything is stored: a stage that exits 0 without all
+        // its outs, or with metrics that are not a JSON object, stores nothing.
         let hasher = self.ws.hasher();
-        let mut outs: Vec<OutRecord> = Vec::new();
+        let mut snaps = Vec::new();
         for out in &stage.outs {
             let snap = hasher
                 .snapshot(out)
                 .with_context(|| format!("cannot hash out `{out}`"))?;
             let Some(snap) = snap else {
-                return Ok(Outcome::Failed(format!(
-                    "exited 0 but did not write `{out}`; log: {shown_log}"
-                )));
+                return failed(format!("exited 0 but did not write `{out}`"));
             };
-            outs.push(self.ws.store.put_out(root, out, &snap)?);
+            snaps.push((out, snap));
         }
         let metrics = match &stage.metrics {
             None => None,
-            Some(m) => {
-                let text = std::fs::read(root.join(m))?;
-                match serde_json::from_slice::<serde_json::Value>(&text) {
-                    Ok(v) => Some(v),
-                    Err(e) => {
-                        return Ok(Outcome::Failed(format!(
-                            "metrics file `{m}` is not JSON: {e}"
-                        )))
-                    }
-                }
-            }
+            Some(m) => match read_metrics(&root.join(m)) {
+                Ok(v) => Some(v),
+                Err(e) => return failed(format!("metrics file `{m}` {e}")),
+            },
         };
+        let mut outs: Vec<OutRecord> = Vec::new();
+        for (out, snap) in &snaps {
+            outs.push(self.ws.store.put_out(root, out, snap)?);
+        }
         let created = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -232,5 +311,21 @@ impl Executor<'_> {
             "scratch": self.ws.scratch_dir(&stage.name),
             "upstream": upstream,
         })
+    }
+}
+
+/// A metrics file: a JSON object of modest size.
+fn read_metrics(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_METRICS_BYTES + 1).read_to_end(&mut text))
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if text.len() as u64 > MAX_METRICS_BYTES {
+        return Err(format!("is larger than {} MiB", MAX_METRICS_BYTES >> 20));
+    }
+    match serde_json::from_slice::<serde_json::Value>(&text) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err("is JSON but not an object (`{\"loss\": 1.2, …}`)".into()),
+        Err(e) => Err(format!("is not JSON: {e}")),
     }
 }

@@ -80,15 +80,17 @@ pub fn default_d_ffw(d_model: usize) -> usize {
 
 fn perfect_square_near(x: f64) -> usize {
     let r = x.round().max(1.0) as usize;
-    r * r
+    r.saturating_mul(r)
 }
 
+/// floor(sqrt(n)), exact for every usize (no overflow near usize::MAX).
 pub fn isqrt(n: usize) -> usize {
+    let sq = |r: usize| r.checked_mul(r);
     let mut r = (n as f64).sqrt() as usize;
-    while r * r > n {
+    while sq(r).is_none_or(|s| s > n) {
         r -= 1;
     }
-    while (r + 1) * (r + 1) <= n {
+    while sq(r + 1).is_some_and(|s| s <= n) {
         r += 1;
     }
     r
@@ -136,7 +138,7 @@ impl ModelConfig {
     }
 
     pub fn n_heads(&self) -> usize {
-        self.d_model / self.head_dim()
+        self.d_model / self.head_dim().max(1)
     }
 
     pub fn sqrt_experts(&self) -> usize {
@@ -144,9 +146,16 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        let pos = |v: usize, name: &str| {
+        self.check_fields()
+            .map_err(|(field, msg)| format!("model config: `{field}` {msg}"))
+    }
+
+    /// Like `validate`, but the error is (the bad field's name, what is wrong with it), so that
+    /// a caller can name the field as its user spelled it.
+    pub fn check_fields(&self) -> Result<(), (&'static str, String)> {
+        let pos = |v: usize, name: &'static str| {
             if v == 0 {
-                Err(format!("model config: `{name}` must be positive"))
+                Err((name, "must be positive".to_string()))
             } else {
                 Ok(())
             }
@@ -156,18 +165,21 @@ impl ModelConfig {
         pos(self.n_layers, "n_layers")?;
         pos(self.seq_len, "seq_len")?;
         if self.vocab > u32::MAX as usize {
-            return Err("model config: `vocab` must fit in u32".into());
+            return Err(("vocab", "must fit in u32".into()));
         }
         if self.d_model > 64 && !self.d_model.is_multiple_of(32) {
-            return Err(format!(
-                "model config: `d_model` = {} must be a multiple of 64 (head dim 64), of 32 (head dim 32) or at most 64 (one head)",
-                self.d_model
+            return Err((
+                "d_model",
+                format!(
+                    "= {} must be a multiple of 64 (head dim 64), of 32 (head dim 32) or at most 64 (one head)",
+                    self.d_model
+                ),
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return Err(format!(
-                "model config: `d_model` = {} must be even (RoPE rotates pairs)",
-                self.d_model
+            return Err((
+                "d_model",
+                format!("= {} must be even (RoPE rotates pairs)", self.d_model),
             ));
         }
         match self.ffn {
@@ -177,9 +189,12 @@ impl ModelConfig {
                 pos(self.experts, "experts")?;
                 pos(self.topk, "topk")?;
                 if self.topk > self.experts {
-                    return Err(format!(
-                        "model config: moe `topk` = {} exceeds `experts` = {}",
-                        self.topk, self.experts
+                    return Err((
+                        "topk",
+                        format!(
+                            "= {} exceeds `experts` = {} (moe picks topk of the experts)",
+                            self.topk, self.experts
+                        ),
                     ));
                 }
             }
@@ -189,16 +204,19 @@ impl ModelConfig {
                 pos(self.topk, "topk")?;
                 pos(self.d_key, "d_key")?;
                 let r = isqrt(self.experts);
-                if r * r != self.experts {
-                    return Err(format!(
-                        "model config: `experts` = {} must be a perfect square for product-key routing",
-                        self.experts
+                if r.checked_mul(r) != Some(self.experts) {
+                    return Err((
+                        "experts",
+                        format!(
+                            "= {} must be a perfect square for product-key routing",
+                            self.experts
+                        ),
                     ));
                 }
                 if self.topk >= r {
-                    return Err(format!(
-                        "model config: `topk` = {} must be below sqrt(experts) = {r}",
-                        self.topk
+                    return Err((
+                        "topk",
+                        format!("= {} must be below sqrt(experts) = {r}", self.topk),
                     ));
                 }
             }

@@ -24,6 +24,7 @@ pub mod config;
 pub mod cpu;
 pub mod ffn;
 pub mod flops;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod rng;

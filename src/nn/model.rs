@@ -76,6 +76,19 @@ pub struct BatchLoss {
     pub tokens: usize,
 }
 
+/// `n` zeros, or an error (not an abort) when the memory cannot be had.
+pub(crate) fn zeros(n: usize) -> Result<Vec<f32>, String> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        format!(
+            "cannot allocate {} for {n} parameters",
+            super::memory::gib(n as f64 * 4.0)
+        )
+    })?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
 impl Model {
     /// Builds the model on the CPU backend and initialises it from `seed`.
     pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, String> {
@@ -88,6 +101,16 @@ impl Model {
         rng: &mut Rng,
     ) -> Result<Model, String> {
         cfg.validate()?;
+        // Sizes too large to address are refused here, so that no tensor's element count
+        // overflows below and the flat buffers are allocated fallibly.
+        let count = super::memory::param_count(cfg);
+        let rope = cfg.seq_len as f64 * cfg.head_dim() as f64;
+        if count * 16.0 >= isize::MAX as f64 || rope * 8.0 >= isize::MAX as f64 {
+            return Err(format!(
+                "model config: {count:.3e} parameters at seq_len {} are more than a machine can address",
+                cfg.seq_len
+            ));
+        }
         let d = cfg.d_model;
         let hd = cfg.head_dim();
         let mut t = ParamTable::default();
@@ -138,9 +161,9 @@ impl Model {
             });
         }
         let final_norm = t.add("final_norm.scale", &[d], Init::Ones, false);
-        let mut params = vec![0.0; t.total];
+        let mut params = zeros(t.total)?;
         t.initialise(&mut params, rng);
-        let grads = vec![0.0; t.total];
+        let grads = zeros(t.total)?;
         let (rope_cos, rope_sin) = super::cpu::rope::rope_tables(cfg.seq_len, hd);
         Ok(Model {
             cfg: cfg.clone(),

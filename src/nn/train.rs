@@ -68,7 +68,14 @@ impl Trainer {
         let mut rng = Rng::new(cfg.seed);
         let model = Model::with_backend(model_cfg, Box::new(super::cpu::CpuBackend), &mut rng)
             .map_err(|e| anyhow!(e))?;
-        let opt = AdamW::new(cfg.adamw.clone(), model.params.len());
+        // The moments are allocated fallibly: a model too large for memory is an error.
+        let n = model.params.len();
+        let opt = AdamW {
+            cfg: cfg.adamw.clone(),
+            m: super::model::zeros(n).map_err(|e| anyhow!(e))?,
+            v: super::model::zeros(n).map_err(|e| anyhow!(e))?,
+            t: 0,
+        };
         let schedule = Schedule::new(cfg.lr, cfg.total_steps, cfg.warmup_steps);
         Ok(Trainer {
             model,

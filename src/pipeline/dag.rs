@@ -35,27 +35,42 @@ impl Dag {
         seen
     }
 
+    /// Graphviz: every name a quoted ID with `\\` and `"` escaped.
     pub fn to_dot(&self, stages: &[Stage]) -> String {
+        let id = |s: &Stage| format!("\"{}\"", s.name.replace('\\', "\\\\").replace('"', "\\\""));
         let mut out = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box];\n");
         for s in stages {
-            out.push_str(&format!("  \"{}\";\n", s.name));
+            out.push_str(&format!("  {};\n", id(s)));
         }
         for (i, ups) in self.upstream.iter().enumerate() {
             for &u in ups {
-                out.push_str(&format!(
-                    "  \"{}\" -> \"{}\";\n",
-                    stages[u].name, stages[i].name
-                ));
+                out.push_str(&format!("  {} -> {};\n", id(&stages[u]), id(&stages[i])));
             }
         }
         out.push_str("}\n");
         out
     }
 
+    /// Mermaid: nodes by index, names as quoted labels with mermaid's entity codes for the
+    /// characters its parser would read (`"`, `#`, `<`, `>`, backquote).
     pub fn to_mermaid(&self, stages: &[Stage]) -> String {
+        let label = |name: &str| {
+            let mut out = String::with_capacity(name.len());
+            for c in name.chars() {
+                match c {
+                    '"' => out.push_str("#quot;"),
+                    '#' => out.push_str("#35;"),
+                    '<' => out.push_str("#lt;"),
+                    '>' => out.push_str("#gt;"),
+                    '`' => out.push_str("#96;"),
+                    c => out.push(c),
+                }
+            }
+            out
+        };
         let mut out = String::from("flowchart LR\n");
         for (i, s) in stages.iter().enumerate() {
-            out.push_str(&format!("  s{i}[\"{}\"]\n", s.name.replace('"', "'")));
+            out.push_str(&format!("  s{i}[\"{}\"]\n", label(&s.name)));
         }
         for (i, ups) in self.upstream.iter().enumerate() {
             for &u in ups {
@@ -72,6 +87,12 @@ pub fn build(stages: Vec<Stage>, workspace: &Path) -> Result<(Vec<Stage>, Dag), 
     let mut errors = Vec::new();
     let err = |s: &Stage, msg: String| format!("{}: stage `{}`: {msg}", s.line, s.name);
 
+    let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, s) in stages.iter().enumerate() {
+        if s.name != s.base {
+            by_base.entry(&s.base).or_default().push(i);
+        }
+    }
     let mut by_name: HashMap<&str, usize> = HashMap::new();
     for (i, s) in stages.iter().enumerate() {
         if let Some(&j) = by_name.get(s.name.as_str()) {
@@ -134,11 +155,11 @@ pub fn build(stages: Vec<Stage>, workspace: &Path) -> Result<(Vec<Stage>, Dag), 
             upstream[i].extend(found);
         }
         for need in &s.needs {
-            let hits: Vec<usize> = stages
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.name == *need || t.base == *need)
-                .map(|(j, _)| j)
+            let hits: Vec<usize> = by_name
+                .get(need.as_str())
+                .into_iter()
+                .copied()
+                .chain(by_base.get(need.as_str()).into_iter().flatten().copied())
                 .collect();
             if hits.is_empty() {
                 errors.push(err(

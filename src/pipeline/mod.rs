@@ -4,18 +4,31 @@
 //! reported with the file, line and stage.
 
 pub mod dag;
+pub mod own_files;
 pub mod schema;
+pub mod spans;
 pub mod template;
 
 use anyhow::{anyhow, bail, Context, Result};
 use indexmap::IndexMap;
+use own_files::OwnFiles;
 use schema::{EnvSpec, PipelineFile, StageSpec};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
-use template::{Scope, UsedParams};
+use template::{Budget, Scope, UsedParams};
 
 pub use dag::Dag;
+
+/// A pipeline file larger than this is not one a person wrote.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+/// Default of `--max-expansions`: the stages one matrix may expand to.
+pub const DEFAULT_MAX_EXPANSIONS: usize = 10_000;
+/// The whole pipeline may have this many times `max_expansions` stages.
+pub const PIPELINE_EXPANSIONS_FACTOR: usize = 20;
+/// Longest stage name (a matrix expansion's name holds its values).
+pub const MAX_NAME_BYTES: usize = 1024;
 
 /// One node of the DAG: a stage after templating and matrix expansion.
 #[derive(Debug, Clone)]
@@ -53,8 +66,30 @@ pub enum Action {
 
 /// What the pipeline needs to know about built-in stage kinds, without depending on them.
 pub trait Kinds {
-    /// Checks a kind's parameters; returns the workspace paths among them that it reads.
+    /// Checks a kind's parameters; returns the workspace paths among them that it reads. An
+    /// error about one parameter starts with `with.NAME`, so that it is reported at its line.
     fn inputs(&self, kind: &str, with: &Map<String, Value>) -> Result<Vec<String>, String>;
+}
+
+/// How to load a pipeline: the `-S` overrides, and the limits and files that guard the user.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// `key=value` pairs from `-S`.
+    pub overrides: Vec<String>,
+    /// Expansions one matrix stage may have (`--max-expansions`).
+    pub max_expansions: usize,
+    /// The cache store, relative to the workspace or absolute: no stage may touch it.
+    pub store: PathBuf,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            overrides: Vec::new(),
+            max_expansions: DEFAULT_MAX_EXPANSIONS,
+            store: PathBuf::from("cache"),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -65,53 +100,149 @@ pub struct Pipeline {
     /// Stages in a topological order that follows the file where it can.
     pub stages: Vec<Stage>,
     pub dag: Dag,
+    /// repro's own files, which no stage may write (checked again before outs are touched).
+    pub own: OwnFiles,
+}
+
+/// A problem with one stage: the path of the field at fault inside the stage (`["outs", "1"]`,
+/// `["with", "lr"]`; empty for the stage itself) and the message.
+struct Issue {
+    at: Vec<String>,
+    msg: String,
+}
+
+impl From<String> for Issue {
+    fn from(msg: String) -> Issue {
+        Issue {
+            at: Vec::new(),
+            msg,
+        }
+    }
+}
+
+impl From<&str> for Issue {
+    fn from(msg: &str) -> Issue {
+        Issue::from(msg.to_string())
+    }
+}
+
+fn issue_at(at: &[&str], msg: String) -> Issue {
+    Issue {
+        at: at.iter().map(|s| s.to_string()).collect(),
+        msg,
+    }
+}
+
+/// What expanding every stage shares.
+struct Expander<'a> {
+    params: &'a IndexMap<String, Value>,
+    kinds: &'a dyn Kinds,
+    own: &'a OwnFiles,
+    budget: Budget,
+    max_expansions: usize,
 }
 
 impl Pipeline {
-    /// Loads and validates `file`; `overrides` are `key=value` pairs from `-S`.
+    /// Loads and validates `file`.
     pub fn load(
         file: &Path,
         workspace: &Path,
-        overrides: &[String],
+        opts: &LoadOptions,
         kinds: &dyn Kinds,
     ) -> Result<Pipeline> {
-        let source = std::fs::read_to_string(workspace.join(file))
-            .with_context(|| format!("cannot read pipeline file {}", file.display()))?;
-        Self::parse(&source, file, workspace, overrides, kinds)
+        let path = workspace.join(file);
+        let shown = file.display();
+        let f = std::fs::File::open(&path)
+            .with_context(|| format!("cannot read pipeline file {shown}"))?;
+        if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            bail!("{shown} is a folder, not a pipeline file");
+        }
+        let mut bytes = Vec::new();
+        f.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read pipeline file {shown}"))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            bail!(
+                "{shown}:1: larger than {} MiB; that is not a pipeline file",
+                MAX_FILE_BYTES >> 20
+            );
+        }
+        let source = String::from_utf8(bytes).map_err(|e| {
+            let upto = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
+            anyhow!("{shown}:{line}: not UTF-8 text")
+        })?;
+        Self::parse(&source, file, workspace, opts, kinds)
     }
 
     pub fn parse(
         source: &str,
         file: &Path,
         workspace: &Path,
-        overrides: &[String],
+        opts: &LoadOptions,
         kinds: &dyn Kinds,
     ) -> Result<Pipeline> {
         let shown = file.display().to_string();
+        if source.len() as u64 > MAX_FILE_BYTES {
+            bail!("{shown}:1: larger than {} MiB", MAX_FILE_BYTES >> 20);
+        }
+        let spans =
+            spans::scan(source).map_err(|e| anyhow!("{shown}:{}", one_line(&e.to_string())))?;
         let parsed: PipelineFile =
             serde_yaml_ng::from_str(source).map_err(|e| yaml_error(&shown, source, &e))?;
-        let lines = schema::stage_lines(source);
         let mut params = parsed.params;
-        for item in overrides {
-            apply_override(&mut params, item).map_err(|e| anyhow!("{shown}: -S {item}: {e}"))?;
+        for item in &opts.overrides {
+            apply_override(&mut params, item).map_err(|e| {
+                // At the param's line (or the nearest that exists): where the default is set.
+                let key = item.split('=').next().unwrap_or_default().trim();
+                let mut path = vec!["params"];
+                path.extend(key.split('.'));
+                let line = spans.line(&path).unwrap_or(1);
+                anyhow!("{shown}:{line}: -S {}: {e}", item.escape_debug())
+            })?;
         }
+        let stages_line = spans.line(&["stages"]).unwrap_or(1);
 
+        let own = OwnFiles::new(workspace, &opts.store, file);
+        let ex = Expander {
+            params: &params,
+            kinds,
+            own: &own,
+            budget: Budget::new(template::BUDGET_BYTES),
+            max_expansions: opts.max_expansions.max(1),
+        };
+        let total_limit = ex.max_expansions.saturating_mul(PIPELINE_EXPANSIONS_FACTOR);
         let mut errors = Vec::new();
         let mut stages = Vec::new();
         for (base, spec) in &parsed.stages {
-            let line = lines
-                .get(base)
-                .or_else(|| lines.get(""))
-                .copied()
-                .unwrap_or(1);
-            let at = |msg: String| format!("{shown}:{line}: stage `{base}`: {msg}");
-            match expand(base, spec, &params, kinds, line) {
+            let line = spans.line(&["stages", base]).unwrap_or(stages_line);
+            match ex.expand(
+                base,
+                spec,
+                line,
+                total_limit - stages.len().min(total_limit),
+            ) {
                 Ok(mut nodes) => stages.append(&mut nodes),
-                Err(msg) => errors.push(at(msg)),
+                Err(issue) => {
+                    let mut path = vec!["stages", base.as_str()];
+                    path.extend(issue.at.iter().map(String::as_str));
+                    let at = spans.line(&path).unwrap_or(line);
+                    errors.push(format!(
+                        "{shown}:{at}: stage `{}`: {}",
+                        base.escape_debug(),
+                        one_line(&issue.msg)
+                    ));
+                    // Past the budget every later stage fails the same way: one line is enough.
+                    if issue.msg.contains("templates expand to more than")
+                        || issue.msg.contains("stages in all")
+                    {
+                        break;
+                    }
+                }
             }
         }
         if stages.is_empty() && errors.is_empty() {
-            errors.push(format!("{shown}: no stages"));
+            errors.push(format!("{shown}:{stages_line}: no stages"));
         }
         if !errors.is_empty() {
             bail!(errors.join("\n"));
@@ -128,6 +259,7 @@ impl Pipeline {
             params,
             stages,
             dag,
+            own,
         })
     }
 
@@ -158,6 +290,16 @@ impl Pipeline {
     }
 }
 
+/// A message that quotes the file, kept to one line: control characters are escaped.
+fn one_line(msg: &str) -> String {
+    msg.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_debug().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 fn yaml_error(file: &str, source: &str, err: &serde_yaml_ng::Error) -> anyhow::Error {
     let msg = err.to_string();
     match err.location() {
@@ -173,15 +315,26 @@ fn yaml_error(file: &str, source: &str, err: &serde_yaml_ng::Error) -> anyhow::E
             } else {
                 ""
             };
-            anyhow!("{file}:{}:{}: {msg}{hint}", loc.line(), loc.column())
+            anyhow!(
+                "{file}:{}:{}: {}{hint}",
+                loc.line(),
+                loc.column(),
+                one_line(msg)
+            )
         }
-        None => anyhow!("{file}: {msg}"),
+        None => anyhow!("{file}:1: {}", one_line(&msg)),
     }
 }
 
 /// `a.b=3`: sets an existing param (a typo is an error, not a new param).
 fn apply_override(params: &mut IndexMap<String, Value>, item: &str) -> Result<(), String> {
     let (key, raw) = item.split_once('=').ok_or("expected key=value")?;
+    if raw.trim().is_empty() {
+        return Err(format!(
+            "no value after `=` (for an empty string write -S '{}=\"\"')",
+            key.trim()
+        ));
+    }
     let value: Value = serde_yaml_ng::from_str(raw).map_err(|e| format!("bad value: {e}"))?;
     let mut parts = key.trim().split('.');
     let first = parts.next().unwrap_or_default();
@@ -210,207 +363,352 @@ fn params_list(params: &IndexMap<String, Value>) -> String {
     }
 }
 
-fn expand(
-    base: &str,
-    spec: &StageSpec,
-    params: &IndexMap<String, Value>,
-    kinds: &dyn Kinds,
-    line: usize,
-) -> Result<Vec<Stage>, String> {
-    if base.is_empty()
-        || !base
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-    {
-        return Err("a stage name may hold only letters, digits, `_`, `-` and `.`".into());
+/// Why `name` cannot be a stage's name in the file, if it cannot. Every per-stage file is
+/// derived from the name (see `workspace::file_safe`), so this is about readable names and
+/// command lines, not about paths.
+fn bad_base_name(name: &str) -> Option<String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    if name.is_empty() {
+        Some("a stage needs a name".into())
+    } else if name == "." || name == ".." {
+        Some(format!("`{name}` cannot be a stage name"))
+    } else if name.starts_with('-') {
+        Some("a stage name may not start with `-` (it would read as an option)".into())
+    } else if name.len() > MAX_NAME_BYTES {
+        Some(format!("a stage name is limited to {MAX_NAME_BYTES} bytes"))
+    } else if !name.chars().all(allowed) {
+        Some(format!(
+            "stage name `{}`: a name may hold only letters, digits, `_`, `-` and `.`",
+            name.escape_debug()
+        ))
+    } else {
+        None
     }
-    match (&spec.cmd, &spec.uses) {
-        (Some(_), Some(_)) => return Err("has both `cmd` and `uses`; give one".into()),
-        (None, None) => {
-            return Err("needs `cmd` (a shell command) or `uses` (a built-in kind)".into())
+}
+
+impl Expander<'_> {
+    /// A stage of the file as one node, or one node per matrix combination.
+    fn expand(
+        &self,
+        base: &str,
+        spec: &StageSpec,
+        line: usize,
+        room: usize,
+    ) -> Result<Vec<Stage>, Issue> {
+        if let Some(msg) = bad_base_name(base) {
+            return Err(msg.into());
         }
-        (Some(_), None) if !spec.with.is_empty() => {
-            return Err(
+        match (&spec.cmd, &spec.uses) {
+            (Some(_), Some(_)) => return Err("has both `cmd` and `uses`; give one".into()),
+            (None, None) => {
+                return Err("needs `cmd` (a shell command) or `uses` (a built-in kind)".into())
+            }
+            (Some(_), None) if !spec.with.is_empty() => return Err(issue_at(
+                &["with"],
                 "`with` belongs to `uses` stages; a `cmd` stage takes ${params.x} in its command"
                     .into(),
-            )
+            )),
+            _ => {}
         }
-        _ => {}
-    }
-    let combos = match &spec.matrix {
-        None => vec![IndexMap::new()],
-        Some(matrix) => matrix_combinations(matrix, params)?,
-    };
-    combos
-        .into_iter()
-        .map(|combo| expand_one(base, spec, params, kinds, line, combo))
-        .collect()
-}
-
-fn matrix_combinations(
-    matrix: &IndexMap<String, Value>,
-    params: &IndexMap<String, Value>,
-) -> Result<Vec<IndexMap<String, Value>>, String> {
-    if matrix.is_empty() {
-        return Err("empty matrix".into());
-    }
-    let scope = Scope {
-        params,
-        matrix: None,
-    };
-    let mut combos = vec![IndexMap::new()];
-    for (key, raw) in matrix {
-        let values = template::resolve(raw, &scope, &mut UsedParams::new())
-            .map_err(|e| format!("matrix.{key}: {e}"))?;
-        let Value::Array(values) = values else {
-            return Err(format!("matrix.{key} must be a list"));
+        let combos = match &spec.matrix {
+            None => vec![IndexMap::new()],
+            Some(matrix) => self.matrix_combinations(matrix, room)?,
         };
-        if values.is_empty() {
-            return Err(format!(
-                "matrix.{key} is an empty list: the stage would expand to nothing"
+        combos
+            .into_iter()
+            .map(|combo| self.expand_one(base, spec, line, combo))
+            .collect()
+    }
+
+    /// Every combination of the matrix values, after checking how many there will be.
+    fn matrix_combinations(
+        &self,
+        matrix: &IndexMap<String, Value>,
+        room: usize,
+    ) -> Result<Vec<IndexMap<String, Value>>, Issue> {
+        if matrix.is_empty() {
+            return Err(issue_at(&["matrix"], "empty matrix".into()));
+        }
+        let scope = Scope {
+            params: self.params,
+            matrix: None,
+            budget: &self.budget,
+        };
+        let mut lists = Vec::new();
+        for (key, raw) in matrix {
+            let at = |msg: String| issue_at(&["matrix", key], format!("matrix.{key}: {msg}"));
+            if key.is_empty()
+                || !key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(at(
+                    "a matrix key may hold only letters, digits, `_` and `-`".into(),
+                ));
+            }
+            let values = template::resolve(raw, &scope, &mut UsedParams::new()).map_err(&at)?;
+            let Value::Array(values) = values else {
+                return Err(at("must be a list".into()));
+            };
+            if values.is_empty() {
+                return Err(at(
+                    "is an empty list: the stage would expand to nothing".into()
+                ));
+            }
+            if let Some(bad) = values
+                .iter()
+                .find(|v| v.is_array() || v.is_object() || v.is_null())
+            {
+                return Err(at(format!("values must be scalars, found {bad}")));
+            }
+            if let Some(bad) = values
+                .iter()
+                .map(template::display)
+                .find(|v| v.chars().any(char::is_control))
+            {
+                return Err(at(format!(
+                    "value `{}` holds a control character (it would be part of a stage name)",
+                    bad.escape_debug()
+                )));
+            }
+            lists.push((key, values));
+        }
+        // Counted before anything is built: a few short lists can multiply to billions.
+        let count = lists
+            .iter()
+            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()));
+        let sizes: Vec<String> = lists
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.len()))
+            .collect();
+        let count_text = count.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+        if count.is_none_or(|n| n > self.max_expansions) {
+            return Err(issue_at(
+                &["matrix"],
+                format!(
+                    "the matrix would expand to {count_text} stages ({}), more than the limit of {} (raise it with --max-expansions)",
+                    sizes.join(" × "),
+                    self.max_expansions
+                ),
             ));
         }
-        if let Some(bad) = values
-            .iter()
-            .find(|v| v.is_array() || v.is_object() || v.is_null())
-        {
-            return Err(format!("matrix.{key}: values must be scalars, found {bad}"));
+        if count.is_none_or(|n| n > room) {
+            return Err(issue_at(
+                &["matrix"],
+                format!(
+                    "the matrix would expand to {count_text} stages, past the limit of {} stages in all ({PIPELINE_EXPANSIONS_FACTOR} × --max-expansions)",
+                    self.max_expansions.saturating_mul(PIPELINE_EXPANSIONS_FACTOR)
+                ),
+            ));
         }
-        combos = combos
-            .into_iter()
-            .flat_map(|c| {
-                values.iter().map(move |v| {
-                    let mut c = c.clone();
-                    c.insert(key.clone(), v.clone());
-                    c
+        let mut combos = vec![IndexMap::new()];
+        for (key, values) in lists {
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.insert(key.clone(), v.clone());
+                        c
+                    })
                 })
-            })
-            .collect();
+                .collect();
+        }
+        Ok(combos)
     }
-    Ok(combos)
-}
 
-fn expand_one(
-    base: &str,
-    spec: &StageSpec,
-    params: &IndexMap<String, Value>,
-    kinds: &dyn Kinds,
-    line: usize,
-    combo: IndexMap<String, Value>,
-) -> Result<Stage, String> {
-    let name = if combo.is_empty() {
-        base.to_string()
-    } else {
-        let parts: Vec<String> = combo
-            .iter()
-            .map(|(k, v)| format!("{k}={}", template::display(v)))
-            .collect();
-        format!("{base}@{}", parts.join(","))
-    };
-    let matrix = (spec.matrix.is_some()).then_some(&combo);
-    let scope = Scope { params, matrix };
-    let mut used = UsedParams::new();
-    let ctx = |what: &str, e: String| {
-        if combo.is_empty() {
-            format!("{what}: {e}")
+    fn expand_one(
+        &self,
+        base: &str,
+        spec: &StageSpec,
+        line: usize,
+        combo: IndexMap<String, Value>,
+    ) -> Result<Stage, Issue> {
+        let name = if combo.is_empty() {
+            base.to_string()
         } else {
-            format!("{name}: {what}: {e}")
-        }
-    };
-
-    let paths =
-        |list: &[String], what: &str, used: &mut UsedParams| -> Result<Vec<String>, String> {
-            list.iter()
-                .map(|p| {
-                    let p = template::resolve_text(p, &scope, used).map_err(|e| ctx(what, e))?;
-                    normalize(&p).map_err(|e| ctx(what, e))
-                })
-                .collect()
+            let parts: Vec<String> = combo
+                .iter()
+                .map(|(k, v)| format!("{k}={}", template::display(v)))
+                .collect();
+            format!("{base}@{}", parts.join(","))
         };
-    let mut deps = paths(&spec.deps, "deps", &mut used)?;
-    let mut outs = paths(&spec.outs, "outs", &mut used)?;
-    let needs = spec
-        .needs
-        .iter()
-        .map(|n| template::resolve_text(n, &scope, &mut used).map_err(|e| ctx("needs", e)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let metrics = match &spec.metrics {
-        Some(m) => Some(paths(std::slice::from_ref(m), "metrics", &mut used)?.remove(0)),
-        None => None,
-    };
-    if let Some(m) = &metrics {
-        if !outs.contains(m) {
-            outs.push(m.clone());
+        if name.len() > MAX_NAME_BYTES {
+            return Err(issue_at(
+                &["matrix"],
+                format!(
+                    "the expansion `{}…` has a name longer than {MAX_NAME_BYTES} bytes; use shorter matrix values",
+                    &name[..name.floor_char_boundary(60)]
+                ),
+            ));
         }
-    }
+        let matrix = (spec.matrix.is_some()).then_some(&combo);
+        let scope = Scope {
+            params: self.params,
+            matrix,
+            budget: &self.budget,
+        };
+        let mut used = UsedParams::new();
+        let ctx = |at: &[&str], what: &str, e: String| {
+            let msg = if combo.is_empty() {
+                format!("{what}: {e}")
+            } else {
+                format!("{name}: {what}: {e}")
+            };
+            issue_at(at, msg)
+        };
 
-    let action = if let Some(cmd) = &spec.cmd {
-        let resolved = template::resolve_text(cmd, &scope, &mut used).map_err(|e| ctx("cmd", e))?;
-        Action::Cmd {
-            template: cmd.clone(),
-            resolved,
-        }
-    } else {
-        let kind = spec.uses.clone().unwrap_or_default();
-        let mut with = Map::new();
-        for (k, v) in &spec.with {
-            with.insert(
-                k.clone(),
-                template::resolve(v, &scope, &mut used)
-                    .map_err(|e| ctx(&format!("with.{k}"), e))?,
-            );
-        }
-        for input in kinds
-            .inputs(&kind, &with)
-            .map_err(|e| ctx(&format!("uses: {kind}"), e))?
-        {
-            let input = normalize(&input).map_err(|e| ctx("with", e))?;
-            if !deps.contains(&input) {
-                deps.push(input);
+        let paths =
+            |list: &[String], what: &str, used: &mut UsedParams| -> Result<Vec<String>, Issue> {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let i = i.to_string();
+                        let at = [what, i.as_str()];
+                        let p = template::resolve_text(p, &scope, used)
+                            .map_err(|e| ctx(&at, what, e))?;
+                        normalize(&p).map_err(|e| ctx(&at, what, e))
+                    })
+                    .collect()
+            };
+        let mut deps = paths(&spec.deps, "deps", &mut used)?;
+        let mut outs = paths(&spec.outs, "outs", &mut used)?;
+        let needs = spec
+            .needs
+            .iter()
+            .map(|n| {
+                template::resolve_text(n, &scope, &mut used)
+                    .map_err(|e| ctx(&["needs"], "needs", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let metrics = match &spec.metrics {
+            Some(m) => {
+                let p = template::resolve_text(m, &scope, &mut used)
+                    .map_err(|e| ctx(&["metrics"], "metrics", e))?;
+                Some(normalize(&p).map_err(|e| ctx(&["metrics"], "metrics", e))?)
+            }
+            None => None,
+        };
+        if let Some(m) = &metrics {
+            if !outs.contains(m) {
+                outs.push(m.clone());
             }
         }
-        Action::Uses { kind, with }
-    };
 
-    let mut resources = BTreeMap::new();
-    for (k, v) in &spec.resources {
-        let v = template::resolve(v, &scope, &mut used)
-            .map_err(|e| ctx(&format!("resources.{k}"), e))?;
-        resources.insert(
-            k.clone(),
-            parse_quantity(k, &v).map_err(|e| ctx("resources", e))?,
-        );
+        let action = if let Some(cmd) = &spec.cmd {
+            let resolved = template::resolve_text(cmd, &scope, &mut used)
+                .map_err(|e| ctx(&["cmd"], "cmd", e))?;
+            Action::Cmd {
+                template: cmd.clone(),
+                resolved,
+            }
+        } else {
+            let kind = spec.uses.clone().unwrap_or_default();
+            let mut with = Map::new();
+            for (k, v) in &spec.with {
+                with.insert(
+                    k.clone(),
+                    template::resolve(v, &scope, &mut used)
+                        .map_err(|e| ctx(&["with", k], &format!("with.{k}"), e))?,
+                );
+            }
+            let inputs = self.kinds.inputs(&kind, &with).map_err(|e| {
+                // `with.NAME …` names the parameter at fault: report it at its own line.
+                let field: String = e
+                    .strip_prefix("with.")
+                    .map(|rest| {
+                        rest.chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if e.starts_with("unknown stage kind") {
+                    ctx(&["uses"], &format!("uses: {kind}"), e)
+                } else if field.is_empty() {
+                    ctx(&["with"], &format!("uses: {kind}"), e)
+                } else {
+                    ctx(&["with", &field], &format!("uses: {kind}"), e)
+                }
+            })?;
+            for input in inputs {
+                let input = normalize(&input).map_err(|e| ctx(&["with"], "with", e))?;
+                if !deps.contains(&input) {
+                    deps.push(input);
+                }
+            }
+            Action::Uses { kind, with }
+        };
+        for (i, out) in outs.iter().enumerate() {
+            if let Some(why) = self.own.refuse_out(out) {
+                let at = if Some(out) == metrics.as_ref() && i >= spec.outs.len() {
+                    "metrics".to_string()
+                } else {
+                    i.to_string()
+                };
+                let path: Vec<&str> = if at == "metrics" {
+                    vec!["metrics"]
+                } else {
+                    vec!["outs", &at]
+                };
+                return Err(ctx(&path, "outs", format!("{why}; no stage may write it")));
+            }
+        }
+        for (i, dep) in deps.iter().enumerate() {
+            if let Some(why) = self.own.refuse_dep(dep) {
+                let i = i.to_string();
+                return Err(ctx(&["deps", &i], "deps", why));
+            }
+        }
+
+        let mut resources = BTreeMap::new();
+        for (k, v) in &spec.resources {
+            let v = template::resolve(v, &scope, &mut used)
+                .map_err(|e| ctx(&["resources", k], &format!("resources.{k}"), e))?;
+            resources.insert(
+                k.clone(),
+                parse_quantity(k, &v).map_err(|e| ctx(&["resources", k], "resources", e))?,
+            );
+        }
+        let env = match &spec.env {
+            None => Vec::new(),
+            Some(EnvSpec::Set(map)) => map
+                .iter()
+                .map(|(k, v)| {
+                    let v = template::resolve(v, &scope, &mut used)
+                        .map_err(|e| ctx(&["env", k], &format!("env.{k}"), e))?;
+                    Ok((k.clone(), Some(template::display(&v))))
+                })
+                .collect::<Result<_, Issue>>()?,
+            Some(EnvSpec::PassThrough(names)) => names
+                .iter()
+                .map(|k| (k.clone(), std::env::var(k).ok()))
+                .collect(),
+        };
+        for (k, _) in &env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ctx(
+                    &["env"],
+                    "env",
+                    format!("`{}` is not a variable name", k.escape_debug()),
+                ));
+            }
+        }
+        Ok(Stage {
+            name,
+            base: base.to_string(),
+            line,
+            desc: spec.desc.clone(),
+            action,
+            deps,
+            outs,
+            metrics,
+            needs,
+            resources,
+            env,
+            matrix: combo,
+            used_params: used,
+        })
     }
-    let env = match &spec.env {
-        None => Vec::new(),
-        Some(EnvSpec::Set(map)) => map
-            .iter()
-            .map(|(k, v)| {
-                let v = template::resolve(v, &scope, &mut used)
-                    .map_err(|e| ctx(&format!("env.{k}"), e))?;
-                Ok((k.clone(), Some(template::display(&v))))
-            })
-            .collect::<Result<_, String>>()?,
-        Some(EnvSpec::PassThrough(names)) => names
-            .iter()
-            .map(|k| (k.clone(), std::env::var(k).ok()))
-            .collect(),
-    };
-    Ok(Stage {
-        name,
-        base: base.to_string(),
-        line,
-        desc: spec.desc.clone(),
-        action,
-        deps,
-        outs,
-        metrics,
-        needs,
-        resources,
-        env,
-        matrix: combo,
-        used_params: used,
-    })
 }
 
 /// Resource amounts: plain counts, or memory with a unit (`4G`, `512M`), kept in MiB.
@@ -423,6 +721,9 @@ pub fn parse_quantity(name: &str, value: &Value) -> Result<u64, String> {
             let (num, unit) =
                 s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
             let num: f64 = num.trim().parse().map_err(|_| bad())?;
+            if !num.is_finite() || num < 0.0 {
+                return Err(bad());
+            }
             let scale = match unit
                 .trim()
                 .to_ascii_uppercase()
@@ -441,17 +742,28 @@ pub fn parse_quantity(name: &str, value: &Value) -> Result<u64, String> {
     }
 }
 
-/// A workspace-relative path in one canonical spelling; `..` and absolute paths are refused.
+/// A workspace-relative path in one canonical spelling: `./a`, `a/` and `sub/../a` are all `a`.
+/// A path that leaves the workspace, is absolute, or holds a control character is refused.
 pub fn normalize(path: &str) -> Result<String, String> {
     if path.trim().is_empty() {
         return Err("empty path".into());
     }
-    let mut parts = Vec::new();
+    if path.chars().any(char::is_control) {
+        return Err(format!(
+            "`{}` holds a control character",
+            path.escape_debug()
+        ));
+    }
+    let mut parts: Vec<String> = Vec::new();
     for comp in Path::new(path).components() {
         match comp {
             Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
             Component::CurDir => {}
-            Component::ParentDir => return Err(format!("`{path}` leaves the workspace (`..`)")),
+            Component::ParentDir => {
+                if parts.pop().is_none() {
+                    return Err(format!("`{path}` leaves the workspace (`..`)"));
+                }
+            }
             Component::RootDir | Component::Prefix(_) => {
                 return Err(format!(
                     "`{path}` is absolute; paths are relative to the workspace"
@@ -463,4 +775,47 @@ pub fn normalize(path: &str) -> Result<String, String> {
         return Err(format!("`{path}` is the workspace itself"));
     }
     Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_folds_every_spelling_to_one() {
+        for (given, want) in [
+            ("a", "a"),
+            ("./a", "a"),
+            ("a/", "a"),
+            ("a//b", "a/b"),
+            ("sub/../a", "a"),
+            ("x/./y/../../a/b", "a/b"),
+        ] {
+            assert_eq!(normalize(given).as_deref(), Ok(want), "{given}");
+        }
+        for bad in [
+            "..",
+            "../a",
+            "a/../..",
+            "a/../../b",
+            "/etc/passwd",
+            ".",
+            "a/..",
+            "",
+            "a\nb",
+            "a\0b",
+        ] {
+            assert!(normalize(bad).is_err(), "`{bad}` accepted");
+        }
+    }
+
+    #[test]
+    fn base_names() {
+        for bad in ["", ".", "..", "a/b", "-x", "a b", "a\tb", "é", "a@b"] {
+            assert!(bad_base_name(bad).is_some(), "`{bad}` accepted");
+        }
+        for fine in ["a", "train", "a.b", "x_1-2", ".hidden"] {
+            assert_eq!(bad_base_name(fine), None, "`{fine}` refused");
+        }
+    }
 }

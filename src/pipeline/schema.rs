@@ -53,39 +53,3 @@ pub enum EnvSpec {
     Set(IndexMap<String, Value>),
     PassThrough(Vec<String>),
 }
-
-/// Line (1-based) of each stage's key in the source, for error messages. serde does not keep
-/// spans, so this reads the block-style layout that pipeline files use; a stage that cannot be
-/// found (flow style) gets the line of `stages:`.
-pub fn stage_lines(source: &str) -> IndexMap<String, usize> {
-    let mut lines = IndexMap::new();
-    let mut in_stages = false;
-    let mut stages_line = 0;
-    let mut indent: Option<usize> = None;
-    for (i, line) in source.lines().enumerate() {
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let depth = line.len() - trimmed.len();
-        if depth == 0 {
-            in_stages = trimmed.starts_with("stages:");
-            if in_stages {
-                stages_line = i + 1;
-            }
-            continue;
-        }
-        if !in_stages {
-            continue;
-        }
-        let level = *indent.get_or_insert(depth);
-        if depth == level {
-            if let Some(key) = trimmed.split(':').next() {
-                let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
-                lines.insert(key.to_string(), i + 1);
-            }
-        }
-    }
-    lines.insert(String::new(), stages_line.max(1));
-    lines
-}

@@ -7,12 +7,60 @@
 
 use indexmap::IndexMap;
 use serde_json::Value;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 
 pub struct Scope<'a> {
     pub params: &'a IndexMap<String, Value>,
     pub matrix: Option<&'a IndexMap<String, Value>>,
+    pub budget: &'a Budget,
 }
+
+/// Bytes that templates may still produce for a whole pipeline: a small file that pastes a
+/// large param into every expansion of a large matrix fails here instead of exhausting memory.
+#[derive(Debug)]
+pub struct Budget(Cell<usize>);
+
+impl Budget {
+    pub fn new(bytes: usize) -> Budget {
+        Budget(Cell::new(bytes))
+    }
+
+    fn charge(&self, bytes: usize) -> Result<(), String> {
+        match self.0.get().checked_sub(bytes) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(format!(
+                "templates expand to more than {} MiB in this pipeline (a large param pasted into many stages?)",
+                BUDGET_BYTES >> 20
+            )),
+        }
+    }
+
+    /// Charges the size of `value`, walking no further than the budget allows.
+    fn charge_value(&self, value: &Value) -> Result<(), String> {
+        match value {
+            Value::String(s) => self.charge(s.len() + 2),
+            Value::Array(items) => {
+                self.charge(2)?;
+                items.iter().try_for_each(|v| self.charge_value(v))
+            }
+            Value::Object(map) => {
+                self.charge(2)?;
+                map.iter().try_for_each(|(k, v)| {
+                    self.charge(k.len() + 3)?;
+                    self.charge_value(v)
+                })
+            }
+            _ => self.charge(8),
+        }
+    }
+}
+
+/// The default template budget of a pipeline.
+pub const BUDGET_BYTES: usize = 256 << 20;
 
 /// Params a stage referenced, by dotted name: they enter its key and explain its re-runs.
 pub type UsedParams = BTreeMap<String, Value>;
@@ -52,6 +100,7 @@ fn resolve_str(text: &str, scope: &Scope, used: &mut UsedParams) -> Result<Value
             return Ok(v);
         }
     }
+    scope.budget.charge(text.len())?;
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find("${") {
@@ -64,11 +113,15 @@ fn resolve_str(text: &str, scope: &Scope, used: &mut UsedParams) -> Result<Value
         out.push_str(&rest[..pos]);
         let after = &rest[pos + 2..];
         let Some(end) = after.find('}') else {
-            return Err(format!("unclosed `${{` in `{text}`"));
+            return Err(format!("unclosed `${{` in `{}`", quoted(text)));
         };
         let expr = &after[..end];
         match lookup(expr, scope, used)? {
-            Some(v) => out.push_str(&display(&v)),
+            Some(v) => {
+                let shown = display(&v);
+                scope.budget.charge(shown.len())?;
+                out.push_str(&shown)
+            }
             None => {
                 out.push_str("${");
                 out.push_str(expr);
@@ -115,10 +168,18 @@ fn lookup(expr: &str, scope: &Scope, used: &mut UsedParams) -> Result<Option<Val
         }
         .ok_or_else(|| format!("`${{{expr}}}`: no `{key}` in {namespace}.{first}"))?;
     }
+    scope.budget.charge_value(value)?;
     if namespace == "params" {
         used.insert(path.join("."), value.clone());
     }
     Ok(Some(value.clone()))
+}
+
+/// Text from the file as it may appear inside a one-line error: escaped, and cut if long.
+fn quoted(text: &str) -> String {
+    let cut = text.floor_char_boundary(80);
+    let more = if cut < text.len() { "…" } else { "" };
+    format!("{}{more}", text[..cut].escape_debug())
 }
 
 fn missing(namespace: &str, expr: &str, root: &IndexMap<String, Value>) -> String {
@@ -173,9 +234,11 @@ mod tests {
     #[test]
     fn whole_template_keeps_type_and_records_use() {
         let p = params();
+        let budget = Budget::new(BUDGET_BYTES);
         let scope = Scope {
             params: &p,
             matrix: None,
+            budget: &budget,
         };
         let mut used = UsedParams::new();
         let v = resolve(&json!("${params.budgets}"), &scope, &mut used).unwrap();
@@ -188,9 +251,11 @@ mod tests {
         let p = params();
         let mut m = IndexMap::new();
         m.insert("budget".into(), json!(3e12));
+        let budget = Budget::new(BUDGET_BYTES);
         let scope = Scope {
             params: &p,
             matrix: Some(&m),
+            budget: &budget,
         };
         let mut used = UsedParams::new();
         let s = resolve_text(
@@ -209,9 +274,11 @@ mod tests {
     #[test]
     fn missing_names_are_errors_that_list_what_exists() {
         let p = params();
+        let budget = Budget::new(BUDGET_BYTES);
         let scope = Scope {
             params: &p,
             matrix: None,
+            budget: &budget,
         };
         let err = resolve_text("x ${params.sede}", &scope, &mut UsedParams::new()).unwrap_err();
         assert!(err.contains("params.sede") && err.contains("seed"), "{err}");
@@ -219,6 +286,29 @@ mod tests {
         assert!(err.contains("without a matrix"), "{err}");
         let err = resolve_text("${params.seed", &scope, &mut UsedParams::new()).unwrap_err();
         assert!(err.contains("unclosed"), "{err}");
+    }
+
+    #[test]
+    fn output_is_bounded_by_the_budget() {
+        let mut p = IndexMap::new();
+        p.insert("big".to_string(), json!("x".repeat(1000)));
+        p.insert("list".to_string(), json!(vec!["y".repeat(100); 100]));
+        let budget = Budget::new(70_000);
+        let scope = Scope {
+            params: &p,
+            matrix: None,
+            budget: &budget,
+        };
+        let mut used = UsedParams::new();
+        // About 20 KB per resolution of `many`: three fit, then the budget is spent whichever
+        // form the next template takes.
+        let many = "${params.big}".repeat(10);
+        for _ in 0..3 {
+            resolve_text(&many, &scope, &mut used).unwrap();
+        }
+        let err = resolve(&json!("${params.list}"), &scope, &mut used).unwrap_err();
+        assert!(err.contains("templates expand to more than"), "{err}");
+        assert!(resolve_text(&many, &scope, &mut used).is_err());
     }
 
     #[test]

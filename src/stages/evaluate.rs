@@ -10,9 +10,13 @@
 //! ```
 
 use super::train::read_tokens_manifest;
-use super::{parse_with, Progress, StageContext, StageKind};
+use super::train::MAX_SIZE;
+use super::{
+    check_memory, parse_max_memory, parse_with, within, MemoryCheck, Progress, StageContext,
+    StageKind,
+};
 use crate::data::shards::{eval_batches, TokenShard};
-use crate::nn::{checkpoint, Model, ModelConfig};
+use crate::nn::{checkpoint, memory, Model, ModelConfig};
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -28,6 +32,29 @@ struct With {
     /// Evaluate on at most this many held-out tokens (default: all of them).
     #[serde(default)]
     max_tokens: Option<usize>,
+    /// Refuse to start when the estimated peak memory exceeds this size (`8G`, `512M`; a bare
+    /// number is MiB). Without it, the limit is the memory available when the stage starts.
+    #[serde(default)]
+    max_memory: Option<Value>,
+}
+
+const LOWER: &str = "with.batch";
+
+impl With {
+    fn check(&self) -> Result<(), String> {
+        within(
+            "batch",
+            self.batch as u64,
+            1,
+            MAX_SIZE as u64,
+            "a sanity bound",
+        )?;
+        if let Some(m) = self.max_tokens {
+            within("max_tokens", m as u64, 1, u64::MAX, "")?;
+        }
+        parse_max_memory(self.max_memory.as_ref())?;
+        Ok(())
+    }
 }
 
 fn default_batch() -> usize {
@@ -47,9 +74,7 @@ impl StageKind for Evaluate {
 
     fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String> {
         let w: With = parse_with(with)?;
-        if w.batch == 0 {
-            return Err("with.batch must be positive".into());
-        }
+        w.check()?;
         Ok(vec![w.model, w.tokens])
     }
 
@@ -59,25 +84,38 @@ impl StageKind for Evaluate {
             .metrics
             .as_ref()
             .context("an evaluate stage needs `metrics:` (a JSON file to write)")?;
+        w.check().map_err(anyhow::Error::msg)?;
         let model_dir = ctx.workspace.join(&w.model);
-        let mut model = load_model(&model_dir.join("model.safetensors"))?;
+        let model_file = model_dir.join("model.safetensors");
+        let cfg = read_model_config(&model_file)?;
         let tokens_dir = ctx.workspace.join(&w.tokens);
         let manifest = read_tokens_manifest(&tokens_dir)?;
         let shard = TokenShard::open(&tokens_dir.join(&manifest.heldout.file))?;
-        let t = model.cfg.seq_len;
+        let t = cfg.seq_len;
         let usable = w.max_tokens.map_or(shard.len(), |m| m.min(shard.len()));
         let tokens = &shard.tokens()[..usable];
         anyhow::ensure!(
             tokens.len() > t,
             "held-out split has {} tokens, fewer than one window of {}",
             tokens.len(),
-            t + 1
+            t.saturating_add(1)
         );
+        // Before the model is allocated: it and one batch's activations must fit.
+        let windows = (tokens.len() - 1) / t;
+        check_memory(
+            "evaluation",
+            &memory::eval_estimate(&cfg, w.batch.min(windows)),
+            parse_max_memory(w.max_memory.as_ref()).map_err(anyhow::Error::msg)?,
+            MemoryCheck::Run,
+            LOWER,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut model = model_from(&model_file, &cfg)?;
 
         model.collect_gate_stats = true;
         model.reset_gate_stats();
         let (mut sum, mut count) = (0.0f64, 0usize);
-        let total = tokens.len() / (w.batch * t).max(1) + 1;
+        let total = windows.div_ceil(w.batch);
         let mut progress = Progress::from_env();
         for (i, batch) in eval_batches(tokens, w.batch, t).enumerate() {
             let out = model
@@ -127,8 +165,8 @@ impl StageKind for Evaluate {
     }
 }
 
-/// A model from weights exported by `train` (its config travels in the file's metadata).
-pub fn load_model(path: &Path) -> Result<Model> {
+/// The model config of weights exported by `train` (it travels in the file's metadata).
+fn read_model_config(path: &Path) -> Result<ModelConfig> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not safetensors", path.display()))?;
@@ -142,9 +180,76 @@ pub fn load_model(path: &Path) -> Result<Model> {
                 path.display()
             )
         })?;
-    let cfg: ModelConfig = serde_json::from_str(&cfg_text)?;
-    let mut model = Model::new(&cfg, 0).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let cfg: ModelConfig = serde_json::from_str(&cfg_text)
+        .with_context(|| format!("{}: bad model_config metadata", path.display()))?;
+    cfg.validate()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    Ok(cfg)
+}
+
+/// The model of `cfg` with the weights of `path`.
+fn model_from(path: &Path, cfg: &ModelConfig) -> Result<Model> {
+    let mut model = Model::new(cfg, 0).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let (mut bufs, _) = checkpoint::load(path, &model.table, &[""])?;
     model.params = bufs.remove(0);
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn refused(changes: Value, field: &str) -> String {
+        let mut w = json!({"model": "models/m", "tokens": "data/tokens"})
+            .as_object()
+            .unwrap()
+            .clone();
+        for (k, v) in changes.as_object().unwrap() {
+            w.insert(k.clone(), v.clone());
+        }
+        let err = Evaluate
+            .inputs(&w)
+            .expect_err(&format!("{changes} was accepted"));
+        let head = format!("with.{field}");
+        assert!(
+            err.starts_with(&head) && matches!(err[head.len()..].chars().next(), Some(' ' | ':')),
+            "{changes}: expected an error starting with `{head}`, got: {err}"
+        );
+        err
+    }
+
+    #[test]
+    fn every_field_is_checked() {
+        let ok = json!({"model": "m", "tokens": "t", "batch": 4, "max_tokens": 1000, "max_memory": "2G"});
+        assert_eq!(
+            Evaluate.inputs(ok.as_object().unwrap()).unwrap(),
+            vec!["m".to_string(), "t".to_string()]
+        );
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!((1u64 << 20) + 1),
+            json!(u64::MAX),
+            json!(1e6),
+            Value::Null,
+            json!("8"),
+        ] {
+            refused(json!({ "batch": bad }), "batch");
+        }
+        for bad in [json!(0), json!(-1), json!(2.5), Value::Null] {
+            refused(json!({ "max_tokens": bad }), "max_tokens");
+        }
+        for bad in [
+            json!(0),
+            json!("0M"),
+            json!("-2G"),
+            json!("much"),
+            Value::Null,
+        ] {
+            refused(json!({ "max_memory": bad }), "max_memory");
+        }
+        refused(json!({"model": 3}), "model");
+        refused(json!({"modle": "m"}), "modle");
+    }
 }

@@ -122,9 +122,129 @@ pub fn check_keys(with: &Map<String, Value>, known: &[&str]) -> Result<(), Strin
     }
 }
 
-/// Parses a kind's `with` into its typed parameters; the error names the bad field.
+/// Parses a kind's `with` into its typed parameters; the error starts with the bad field
+/// (`with.lr: invalid type: string "fast", expected f64`).
 pub fn parse_with<T: serde::de::DeserializeOwned>(with: &Map<String, Value>) -> Result<T, String> {
-    serde_json::from_value(Value::Object(with.clone())).map_err(|e| format!("with: {e}"))
+    // serde reads null as an absent optional field, and YAML's `.nan` and `.inf` arrive as
+    // null (JSON has neither): refuse it rather than silently drop the field.
+    if let Some((k, _)) = with.iter().find(|(_, v)| v.is_null()) {
+        return Err(format!(
+            "with.{k} is null (YAML `~`, `.nan` and `.inf` are not values here): give a finite value, or leave the field out"
+        ));
+    }
+    serde_json::from_value(Value::Object(with.clone()))
+        .map_err(|e| blame_field::<T>(with).unwrap_or_else(|| format!("with: {e}")))
+}
+
+/// The field that makes `with` fail to parse, found by parsing each field alone (a field alone
+/// fails only by its own value, or with `missing field` for the others), and what is wrong.
+fn blame_field<T: serde::de::DeserializeOwned>(with: &Map<String, Value>) -> Option<String> {
+    for (k, v) in with {
+        let mut one = Map::new();
+        one.insert(k.clone(), v.clone());
+        let Err(e) = serde_json::from_value::<T>(Value::Object(one)) else {
+            continue;
+        };
+        let msg = e.to_string();
+        if msg.starts_with("missing field `") {
+            continue;
+        }
+        let hint = match v {
+            Value::Number(n) if n.is_f64() && msg.contains("expected u") => {
+                " (give a whole number, such as 1000000 rather than 1e6)"
+            }
+            _ => "",
+        };
+        return Some(format!("with.{k}: {msg}{hint}"));
+    }
+    // Every field parses alone: a required field is absent.
+    let msg = serde_json::from_value::<T>(Value::Object(with.clone()))
+        .err()?
+        .to_string();
+    let field = msg.strip_prefix("missing field `")?.split('`').next()?;
+    Some(format!("with.{field} is missing (it is required)"))
+}
+
+/// `with.NAME` must be a finite number above zero.
+pub fn finite_positive(name: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(format!("with.{name} must be finite and positive, got {v}"))
+    }
+}
+
+/// `with.NAME` must lie in lo..=hi (`why` says where the upper bound comes from).
+pub fn within(name: &str, v: u64, lo: u64, hi: u64, why: &str) -> Result<(), String> {
+    if v < lo {
+        Err(format!("with.{name} must be at least {lo}, got {v}"))
+    } else if v > hi {
+        Err(format!("with.{name} must be at most {hi} ({why}), got {v}"))
+    } else {
+        Ok(())
+    }
+}
+
+/// `with.max_memory` in bytes: a size like `8G` or `512M` (a bare number is MiB).
+pub fn parse_max_memory(v: Option<&Value>) -> Result<Option<f64>, String> {
+    let Some(v) = v else { return Ok(None) };
+    let mib = crate::pipeline::parse_quantity("max_memory", v)
+        .map_err(|e| format!("with.max_memory: {e}"))?;
+    if mib == 0 {
+        return Err(format!(
+            "with.max_memory must be a positive size like 8G or 512M, got {v}"
+        ));
+    }
+    Ok(Some(mib as f64 * 1048576.0))
+}
+
+/// When memory is checked: at load against `with.max_memory` and the machine's total memory,
+/// at run time against `with.max_memory` or, without it, the memory available now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCheck {
+    Load,
+    Run,
+}
+
+/// Refuses a run whose estimated peak memory is over the limit, saying what it needs and how
+/// to lower it (`lower`: the fields to turn down).
+pub fn check_memory(
+    what: &str,
+    est: &crate::nn::memory::MemoryEstimate,
+    max_memory: Option<f64>,
+    when: MemoryCheck,
+    lower: &str,
+) -> Result<(), String> {
+    use crate::nn::memory::{gib, machine_memory};
+    let need = est.total();
+    // An estimate that is not a number is over every limit.
+    if let Some(limit) = max_memory {
+        if need.is_nan() || need > limit {
+            return Err(format!(
+                "with.max_memory: {what} needs {}, more than with.max_memory = {}; lower {lower}, or raise with.max_memory",
+                est.describe(),
+                gib(limit)
+            ));
+        }
+        if when == MemoryCheck::Run {
+            return Ok(());
+        }
+    }
+    let Some((total, available)) = machine_memory() else {
+        return Ok(());
+    };
+    let (limit, which) = match when {
+        MemoryCheck::Load => (total, "of memory this machine has"),
+        MemoryCheck::Run => (available, "of memory available now"),
+    };
+    if need.is_nan() || need > limit {
+        return Err(format!(
+            "{what} needs {}, more than the {} {which}; lower {lower}",
+            est.describe(),
+            gib(limit)
+        ));
+    }
+    Ok(())
 }
 
 /// The stage's one out folder, created empty.

@@ -1,0 +1,197 @@
+//! repro's own files: the cache store, the state folder `.repro/` and the pipeline file being
+//! run. No stage may write them, write a folder that holds them, or read the store or the state
+//! as an input, however the path is spelt (`./cache`, `sub/../cache`, a symlink to either).
+//!
+//! Paths are compared after resolving symlinks in the part of the path that exists, so the
+//! check holds for paths that are yet to be written.
+
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct OwnFiles {
+    root: PathBuf,
+    /// Resolved absolute path, what it is, and whether a stage may read it (the pipeline file).
+    own: Vec<(PathBuf, String, bool)>,
+}
+
+impl OwnFiles {
+    /// `store` and `pipeline` may be relative to `workspace` or absolute.
+    pub fn new(workspace: &Path, store: &Path, pipeline: &Path) -> OwnFiles {
+        let root = resolve(workspace);
+        let shown = |p: &Path| {
+            let abs = root.join(p);
+            match abs.strip_prefix(&root) {
+                Ok(rel) => rel.display().to_string(),
+                Err(_) => abs.display().to_string(),
+            }
+        };
+        let own = vec![
+            (
+                resolve(&root.join(store)),
+                format!("the cache store `{}`", shown(store)),
+                false,
+            ),
+            (
+                resolve(&root.join(".repro")),
+                "repro's state folder `.repro`".to_string(),
+                false,
+            ),
+            (
+                resolve(&root.join(pipeline)),
+                format!("the pipeline file `{}`", shown(pipeline)),
+                true,
+            ),
+        ];
+        OwnFiles { root, own }
+    }
+
+    /// Why a stage may not write the workspace path `rel`, if it may not.
+    pub fn refuse_out(&self, rel: &str) -> Option<String> {
+        let path = resolve(&self.root.join(rel));
+        self.own.iter().find_map(|(own, what, _)| {
+            if path == *own {
+                Some(format!("`{rel}` is {what}"))
+            } else if path.starts_with(own) {
+                Some(format!("`{rel}` is inside {what}"))
+            } else if own.starts_with(&path) {
+                Some(format!(
+                    "`{rel}` holds {what} (a stage's outs are cleared before it runs)"
+                ))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Why a stage may not read `rel`, if it may not: the store and the state change under a
+    /// run, so an input among them could never be up to date.
+    pub fn refuse_dep(&self, rel: &str) -> Option<String> {
+        let path = resolve(&self.root.join(rel));
+        self.own
+            .iter()
+            .filter(|(_, _, readable)| !readable)
+            .find_map(|(own, what, _)| {
+                if path == *own || path.starts_with(own) {
+                    Some(format!(
+                        "`{rel}` is inside {what}, which is repro's, not an input"
+                    ))
+                } else if own.starts_with(&path) {
+                    Some(format!(
+                        "`{rel}` holds {what}, which changes on every run, so it cannot be an input"
+                    ))
+                } else {
+                    None
+                }
+            })
+    }
+}
+
+/// `path` with every symlink in it resolved, as the kernel would when the path is opened,
+/// including links whose targets do not exist yet; the part that does not exist is kept as
+/// written, with `.` and `..` folded.
+fn resolve(path: &Path) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut todo: Vec<OsString> = Vec::new();
+    let mut out = match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd,
+        _ => PathBuf::from("/"),
+    };
+    push_components(&mut todo, path);
+    let mut links = 0;
+    while let Some(part) = todo.pop() {
+        if part == ".." {
+            out.pop();
+            continue;
+        }
+        let next = out.join(&part);
+        match std::fs::read_link(&next) {
+            Ok(target) if links < MAX_LINKS => {
+                links += 1;
+                if target.is_absolute() {
+                    out = PathBuf::from("/");
+                }
+                push_components(&mut todo, &target);
+            }
+            _ => out = next,
+        }
+    }
+    out
+}
+
+/// Pushes the parts of `path` so that popping yields them in order.
+fn push_components(todo: &mut Vec<OsString>, path: &Path) {
+    let parts: Vec<OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => Some(p.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect();
+    todo.extend(parts.into_iter().rev());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_repros_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        std::fs::create_dir_all(ws.join("cache/objects")).unwrap();
+        std::fs::create_dir_all(ws.join("pipelines")).unwrap();
+        std::fs::write(ws.join("pipelines/p.yaml"), "").unwrap();
+        std::os::unix::fs::symlink(ws.join("cache"), ws.join("c")).unwrap();
+        std::os::unix::fs::symlink(ws.join(".repro"), ws.join("state")).unwrap();
+        let own = OwnFiles::new(ws, Path::new("cache"), Path::new("pipelines/p.yaml"));
+        for bad in [
+            "cache",
+            "cache/objects",
+            "cache/objects/ab/cd",
+            "c",
+            "c/records",
+            ".repro",
+            ".repro/state/x.json",
+            "state/lock",
+            "pipelines/p.yaml",
+            "pipelines",
+        ] {
+            assert!(own.refuse_out(bad).is_some(), "out `{bad}` allowed");
+        }
+        for fine in [
+            "cache2",
+            "results/cache",
+            "pipelines/q.yaml",
+            "x.repro",
+            "sub/.repro",
+        ] {
+            assert_eq!(own.refuse_out(fine), None, "out `{fine}` refused");
+        }
+        assert!(own.refuse_dep("cache/objects").is_some());
+        assert!(own.refuse_dep("state").is_some());
+        assert_eq!(
+            own.refuse_dep("pipelines/p.yaml"),
+            None,
+            "reading the pipeline is fine"
+        );
+        assert_eq!(own.refuse_dep("pipelines"), None);
+    }
+
+    #[test]
+    fn a_store_elsewhere_is_protected_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let ws = dir.path();
+        std::os::unix::fs::symlink(store.path(), ws.join("s")).unwrap();
+        let own = OwnFiles::new(ws, store.path(), Path::new("repro.yaml"));
+        assert!(own.refuse_out("s/objects").unwrap().contains("cache store"));
+        assert!(own.refuse_out("s").is_some());
+        assert_eq!(
+            own.refuse_out("cache/x"),
+            None,
+            "`cache/` is not the store here"
+        );
+    }
+}
