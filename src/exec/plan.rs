@@ -25,6 +25,10 @@ pub enum Decision {
 /// The version of a built-in kind, which enters the key of every stage using it.
 pub trait KindVersion {
     fn version(&self, kind: &str) -> String;
+    /// `with` parameters of `kind` that cannot change its result, and so stay out of the key.
+    fn not_in_key(&self, _kind: &str) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// The key parts of a stage given the hashes of its deps and the records of its upstreams.
@@ -41,7 +45,8 @@ pub fn key_parts(
         Action::Cmd { template, .. } => parts.set("cmd", template.clone()),
         Action::Uses { kind, with } => {
             parts.set("kind", format!("{kind}@{}", kinds.version(kind)));
-            for (k, v) in with {
+            let ignored = kinds.not_in_key(kind);
+            for (k, v) in with.iter().filter(|(k, _)| !ignored.contains(&k.as_str())) {
                 parts.set(format!("with.{k}"), canonical_json(v));
             }
         }
@@ -390,6 +395,48 @@ mod tests {
                 "kind changed".into(),
                 "this exact input was run before".into()
             ])
+        );
+    }
+
+    /// Leaves `limit` out of every kind's key.
+    struct LimitIgnored;
+
+    impl KindVersion for LimitIgnored {
+        fn version(&self, _: &str) -> String {
+            "1".into()
+        }
+        fn not_in_key(&self, _: &str) -> &'static [&'static str] {
+            &["limit"]
+        }
+    }
+
+    #[test]
+    fn parameters_a_kind_marks_result_neutral_stay_out_of_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path(), Some(&dir.path().join("cache"))).unwrap();
+        let key = |with: &str| {
+            let source = format!("stages:\n  t:\n    uses: fake\n    with: {with}\n");
+            let p = Pipeline::parse(
+                &source,
+                Path::new("repro.yaml"),
+                &ws.root,
+                &Default::default(),
+                &AnyKind,
+            )
+            .unwrap();
+            let none = |_: &str| -> Result<Option<String>> { Ok(None) };
+            let no_up = |_: usize| -> Option<Record> { None };
+            key_parts(&p, 0, &LimitIgnored, &none, &no_up)
+                .unwrap()
+                .key()
+        };
+        let base = key("{a: 1}");
+        assert_eq!(key("{a: 1, limit: 8G}"), base);
+        assert_eq!(key("{a: 1, limit: 1G}"), base);
+        assert_ne!(
+            key("{a: 2, limit: 1G}"),
+            base,
+            "other parameters still count"
         );
     }
 }

@@ -72,6 +72,10 @@ impl StageKind for Evaluate {
         "1"
     }
 
+    fn not_in_key(&self) -> &'static [&'static str] {
+        &["max_memory"]
+    }
+
     fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String> {
         let w: With = parse_with(with)?;
         w.check()?;

@@ -45,6 +45,11 @@ pub trait StageKind: Sync {
     fn name(&self) -> &'static str;
     /// Bumped whenever the kind's results could change: it enters every stage key.
     fn version(&self) -> &'static str;
+    /// `with` parameters that cannot change the result (a memory limit, how often to save a
+    /// resume checkpoint): left out of the stage key, so changing them re-runs nothing.
+    fn not_in_key(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Checks `with`; returns the workspace paths among it that the stage reads.
     fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String>;
     fn run(&self, ctx: &StageContext) -> Result<()>;
@@ -108,6 +113,10 @@ impl KindVersion for Registry {
         self.get(kind)
             .map(|k| k.version().to_string())
             .unwrap_or_default()
+    }
+
+    fn not_in_key(&self, kind: &str) -> &'static [&'static str] {
+        self.get(kind).map(|k| k.not_in_key()).unwrap_or_default()
     }
 }
 

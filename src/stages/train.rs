@@ -305,6 +305,10 @@ impl StageKind for Train {
         "1"
     }
 
+    fn not_in_key(&self) -> &'static [&'static str] {
+        &["max_memory", "checkpoint_s"]
+    }
+
     fn inputs(&self, with: &Map<String, Value>) -> Result<Vec<String>, String> {
         let w: With = parse_with(with)?;
         // The vocabulary is a placeholder here; the real one is checked again at run time.
