@@ -5,14 +5,16 @@
 //! .repro/running              the token of a run in progress (left behind by a crash)
 //! .repro/statcache            the stat fast path
 //! .repro/state/PIPELINE.json  the last record of every stage of a pipeline
+//! .repro/state/PIPELINE.json.corrupt-TIME  a state file that could not be read, set aside
 //! .repro/logs/STAGE.log       the latest log of each stage
 //! .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
 //! ```
 
-use crate::cache::{atomic, lock::WorkspaceLock, Hasher, Record, StatCache, Store};
-use anyhow::{Context, Result};
+use crate::atomic;
+use crate::cache::{lock::WorkspaceLock, Hasher, Record, StatCache, Store};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 pub struct Workspace {
@@ -27,6 +29,34 @@ pub struct Workspace {
 pub struct State {
     pub stages: BTreeMap<String, Record>,
 }
+
+/// A pipeline's state as loaded: empty if it has never run here, and also empty, with the
+/// problem said, if its file exists but cannot be used. Stages are then matched by the run
+/// cache alone, so finished work is restored rather than re-run.
+#[derive(Debug, Default)]
+pub struct LoadedState {
+    pub state: State,
+    pub problem: Option<StateProblem>,
+}
+
+/// A state file that exists but cannot be read or parsed.
+#[derive(Debug, Clone)]
+pub struct StateProblem {
+    pub path: PathBuf,
+    /// What is wrong with it, e.g. "not valid JSON (truncated?)".
+    pub problem: String,
+}
+
+impl StateProblem {
+    /// `.repro/state/FILE.json is not valid JSON (truncated?)`
+    pub fn describe(&self, ws: &Workspace) -> String {
+        format!("{} is {}", ws.shown(&self.path), self.problem)
+    }
+}
+
+/// What happens to the stages of a pipeline whose state file could not be used.
+pub const STATE_LOST_CONSEQUENCE: &str =
+    "stages are matched by the run cache instead, so finished work is restored, not re-run";
 
 impl Workspace {
     /// Opens (creating if needed) the state folder and the store. The store is `cache_dir`,
@@ -68,11 +98,98 @@ impl Workspace {
         ))
     }
 
-    pub fn load_state(&self, pipeline_file: &Path) -> State {
-        std::fs::read(self.state_path(pipeline_file))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    /// The state of a pipeline: empty if it has never run here; empty with the problem if its
+    /// file cannot be used (never silently: callers say so, and `repro run` sets it aside).
+    pub fn load_state(&self, pipeline_file: &Path) -> LoadedState {
+        let path = self.state_path(pipeline_file);
+        match read_state_file(&path) {
+            Ok(state) => LoadedState {
+                state: state.unwrap_or_default(),
+                problem: None,
+            },
+            Err(problem) => LoadedState {
+                state: State::default(),
+                problem: Some(StateProblem { path, problem }),
+            },
+        }
+    }
+
+    /// Moves an unusable state file aside (`NAME.corrupt-UNIXTIME`, never deleted) so that a
+    /// new one can be written; returns where it went.
+    pub fn set_aside_state(&self, bad: &StateProblem) -> Result<PathBuf> {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let name = bad.path.file_name().unwrap_or_default().to_string_lossy();
+        let mut dest = bad.path.with_file_name(format!("{name}.corrupt-{secs}"));
+        let mut n = 1;
+        while dest.exists() {
+            dest = bad
+                .path
+                .with_file_name(format!("{name}.corrupt-{secs}-{n}"));
+            n += 1;
+        }
+        std::fs::rename(&bad.path, &dest).with_context(|| {
+            format!(
+                "cannot move the unreadable {} aside to {}",
+                bad.path.display(),
+                dest.display()
+            )
+        })?;
+        Ok(dest)
+    }
+
+    /// Every pipeline state file here (`.repro/state/*.json`) and what it holds, or what is
+    /// wrong with it.
+    pub fn state_files(&self) -> Vec<(PathBuf, Result<State, String>)> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.state_dir.join("state"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .filter_map(|p| match read_state_file(&p) {
+                Ok(Some(s)) => Some((p, Ok(s))),
+                Ok(None) => None,
+                Err(e) => Some((p, Err(e))),
+            })
+            .collect()
+    }
+
+    /// The stage keys that some pipeline state here refers to (what `gc --workspace-only`
+    /// keeps). Fails, naming them, if a state file cannot be read: its keys are unknown, and
+    /// collecting their records would lose finished work.
+    pub fn keys_in_use(&self) -> Result<HashSet<String>> {
+        let mut keys = HashSet::new();
+        let mut bad = Vec::new();
+        for (path, state) in self.state_files() {
+            match state {
+                Ok(s) => keys.extend(s.stages.into_values().map(|r| r.key)),
+                Err(problem) => bad.push(format!("{} is {problem}", self.shown(&path))),
+            }
+        }
+        if !bad.is_empty() {
+            bail!(
+                "{}; the records its stages use are unknown, so nothing was collected (run its \
+                 pipeline once: `repro run` sets the file aside and rebuilds the state from the \
+                 run cache)",
+                bad.join("; ")
+            );
+        }
+        Ok(keys)
+    }
+
+    /// A path as shown to the user: relative to the workspace when inside it.
+    pub fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
     }
 
     pub fn save_state(&self, pipeline_file: &Path, state: &State) -> Result<()> {
@@ -95,6 +212,17 @@ impl Workspace {
 
     pub fn scratch_dir(&self, stage: &str) -> PathBuf {
         self.state_dir.join("scratch").join(file_safe(stage))
+    }
+}
+
+/// A state file's content: `None` if there is no such file.
+fn read_state_file(path: &Path) -> std::result::Result<Option<State>, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| crate::cache::store::json_problem(&e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("unreadable ({e})")),
     }
 }
 

@@ -1,6 +1,5 @@
 //! Content hashing, the content-addressed store, stage keys and the workspace lock.
 
-pub mod atomic;
 pub mod hash;
 pub mod key;
 pub mod lock;
@@ -10,4 +9,4 @@ pub mod store;
 pub use hash::{Hasher, Snapshot};
 pub use key::KeyParts;
 pub use statcache::StatCache;
-pub use store::{OutRecord, Record, Store};
+pub use store::{flatten_metrics, GcReport, OutRecord, Record, Store, VerifyReport};

@@ -121,7 +121,7 @@ impl StatCache {
             out.extend_from_slice(&e.hash);
         }
         // A cache, not a result: a lost write only costs re-hashing, so no fsync.
-        super::atomic::write(path, &out, false)
+        crate::atomic::write(path, &out, false)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::exec::plan::{self, Decision};
 use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
-use crate::workspace::Workspace;
+use crate::workspace::{State, Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -51,11 +51,17 @@ enum Command {
         #[command(flatten)]
         p: PipelineArgs,
     },
-    /// A table of every stage's params and metrics.
+    /// Every stage's params and metrics: one table per stage of the pipeline file (a matrix
+    /// stage's expansions share one), each with only the columns its stages have.
     Show {
         #[command(flatten)]
         p: PipelineArgs,
-        /// CSV instead of aligned text.
+        /// Only these columns, in this order, in one table of the stages that have any of them
+        /// (`stage` always comes first): --columns ffn,budget,heldout_loss.
+        #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+        columns: Vec<String>,
+        /// CSV instead of aligned text: one table of every stage with the union of all columns
+        /// (or those of --columns), for a spreadsheet or pandas.
         #[arg(long)]
         csv: bool,
     },
@@ -136,39 +142,73 @@ pub fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let root = match &cli.dir {
-        Some(d) => d.clone(),
-        None => std::env::current_dir()?,
+    let root = || -> Result<PathBuf> {
+        let dir = match &cli.dir {
+            Some(d) => d.clone(),
+            None => std::env::current_dir()?,
+        };
+        dir.canonicalize()
+            .with_context(|| format!("no workspace folder {}", dir.display()))
     };
     let kinds = Registry::default();
-    let open = || Workspace::open(&root, cli.cache.as_deref());
-    let store = crate::workspace::store_location(&root, cli.cache.as_deref());
-    match cli.command {
+    let open = |root: &Path| Workspace::open(root, cli.cache.as_deref());
+    let store = |root: &Path| crate::workspace::store_location(root, cli.cache.as_deref());
+    // The pipeline is loaded before the workspace is opened (which creates `.repro/` and the
+    // store), so a missing or bad pipeline file leaves nothing behind.
+    match &cli.command {
         Command::Stage { context } => {
-            kinds.run_context_file(&context)?;
+            kinds.run_context_file(context)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run(args) => run(&open()?, &kinds, args),
-        Command::Status(p) => status(&open()?, &kinds, &p),
+        Command::Run(args) => {
+            let root = root()?;
+            let pipeline = load(&root, &store(&root), &kinds, &args.p)?;
+            run(&open(&root)?, &kinds, &pipeline, args)
+        }
+        Command::Status(p) => {
+            let root = root()?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            status(&open(&root)?, &kinds, &pipeline, p)
+        }
         Command::Dag { p, dot, mermaid } => {
-            let pipeline = load(&root, &store, &kinds, &p)?;
-            let text = if dot {
+            let pipeline = {
+                let root = root()?;
+                load(&root, &store(&root), &kinds, p)?
+            };
+            let text = if *dot {
                 pipeline.dag.to_dot(&pipeline.stages)
-            } else if mermaid {
+            } else if *mermaid {
                 pipeline.dag.to_mermaid(&pipeline.stages)
             } else {
                 inspect::dag_text(&pipeline)
             };
-            print!("{text}");
+            emit(text.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Log { stage, p } => {
-            inspect::log(&open()?, &load(&root, &store, &kinds, &p)?, &stage)
+            let root = root()?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            inspect::log(&open(&root)?, &pipeline, stage)
         }
-        Command::Show { p, csv } => inspect::show(&open()?, &load(&root, &store, &kinds, &p)?, csv),
-        Command::Verify => inspect::verify(&open()?),
-        Command::Gc { workspace_only } => inspect::gc(&open()?, workspace_only),
-        Command::Bench(args) => crate::bench::run(&args),
+        Command::Show { p, columns, csv } => {
+            let root = root()?;
+            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            inspect::show(&open(&root)?, &pipeline, columns, *csv)
+        }
+        Command::Verify => inspect::verify(&open(&root()?)?),
+        Command::Gc { workspace_only } => inspect::gc(&open(&root()?)?, *workspace_only),
+        Command::Bench(args) => crate::bench::run(args),
+    }
+}
+
+/// Writes to stdout. A closed pipe (`repro dag | head`) is not an error: the reader has all it
+/// wanted, so the command ends quietly and successfully.
+fn emit(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to stdout"),
     }
 }
 
@@ -213,9 +253,8 @@ fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
     Ok(pipeline.dag.with_ancestors(&pipeline.select(only)?))
 }
 
-fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
-    let pipeline = load(&ws.root, ws.store.root(), kinds, &args.p)?;
-    let selected = selection(&pipeline, &args.p.only)?;
+fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) -> Result<ExitCode> {
+    let selected = selection(pipeline, &args.p.only)?;
     let mut forced = vec![args.force_all; pipeline.stages.len()];
     for i in pipeline.select(&args.force)? {
         forced[i] = true;
@@ -240,9 +279,9 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
     let width = pipeline.longest_name();
 
     if args.dry_run {
-        let state = ws.load_state(&pipeline.file);
-        let plan = plan::plan(ws, &pipeline, &state, kinds, &selected, &forced)?;
-        print_plan(&pipeline, &plan.decisions, width);
+        let state = loaded_state(ws, pipeline);
+        let plan = plan::plan(ws, pipeline, &state, kinds, &selected, &forced)?;
+        print_plan(pipeline, &plan.decisions, width)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut reporter = Reporter::new(width);
@@ -252,7 +291,7 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the repro executable")?;
     let executor = Executor {
         ws,
-        pipeline: &pipeline,
+        pipeline,
         kinds,
         runner: &LocalRunner::default(),
         stage_program: vec![exe.display().to_string(), "__stage".into()],
@@ -288,27 +327,45 @@ fn run(ws: &Workspace, kinds: &Registry, args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn status(ws: &Workspace, kinds: &Registry, p: &PipelineArgs) -> Result<ExitCode> {
-    let pipeline = load(&ws.root, ws.store.root(), kinds, p)?;
-    let selected = selection(&pipeline, &p.only)?;
-    let state = ws.load_state(&pipeline.file);
+fn status(
+    ws: &Workspace,
+    kinds: &Registry,
+    pipeline: &Pipeline,
+    p: &PipelineArgs,
+) -> Result<ExitCode> {
+    let selected = selection(pipeline, &p.only)?;
+    let state = loaded_state(ws, pipeline);
     let plan = plan::plan(
         ws,
-        &pipeline,
+        pipeline,
         &state,
         kinds,
         &selected,
         &vec![false; pipeline.stages.len()],
     )?;
     let width = pipeline.longest_name();
-    print_plan(&pipeline, &plan.decisions, width);
     let _ = ws.stats.save(&ws.state_dir.join("statcache"));
+    print_plan(pipeline, &plan.decisions, width)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
+/// The pipeline's state for a command that only reads it; a state file that cannot be used
+/// is said on stderr (`repro run` sets it aside).
+fn loaded_state(ws: &Workspace, pipeline: &Pipeline) -> State {
+    let loaded = ws.load_state(&pipeline.file);
+    if let Some(bad) = &loaded.problem {
+        eprintln!(
+            "warning: {}; {} (`repro run` moves the file aside)",
+            bad.describe(ws),
+            STATE_LOST_CONSEQUENCE
+        );
+    }
+    loaded.state
+}
+
+fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) -> Result<()> {
+    use std::fmt::Write;
+    let mut out = String::new();
     let mut counts = [0usize; 4];
     for (s, d) in pipeline.stages.iter().zip(decisions) {
         let (label, why) = match d {
@@ -333,11 +390,12 @@ fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) {
             Decision::Wait(_) => 3,
             _ => 2,
         }] += 1;
-        let _ = writeln!(out, "{:<width$}  {label:<10}  {why}", s.name).map(|_| ());
+        writeln!(out, "{:<width$}  {label:<10}  {why}", s.name)?;
     }
-    let _ = writeln!(
+    writeln!(
         out,
         "{} up to date, {} to restore, {} to run, {} to run or skip after their upstreams",
         counts[0], counts[1], counts[2], counts[3]
-    );
+    )?;
+    emit(out.as_bytes())
 }

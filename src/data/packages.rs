@@ -138,7 +138,7 @@ pub fn fetch(
         package.blake3
     );
     let file = dir.join(downloaded.file_name().expect("a file has a name"));
-    std::fs::rename(&downloaded, &file).with_context(|| {
+    crate::atomic::rename_into(&downloaded, &file, true).with_context(|| {
         format!(
             "cannot move {} into {}",
             downloaded.display(),

@@ -17,7 +17,6 @@
 //! that travel to the GPU machine. Readers widen to u32.
 
 use anyhow::{bail, ensure, Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const SHARD_MAGIC: [u8; 4] = *b"RPTK";
@@ -59,15 +58,8 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: u32) -> Result<()> {
             bytes.extend_from_slice(&t.to_le_bytes());
         }
     }
-    let tmp = path.with_extension("tmp-write");
-    let mut file = std::fs::File::create(&tmp)
-        .with_context(|| format!("cannot create shard {}", tmp.display()))?;
-    file.write_all(&bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("cannot write shard {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    crate::atomic::write(path, &bytes, true)
+        .with_context(|| format!("cannot write shard {}", path.display()))
 }
 
 /// A shard read fully into memory (shards here are tens of MB; widening to u32 keeps every

@@ -244,27 +244,43 @@ pub fn plan(
 /// The decision for a stage whose key is known.
 pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, last: Option<&Record>) -> Decision {
     if let Some(last) = last.filter(|r| r.key == key) {
-        let stale: Vec<String> = stale_outs(ws, last).iter().map(StaleOut::reason).collect();
-        if stale.is_empty() {
+        let mut why: Vec<String> = stale_outs(ws, last).iter().map(StaleOut::reason).collect();
+        if why.is_empty() {
             return Decision::Skip;
         }
-        return if ws.store.has_record(key) {
-            Decision::Restore(stale)
-        } else {
-            Decision::Run(stale)
+        return match ws.store.read_record(key) {
+            Ok(Some(_)) => Decision::Restore(why),
+            Ok(None) => Decision::Run(why),
+            Err(e) => {
+                why.push(unreadable_record(&e));
+                Decision::Run(why)
+            }
         };
     }
-    let why = match last {
+    let mut why = match last {
         Some(last) => parts.changes_since(&last.parts),
         None => vec!["never run in this workspace".into()],
     };
-    if ws.store.has_record(key) {
-        let mut why = why;
-        why.push("this exact input was run before".into());
-        Decision::Restore(why)
-    } else {
-        Decision::Run(why)
+    match ws.store.read_record(key) {
+        Ok(Some(_)) => {
+            why.push("this exact input was run before".into());
+            Decision::Restore(why)
+        }
+        Ok(None) => Decision::Run(why),
+        Err(e) => {
+            why.push(unreadable_record(&e));
+            Decision::Run(why)
+        }
     }
+}
+
+/// Why a stage whose record cannot be read runs, and what becomes of the record.
+fn unreadable_record(e: &crate::cache::store::UnreadableRecord) -> String {
+    format!(
+        "this exact input was run before, but its record in the cache is {}: it runs again and \
+         a new record replaces the bad one",
+        e.problem
+    )
 }
 
 #[cfg(test)]

@@ -40,7 +40,18 @@ impl Executor<'_> {
             }
         }
         let capacity = |r: &str| capacities[r];
-        let state = self.ws.load_state(&p.file);
+        // A state file that cannot be used is set aside (never overwritten) and said.
+        let loaded = self.ws.load_state(&p.file);
+        if let Some(bad) = &loaded.problem {
+            let dest = self.ws.set_aside_state(bad)?;
+            reporter.note(&format!(
+                "warning: {}: moved aside to {}; {}",
+                bad.describe(self.ws),
+                self.ws.shown(&dest),
+                crate::workspace::STATE_LOST_CONSEQUENCE
+            ));
+        }
+        let state = loaded.state;
         let mut finished: Vec<(String, Record)> = Vec::new();
         let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
         let mut summary = Summary::default();
@@ -228,7 +239,7 @@ impl Executor<'_> {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         );
-        crate::cache::atomic::write(&marker, token.as_bytes(), true)?;
+        crate::atomic::write(&marker, token.as_bytes(), true)?;
         signals::install();
         Ok(token)
     }

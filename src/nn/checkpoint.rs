@@ -44,13 +44,11 @@ pub fn save(
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    // Write to a temporary name and rename, so a crash never leaves a half-written file.
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .with_context(|| format!("serialising {}", path.display()))?;
+    drop(owned);
+    // A crash never leaves a half-written checkpoint under its name.
+    crate::atomic::write(path, &bytes, true).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Buffers in the order of the requested prefixes, and the string metadata.

@@ -9,8 +9,6 @@ mod table;
 mod tokenise;
 pub mod train;
 
-pub use table::flatten as flatten_metrics;
-
 use crate::exec::plan::KindVersion;
 use crate::pipeline::Kinds;
 use anyhow::{Context, Result};

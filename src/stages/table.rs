@@ -14,6 +14,7 @@
 //! `group: [budget, ffn]`, only the row with the lowest `loss` of each group is kept.
 
 use super::{check_keys, StageContext, StageKind};
+use crate::cache::flatten_metrics;
 use anyhow::{bail, Context, Result};
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
@@ -75,7 +76,7 @@ impl StageKind for Table {
                 row.insert(k.clone(), v.clone());
             }
             if let Some(m) = &up.metrics {
-                flatten("", m, &mut row);
+                row.extend(flatten_metrics(m));
             }
             rows.push(row);
         }
@@ -144,25 +145,6 @@ fn best_per_group(
         }
     }
     winners.into_values().collect()
-}
-
-/// Nested metrics as flat columns: `{"a": {"b": 1}}` becomes `a.b = 1`.
-pub fn flatten(prefix: &str, value: &Value, row: &mut IndexMap<String, Value>) {
-    match value {
-        Value::Object(m) => {
-            for (k, v) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, row);
-            }
-        }
-        other => {
-            row.insert(prefix.to_string(), other.clone());
-        }
-    }
 }
 
 fn cell(v: &Value) -> String {

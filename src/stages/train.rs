@@ -469,18 +469,15 @@ fn save_resume(
     curve_file: &Path,
     fingerprint: &str,
 ) -> Result<()> {
-    // Temp names and renames: a kill during the save leaves the previous checkpoint intact.
-    let tmp = ckpt.with_extension("tmp");
-    trainer.save_checkpoint(&tmp)?;
-    std::fs::write(curve_file.with_extension("tmp"), curve)?;
-    std::fs::write(ckpt.with_extension("fingerprint.tmp"), fingerprint)?;
-    std::fs::rename(curve_file.with_extension("tmp"), curve_file)?;
-    std::fs::rename(
-        ckpt.with_extension("fingerprint.tmp"),
-        ckpt.with_extension("fingerprint"),
+    // Each file is replaced whole, the checkpoint last: a kill at any point leaves a checkpoint
+    // and a curve at least as long as it (resume cuts the curve back to the checkpoint's step).
+    crate::atomic::write(curve_file, curve.as_bytes(), true)?;
+    crate::atomic::write(
+        &ckpt.with_extension("fingerprint"),
+        fingerprint.as_bytes(),
+        true,
     )?;
-    std::fs::rename(&tmp, ckpt)?;
-    Ok(())
+    trainer.save_checkpoint(ckpt)
 }
 
 fn resume(ckpt: &Path, curve_file: &Path, fingerprint: &str) -> Result<Option<(Trainer, String)>> {

@@ -1,5 +1,8 @@
 //! Atomic file writes: fill a temp file, optionally fsync it, rename it over the destination.
 //! A reader sees the old file or the new one, never half of one.
+//!
+//! Shared by both halves (the store and workspace state, and the stage kinds' checkpoints,
+//! shards and downloads), so there is one way to do it.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -32,6 +35,15 @@ pub fn write_via(
 /// Writes `bytes` to `path` through a temp file beside it.
 pub fn write(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     write_via(&temp_beside(path), path, durable, |f| f.write_all(bytes))
+}
+
+/// Puts a file that is already complete at `tmp` (written by another program, such as a
+/// download) in place at `dest` (same filesystem), fsyncing it first if `durable`.
+pub fn rename_into(tmp: &Path, dest: &Path, durable: bool) -> io::Result<()> {
+    if durable {
+        File::open(tmp)?.sync_all()?;
+    }
+    std::fs::rename(tmp, dest)
 }
 
 /// `dir/.name.PID-N.tmp`: unique per process and call, on the destination's filesystem.
@@ -73,6 +85,21 @@ mod tests {
             left,
             vec![std::ffi::OsString::from("state.json")],
             "no temp file is left behind"
+        );
+    }
+
+    #[test]
+    fn rename_into_replaces_the_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, dest) = (dir.path().join("download"), dir.path().join("pkg.tgz"));
+        std::fs::write(&dest, b"old").unwrap();
+        std::fs::write(&tmp, b"new").unwrap();
+        rename_into(&tmp, &dest, true).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert!(!tmp.exists());
+        assert!(
+            rename_into(&tmp, &dest, true).is_err(),
+            "a missing source is an error"
         );
     }
 }
