@@ -27,6 +27,14 @@ pub const MAX_FILE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_EXPANSIONS: usize = 10_000;
 /// The whole pipeline may have this many times `max_expansions` stages.
 pub const PIPELINE_EXPANSIONS_FACTOR: usize = 20;
+/// The variables repro gives every stage; a pipeline may not set them.
+pub const STAGE_ENV: [&str; 5] = [
+    "REPRO_RUN",
+    "REPRO_STAGE",
+    "REPRO_SCRATCH",
+    "REPRO_PROGRESS",
+    "REPRO_WORKSPACE",
+];
 /// Longest stage name (a matrix expansion's name holds its values).
 pub const MAX_NAME_BYTES: usize = 1024;
 
@@ -692,7 +700,7 @@ impl Expander<'_> {
                     format!("`{}` is not a variable name", k.escape_debug()),
                 ));
             }
-            if k.starts_with("REPRO_") {
+            if STAGE_ENV.contains(&k.as_str()) {
                 return Err(ctx(
                     &["env", k],
                     "env",
