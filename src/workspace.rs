@@ -65,12 +65,13 @@ impl Workspace {
         let root = root
             .canonicalize()
             .with_context(|| format!("no workspace folder {}", root.display()))?;
+        let store_dir = store_location(&root, cache_dir)?;
         let state_dir = root.join(".repro");
         for sub in ["state", "logs", "scratch"] {
             std::fs::create_dir_all(state_dir.join(sub))
                 .with_context(|| format!("cannot create {}", state_dir.join(sub).display()))?;
         }
-        let store = Store::open(&store_location(&root, cache_dir))?;
+        let store = Store::open(&store_dir)?;
         let stats = StatCache::load(&state_dir.join("statcache"));
         Ok(Workspace {
             root,
@@ -226,16 +227,25 @@ fn read_state_file(path: &Path) -> std::result::Result<Option<State>, String> {
     }
 }
 
-/// The store: `cache_dir`, else `$REPRO_CACHE`, else `cache/` in the workspace `root`.
-pub fn store_location(root: &Path, cache_dir: Option<&Path>) -> PathBuf {
-    match cache_dir
+/// The store: `cache_dir`, else `$REPRO_CACHE`, else `cache/` in the workspace `root` (which
+/// is canonical). It may not be the workspace or hold it: it would hold every output.
+pub fn store_location(root: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = match cache_dir
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os("REPRO_CACHE").map(PathBuf::from))
     {
         Some(dir) if dir.is_absolute() => dir,
         Some(dir) => root.join(dir),
         None => root.join("cache"),
+    };
+    let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    if root.starts_with(&real) {
+        anyhow::bail!(
+            "the cache store {} is the workspace or a folder holding it; give the store a folder of its own (--cache DIR)",
+            dir.display()
+        );
     }
+    Ok(dir)
 }
 
 /// A stage or pipeline name as one file name, injectively: two names that differ never share a

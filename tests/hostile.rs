@@ -157,6 +157,18 @@ fn a_store_chosen_elsewhere_is_protected_too() {
 }
 
 #[test]
+fn the_store_cannot_be_the_workspace_or_hold_it() {
+    let ws = seasoned();
+    for store in [".", "./", "..", ws.root().to_str().unwrap()] {
+        let out = ws.repro(&["--cache", store, "run"]);
+        assert_eq!(out.status.code(), Some(2), "{store}: {}", text(&out));
+        assert!(text(&out).contains("a folder of its own"), "{}", text(&out));
+    }
+    assert!(!ws.root().join("objects").exists());
+    assert!(!ws.dir.path().join("objects").exists());
+}
+
+#[test]
 fn the_state_folder_and_the_pipeline_file_are_not_outs() {
     for (out, what) in [
         (".repro", "state folder"),

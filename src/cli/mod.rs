@@ -162,18 +162,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run(args) => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root), &kinds, &args.p)?;
+            let pipeline = load(&root, &store(&root)?, &kinds, &args.p)?;
             run(&open(&root)?, &kinds, &pipeline, args)
         }
         Command::Status(p) => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            let pipeline = load(&root, &store(&root)?, &kinds, p)?;
             status(&open(&root)?, &kinds, &pipeline, p)
         }
         Command::Dag { p, dot, mermaid } => {
             let pipeline = {
                 let root = root()?;
-                load(&root, &store(&root), &kinds, p)?
+                load(&root, &store(&root)?, &kinds, p)?
             };
             let text = if *dot {
                 pipeline.dag.to_dot(&pipeline.stages)
@@ -187,12 +187,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Log { stage, p } => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            let pipeline = load(&root, &store(&root)?, &kinds, p)?;
             inspect::log(&open(&root)?, &pipeline, stage)
         }
         Command::Show { p, columns, csv } => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root), &kinds, p)?;
+            let pipeline = load(&root, &store(&root)?, &kinds, p)?;
             inspect::show(&open(&root)?, &pipeline, columns, *csv)
         }
         Command::Verify => inspect::verify(&open(&root()?)?),
