@@ -47,10 +47,14 @@ fn refused(replace: &[&str], remove: &[&str], field: &str, also: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(2), "{replace:?}: {}", text(&out));
     assert_eq!(err.trim().lines().count(), 1, "one line:\n{err}");
-    for e in ["repro.yaml:", "stage `train`", &format!("with.{field}")]
+    // The error is reported at the field's own line (fields start on line 5), or at `with:`
+    // (line 4) for a field that is missing.
+    let line = fields
         .iter()
-        .chain(also)
-    {
+        .position(|f| f.split(':').next().unwrap().trim() == field)
+        .map_or(4, |i| 5 + i);
+    let at = format!("repro.yaml:{line}: stage `train`");
+    for e in [at.as_str(), &format!("with.{field}")].iter().chain(also) {
         assert!(err.contains(e), "{replace:?}: expected `{e}` in:\n{err}");
     }
     assert_eq!(ws.records(), 0);
