@@ -197,6 +197,11 @@ impl Workspace {
         let path = self.state_path(pipeline_file);
         atomic::write(&path, &serde_json::to_vec(state)?, true)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        self.save_stats()
+    }
+
+    /// Saves the stat cache if it learnt anything.
+    pub fn save_stats(&self) -> Result<()> {
         if self.stats.is_dirty() {
             self.stats
                 .save(&self.state_dir.join("statcache"))

@@ -67,6 +67,49 @@ fn diamond_runs_only_what_changed() {
     assert!(ws.run_ok(&["-S", "suffix=two"]).is_empty());
 }
 
+/// (path, size, modification time, inode) of every file under `.repro/` and `cache/`, but the
+/// stat cache (a run may learn file stats even when nothing runs) and the lock (whose holder
+/// names itself in it, unsynced, for a second run to report).
+fn metadata_of_repros_files(ws: &Ws) -> Vec<(String, u64, std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let root = ws.root();
+    let mut all: Vec<_> = [".repro", "cache"]
+        .iter()
+        .flat_map(|d| walk(&root.join(d)))
+        .filter(|p| !p.ends_with(".repro/statcache") && !p.ends_with(".repro/lock"))
+        .map(|p| {
+            let m = std::fs::metadata(&p).unwrap();
+            let rel = p.strip_prefix(&root).unwrap().display().to_string();
+            (rel, m.len(), m.modified().unwrap(), m.ino())
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+#[test]
+fn a_no_op_run_writes_nothing() {
+    let ws = diamond();
+    ws.run_ok(&[]);
+    let before = metadata_of_repros_files(&ws);
+    assert!(
+        before.iter().any(|f| f.0.starts_with(".repro/state/")),
+        "{before:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(ws.run_ok(&[]), Vec::<String>::new());
+    assert_eq!(
+        before,
+        metadata_of_repros_files(&ws),
+        "a no-op run rewrote a file"
+    );
+    assert!(!ws.root().join(".repro/running").exists());
+    // A run that does something still records it.
+    ws.write("data/in.txt", "changed\n");
+    assert!(!ws.run_ok(&[]).is_empty());
+    assert_ne!(before, metadata_of_repros_files(&ws));
+}
+
 #[test]
 fn upstream_rerun_with_identical_output_stops_there() {
     let ws = diamond();

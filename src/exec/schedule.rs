@@ -51,6 +51,7 @@ impl Executor<'_> {
                 crate::workspace::STATE_LOST_CONSEQUENCE
             ));
         }
+        let state_was_bad = loaded.problem.is_some();
         let state = loaded.state;
         let mut finished: Vec<(String, Record)> = Vec::new();
         let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
@@ -70,6 +71,12 @@ impl Executor<'_> {
                 }
                 _ => {}
             }
+        }
+        let crashed_before = self.ws.state_dir.join("running").exists();
+        if status.iter().all(|s| *s == Status::Done) && !state_was_bad && !crashed_before {
+            // Nothing to run or restore: a no-op writes nothing but what it learnt of file stats.
+            self.ws.save_stats()?;
+            return Ok(summary);
         }
         let shared = Shared {
             records: Mutex::new(records),
@@ -194,9 +201,13 @@ impl Executor<'_> {
                 ));
             }
         }
-        let mut state = state;
-        state.stages.extend(finished);
-        self.ws.save_state(&p.file, &state)?;
+        if finished.is_empty() && !state_was_bad {
+            self.ws.save_stats()?;
+        } else {
+            let mut state = state;
+            state.stages.extend(finished);
+            self.ws.save_state(&p.file, &state)?;
+        }
         self.end_run();
         Ok(summary)
     }
