@@ -105,6 +105,13 @@ fn a_missing_or_bad_pipeline_file_creates_nothing() {
         "{}",
         text(&out)
     );
+    // verify and gc in a folder with no store say so, and create none.
+    for args in [&["verify"][..], &["gc"], &["gc", "--workspace-only"]] {
+        let out = ws.repro(args);
+        assert!(out.status.success(), "repro {args:?}: {}", text(&out));
+        assert!(text(&out).contains("no cache store at"), "{}", text(&out));
+        assert!(!ws.root().join("cache").exists() && !ws.root().join(".repro").exists());
+    }
 }
 
 #[test]

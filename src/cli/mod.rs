@@ -195,8 +195,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let pipeline = load(&root, &store(&root)?, &kinds, p)?;
             inspect::show(&open(&root)?, &pipeline, columns, *csv)
         }
-        Command::Verify => inspect::verify(&open(&root()?)?),
-        Command::Gc { workspace_only } => inspect::gc(&open(&root()?)?, *workspace_only),
+        Command::Verify | Command::Gc { .. } => {
+            let root = root()?;
+            let store = store(&root)?;
+            if !store.is_dir() {
+                // Nothing to check or collect; opening the workspace would create a store.
+                emit(format!("no cache store at {}: nothing to do\n", store.display()).as_bytes())?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let ws = open(&root)?;
+            match &cli.command {
+                Command::Gc { workspace_only } => inspect::gc(&ws, *workspace_only),
+                _ => inspect::verify(&ws),
+            }
+        }
         Command::Bench(args) => crate::bench::run(args),
     }
 }
