@@ -7,7 +7,7 @@ use super::stage::{Outcome, Shared};
 use super::{default_capacity, runner, signals, Executor, RunOptions, Summary};
 use crate::cache::Record;
 use anyhow::{bail, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,6 +82,20 @@ impl Executor<'_> {
             records: Mutex::new(records),
         };
 
+        // Stages whose upstreams are all done, in pipeline order: the only ones the loop scans,
+        // so a turn costs what is ready, not what is in the pipeline.
+        let mut waiting_on: Vec<usize> = (0..n)
+            .map(|i| {
+                p.dag.upstream[i]
+                    .iter()
+                    .filter(|&&u| status[u] != Status::Done)
+                    .count()
+            })
+            .collect();
+        let mut ready: BTreeSet<usize> = (0..n)
+            .filter(|&i| status[i] == Status::Pending && waiting_on[i] == 0)
+            .collect();
+
         let token = self.begin_run(reporter)?;
         let (tx, rx) = mpsc::channel::<(usize, Result<Outcome>, Duration)>();
         let mut in_use: BTreeMap<String, u64> = BTreeMap::new();
@@ -100,18 +114,18 @@ impl Executor<'_> {
                     self.runner.interrupt();
                 }
                 if !stopping {
-                    for i in 0..n {
+                    let mut started = Vec::new();
+                    for &i in &ready {
                         if jobs_running >= opts.jobs {
                             break;
                         }
-                        let ready = status[i] == Status::Pending
-                            && p.dag.upstream[i].iter().all(|&u| status[u] == Status::Done);
                         let fits = p.stages[i].resources.iter().all(|(r, &need)| {
                             in_use.get(r).copied().unwrap_or(0) + need <= capacity(r)
                         });
-                        if !(ready && fits) {
+                        if status[i] != Status::Pending || !fits {
                             continue;
                         }
+                        started.push(i);
                         status[i] = Status::Running;
                         jobs_running += 1;
                         for (r, &need) in &p.stages[i].resources {
@@ -129,6 +143,9 @@ impl Executor<'_> {
                             let outcome = self.execute(i, state, shared, token, forced);
                             let _ = tx.send((i, outcome, t0.elapsed()));
                         });
+                    }
+                    for i in started {
+                        ready.remove(&i);
                     }
                 }
                 if jobs_running == 0 {
@@ -181,6 +198,12 @@ impl Executor<'_> {
                         finished.push((name.clone(), rec.clone()));
                         shared.records.lock().expect("records")[i] = Some(rec);
                         status[i] = Status::Done;
+                        for &d in &p.dag.downstream[i] {
+                            waiting_on[d] -= 1;
+                            if waiting_on[d] == 0 && status[d] == Status::Pending {
+                                ready.insert(d);
+                            }
+                        }
                     }
                     Err(e) => {
                         reporter.finished(name, "failed", Some(elapsed), &format!("{e:#}"));

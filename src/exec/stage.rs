@@ -67,7 +67,7 @@ impl Executor<'_> {
                 _ => {}
             }
         }
-        self.run_stage(stage, key, parts, shared, token)
+        self.run_stage(i, key, parts, shared, token)
     }
 
     /// Puts a recorded result back in the workspace (only the outs that differ).
@@ -91,12 +91,13 @@ impl Executor<'_> {
     /// outs is moved aside, so that no partial file can pass for a result.
     fn run_stage(
         &self,
-        stage: &Stage,
+        i: usize,
         key: String,
         parts: crate::cache::KeyParts,
         shared: &Shared,
         token: &str,
     ) -> Result<Outcome> {
+        let stage = &self.pipeline.stages[i];
         // Checked at load, and again now: an upstream may have made a symlink since.
         for out in &stage.outs {
             if let Some(why) = self.pipeline.own.refuse_out(out) {
@@ -104,7 +105,7 @@ impl Executor<'_> {
             }
         }
         let outcome = self
-            .run_and_store(stage, key, parts, shared, token)
+            .run_and_store(i, key, parts, shared, token)
             .unwrap_or_else(|e| Outcome::Failed {
                 why: format!("{e:#}"),
                 log: None,
@@ -154,12 +155,13 @@ impl Executor<'_> {
 
     fn run_and_store(
         &self,
-        stage: &Stage,
+        i: usize,
         key: String,
         parts: crate::cache::KeyParts,
         shared: &Shared,
         token: &str,
     ) -> Result<Outcome> {
+        let stage = &self.pipeline.stages[i];
         let root = &self.ws.root;
         // Outs are cleared first, so nothing stale or partial can pass for this run's output.
         for out in &stage.outs {
@@ -189,7 +191,7 @@ impl Executor<'_> {
         let argv = match &stage.action {
             Action::Cmd { resolved, .. } => vec!["sh".into(), "-c".into(), resolved.clone()],
             Action::Uses { kind, with } => {
-                let context = self.stage_context(stage, kind, with, shared);
+                let context = self.stage_context(i, kind, with, shared);
                 let file = scratch.join("context.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&context)?)?;
                 let mut argv = self.stage_program.clone();
@@ -279,13 +281,13 @@ impl Executor<'_> {
     /// metrics (what a `table` gathers).
     fn stage_context(
         &self,
-        stage: &Stage,
+        i: usize,
         kind: &str,
         with: &serde_json::Map<String, serde_json::Value>,
         shared: &Shared,
     ) -> serde_json::Value {
         let p = self.pipeline;
-        let i = p.index_of(&stage.name).expect("stage of this pipeline");
+        let stage = &p.stages[i];
         let records = shared.records.lock().expect("records");
         let upstream: Vec<serde_json::Value> = p.dag.upstream[i]
             .iter()
