@@ -92,11 +92,13 @@ impl Workspace {
         }
     }
 
+    /// One state file per pipeline file, however its path is spelt (`./p.yaml`, `x//p.yaml`).
     fn state_path(&self, pipeline_file: &Path) -> PathBuf {
-        self.state_dir.join("state").join(format!(
-            "{}.json",
-            file_safe(&pipeline_file.to_string_lossy())
-        ))
+        let given = pipeline_file.to_string_lossy();
+        let name = crate::pipeline::normalize(&given).unwrap_or_else(|_| given.into_owned());
+        self.state_dir
+            .join("state")
+            .join(format!("{}.json", file_safe(&name)))
     }
 
     /// The state of a pipeline: empty if it has never run here; empty with the problem if its
@@ -244,11 +246,34 @@ pub fn store_location(root: &Path, cache_dir: Option<&Path>) -> Result<PathBuf> 
         None => root.join("cache"),
     };
     let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-    if root.starts_with(&real) {
-        anyhow::bail!(
-            "the cache store {} is the workspace or a folder holding it; give the store a folder of its own (--cache DIR)",
+    let refuse = |why: &str| {
+        anyhow::anyhow!(
+            "the cache store {} {why}; give the store a folder of its own (--cache DIR)",
             dir.display()
-        );
+        )
+    };
+    if root.starts_with(&real) {
+        return Err(refuse("is the workspace or a folder holding it"));
+    }
+    for own in [".repro", ".git"] {
+        if real.starts_with(root.join(own)) {
+            return Err(refuse(&format!("is inside the workspace's `{own}`")));
+        }
+    }
+    // gc and verify delete and move what they do not recognise: never in someone else's folder.
+    if let Ok(entries) = std::fs::read_dir(&real) {
+        let foreign: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !Store::ENTRIES.contains(&n.as_str()))
+            .take(3)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(refuse(&format!(
+                "is not a repro store (it holds `{}`)",
+                foreign.join("`, `")
+            )));
+        }
     }
     Ok(dir)
 }

@@ -166,6 +166,29 @@ fn the_store_cannot_be_the_workspace_or_hold_it() {
     }
     assert!(!ws.root().join("objects").exists());
     assert!(!ws.dir.path().join("objects").exists());
+
+    // Nor a folder that is someone else's: gc and verify would delete or move its files.
+    ws.write(".git/HEAD", "ref: refs/heads/main\n");
+    ws.write(".git/objects/ab/cdef", "a git object");
+    ws.write("photos/cat.jpg", "meow");
+    for (store, why) in [
+        (".git", "inside the workspace's `.git`"),
+        (".git/objects", "inside the workspace's `.git`"),
+        (".repro", "inside the workspace's `.repro`"),
+        (".repro/store", "inside the workspace's `.repro`"),
+        ("photos", "is not a repro store (it holds `cat.jpg`)"),
+    ] {
+        for cmd in [&["run"][..], &["gc"], &["verify"]] {
+            let mut args = vec!["--cache", store];
+            args.extend_from_slice(cmd);
+            let out = ws.repro(&args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+            assert!(text(&out).contains(why), "{args:?}: {}", text(&out));
+        }
+    }
+    assert_eq!(ws.read(".git/objects/ab/cdef"), "a git object");
+    assert_eq!(ws.read("photos/cat.jpg"), "meow");
+    assert!(!ws.root().join(".repro/store").exists());
 }
 
 #[test]
@@ -638,4 +661,136 @@ fn dot_and_mermaid_escape_every_name() {
     assert!(mermaid.contains("q#quot;uote"), "{mermaid}");
     assert!(mermaid.contains("#lt;b#gt;html#lt;/b#gt;"), "{mermaid}");
     assert!(mermaid.contains("hash#35;35;"), "{mermaid}");
+}
+
+#[test]
+fn fifos_and_devices_are_refused_never_waited_on() {
+    let mkfifo = |ws: &Ws, rel: &str| {
+        let path = ws.root().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a plain mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    // As a dep, a dep folder's file, or a device.
+    for (setup, deps) in [("ff", "ff"), ("dd/f", "dd"), ("", "/dev/zero")] {
+        let ws = Ws::new(&format!(
+            "stages:\n  a: {{cmd: 'echo a > o', deps: ['{deps}'], outs: [o]}}\n"
+        ));
+        if !setup.is_empty() {
+            mkfifo(&ws, setup);
+        }
+        let t0 = Instant::now();
+        let out = ws.repro(&["status"]);
+        assert_eq!(out.status.code(), Some(2), "{deps}: {}", text(&out));
+        assert!(t0.elapsed() < Duration::from_secs(20), "hang detector");
+    }
+    // As an out, a metrics file, or inside an out folder: the stage fails, nothing is stored.
+    for (cmd, outs) in [
+        ("mkfifo o", "[o]"),
+        ("mkdir d && mkfifo d/f", "[d]"),
+        ("mkfifo m.json", "[]\n    metrics: m.json"),
+    ] {
+        let ws = Ws::new(&format!(
+            "stages:\n  a:\n    cmd: '{cmd}'\n    outs: {outs}\n"
+        ));
+        let t0 = Instant::now();
+        let out = ws.repro(&["run"]);
+        assert!(t0.elapsed() < Duration::from_secs(20), "hang detector");
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", text(&out));
+        let line = &stage_lines(&text(&out))[0];
+        assert_eq!(line.state, "failed", "{cmd}");
+        assert!(
+            line.detail.contains("fifo") || line.detail.contains("cannot be read"),
+            "{cmd}: {}",
+            line.detail
+        );
+        assert_eq!(ws.records(), 0);
+    }
+}
+
+#[test]
+fn an_out_made_a_link_into_the_store_is_not_a_result() {
+    let ws = seasoned();
+    ws.write(
+        "repro.yaml",
+        "stages:\n  a: {cmd: 'ln -s cache/objects out', outs: [out]}\n",
+    );
+    let out = ws.repro(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let line = &stage_lines(&text(&out))[0];
+    assert!(
+        line.detail.contains("a result may not lead there"),
+        "{}",
+        line.detail
+    );
+    assert_eq!(ws.records(), 1, "only the seed's record");
+    assert!(
+        !ws.root().join("out").exists(),
+        "the link was left in place"
+    );
+    // The pipeline is not stuck: the next run tries again and says the same.
+    let out = ws.repro(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn more_hostile_inputs_are_refused_at_their_line() {
+    for (pipeline, expect) in [
+        (
+            "stages:\n  a: {cmd: \"echo \\0 > x\"}\n",
+            "repro.yaml:2: stage `a`: cmd: holds a NUL byte",
+        ),
+        (
+            "stages:\n  a:\n    cmd: 'true'\n    env: {A: \"x\\0y\"}\n",
+            "repro.yaml:4: stage `a`",
+        ),
+        ("stages:\n  a: {cmd: ''}\n", "cmd: is empty"),
+        (
+            "stages:\n  a: {cmd: 'true'}\n---\nstages: {}\n",
+            "repro.yaml:3:",
+        ),
+        (
+            "stages:\n  a: {cmd: 'true'}\n\0\n",
+            "repro.yaml:3: a NUL byte",
+        ),
+    ] {
+        refused(pipeline, &[expect]);
+    }
+    let ws = seasoned();
+    for bad in ["0", "99999999999", "-1", "x"] {
+        let out = ws.repro(&["run", "--max-expansions", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+        assert!(ws.calls().is_empty());
+    }
+}
+
+#[test]
+fn overrides_that_yaml_reads_as_null_keep_their_text() {
+    let ws = Ws::new("params: {x: a}\nstages:\n  a: {cmd: 'printf \"%s\" \"${params.x}\" > o.txt', outs: [o.txt]}\n");
+    for (given, want) in [
+        ("#ff0000", "#ff0000"),
+        ("---", "---"),
+        ("red", "red"),
+        ("null", "null"),
+    ] {
+        ws.run_ok(&["-S", &format!("x={given}")]);
+        assert_eq!(ws.read("o.txt"), want, "-S x={given}");
+    }
+}
+
+#[test]
+fn one_pipeline_one_state_file_however_its_path_is_spelt() {
+    let ws = Ws::new("stages: {}\n");
+    ws.write(
+        "x/p.yaml",
+        "stages:\n  a: {cmd: 'echo a >> \"$CALLS\"; echo a > a.txt', outs: [a.txt]}\n",
+    );
+    assert_eq!(ws.run_ok(&["x/p.yaml"]), ["a"]);
+    for spelling in ["./x/p.yaml", "x//p.yaml", "x/./p.yaml"] {
+        let out = ws.repro(&["status", spelling]);
+        assert_eq!(status_of(&text(&out), "a").0, "up to date", "{spelling}");
+    }
+    let states = walk(&ws.root().join(".repro/state"));
+    assert_eq!(states.len(), 1, "{states:?}");
 }

@@ -97,7 +97,15 @@ impl Hasher<'_> {
         let full = self.root.join(rel);
         let meta = match std::fs::symlink_metadata(&full) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // `o/x` where `o` is a file is as absent as a path that is not there.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(e),
         };
         if meta.file_type().is_symlink() {
@@ -119,6 +127,16 @@ impl Hasher<'_> {
 
     fn file_snapshot(&self, rel: &str, full: &Path) -> io::Result<Snapshot> {
         let meta = std::fs::metadata(full)?;
+        if !meta.is_file() {
+            // Opening a fifo would block for ever, and a device may never end.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "`{rel}` is a {}: only files, folders and links can be hashed",
+                    special_kind(&meta)
+                ),
+            ));
+        }
         let stamp = FileStamp::of(&meta);
         let exec = meta.permissions().mode() & 0o111 != 0;
         let hash = match self.stats.get(rel, &stamp) {
@@ -216,7 +234,32 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, bool)>) -> io::Result<(
     Ok(())
 }
 
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "fifo"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
 pub fn hash_file(path: &Path, size: u64) -> io::Result<blake3::Hash> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a {}, not a file",
+                path.display(),
+                special_kind(&meta)
+            ),
+        ));
+    }
     let mut hasher = blake3::Hasher::new();
     if size >= PARALLEL_HASH_BYTES {
         hasher.update_mmap_rayon(path)?;

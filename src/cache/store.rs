@@ -191,6 +191,9 @@ pub struct Store {
 }
 
 impl Store {
+    /// What a store folder holds (`.gitkeep` keeps an empty `cache/` in a repository).
+    pub const ENTRIES: [&'static str; 5] = ["objects", "records", "tmp", "corrupt", ".gitkeep"];
+
     pub fn open(root: &Path) -> Result<Store> {
         for sub in ["objects", "records", "tmp"] {
             fs::create_dir_all(root.join(sub)).with_context(|| {

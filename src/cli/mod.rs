@@ -92,7 +92,12 @@ struct PipelineArgs {
     #[arg(long, value_name = "STAGE")]
     only: Vec<String>,
     /// Most stages one matrix may expand to (the whole pipeline: 20 times as many).
-    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_MAX_EXPANSIONS)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::pipeline::DEFAULT_MAX_EXPANSIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=crate::pipeline::MAX_STAGES as u64)
+    )]
     max_expansions: usize,
 }
 

@@ -232,6 +232,12 @@ impl Executor<'_> {
         }
         let duration_s = t0.elapsed().as_secs_f64();
 
+        // An out the stage made a link into the store or the state would be restored as one.
+        for out in &stage.outs {
+            if let Some(why) = self.pipeline.own.refuse_out(out) {
+                return failed(format!("{why}: a result may not lead there"));
+            }
+        }
         // Everything is checked before anything is stored: a stage that exits 0 without all
         // its outs, or with metrics that are not a JSON object, stores nothing.
         let hasher = self.ws.hasher();

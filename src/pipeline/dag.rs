@@ -249,13 +249,11 @@ fn escapes_workspace(workspace: &Path, out: &str) -> Option<String> {
             return None;
         };
         if meta.file_type().is_symlink() {
-            let inside = path
-                .canonicalize()
-                .map(|p| p.starts_with(&root))
-                .unwrap_or(false);
-            if !inside {
-                let shown = path.strip_prefix(workspace).unwrap_or(&path).display();
-                return Some(format!("out `{out}` goes through symlink `{shown}`, which points outside the workspace"));
+            let shown = path.strip_prefix(workspace).unwrap_or(&path).display();
+            match path.canonicalize() {
+                Ok(p) if p.starts_with(&root) => {}
+                Ok(_) => return Some(format!("out `{out}` goes through symlink `{shown}`, which points outside the workspace")),
+                Err(_) => return Some(format!("out `{out}` goes through symlink `{shown}`, which points nowhere")),
             }
         }
     }

@@ -25,8 +25,10 @@ pub use dag::Dag;
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Default of `--max-expansions`: the stages one matrix may expand to.
 pub const DEFAULT_MAX_EXPANSIONS: usize = 10_000;
-/// The whole pipeline may have this many times `max_expansions` stages.
+/// The whole pipeline may have this many times `max_expansions` stages…
 pub const PIPELINE_EXPANSIONS_FACTOR: usize = 20;
+/// …and never more than this, whatever `--max-expansions` says (a stage costs about 1 KiB).
+pub const MAX_STAGES: usize = 2_000_000;
 /// The variables repro gives every stage; a pipeline may not set them.
 pub const STAGE_ENV: [&str; 5] = [
     "REPRO_RUN",
@@ -194,6 +196,10 @@ impl Pipeline {
         if source.len() as u64 > MAX_FILE_BYTES {
             bail!("{shown}:1: larger than {} MiB", MAX_FILE_BYTES >> 20);
         }
+        if let Some(at) = source.find('\0') {
+            let line = source[..at].matches('\n').count() + 1;
+            bail!("{shown}:{line}: a NUL byte; a pipeline file is text");
+        }
         let spans =
             spans::scan(source).map_err(|e| anyhow!("{shown}:{}", one_line(&e.to_string())))?;
         let parsed: PipelineFile =
@@ -206,7 +212,12 @@ impl Pipeline {
                 let mut path = vec!["params"];
                 path.extend(key.split('.'));
                 let line = spans.line(&path).unwrap_or(1);
-                anyhow!("{shown}:{line}: -S {}: {e}", item.escape_debug())
+                let cut = item.floor_char_boundary(80);
+                let more = if cut < item.len() { "…" } else { "" };
+                anyhow!(
+                    "{shown}:{line}: -S {}{more}: {e}",
+                    item[..cut].escape_debug()
+                )
             })?;
         }
         let stages_line = spans.line(&["stages"]).unwrap_or(1);
@@ -219,7 +230,10 @@ impl Pipeline {
             budget: Budget::new(template::BUDGET_BYTES),
             max_expansions: opts.max_expansions.max(1),
         };
-        let total_limit = ex.max_expansions.saturating_mul(PIPELINE_EXPANSIONS_FACTOR);
+        let total_limit = ex
+            .max_expansions
+            .saturating_mul(PIPELINE_EXPANSIONS_FACTOR)
+            .min(MAX_STAGES);
         let mut errors = Vec::new();
         let mut stages = Vec::new();
         for (base, spec) in &parsed.stages {
@@ -343,7 +357,14 @@ fn apply_override(params: &mut IndexMap<String, Value>, item: &str) -> Result<()
             key.trim()
         ));
     }
-    let value: Value = serde_yaml_ng::from_str(raw).map_err(|e| format!("bad value: {e}"))?;
+    let value: Value = match serde_yaml_ng::from_str(raw) {
+        // `#ff0000` or `---` read as YAML are null: what the user typed is the text.
+        Ok(Value::Null) if !matches!(raw.trim(), "null" | "Null" | "NULL" | "~") => {
+            Value::String(raw.to_string())
+        }
+        Ok(v) => v,
+        Err(e) => return Err(format!("bad value: {e}")),
+    };
     let mut parts = key.trim().split('.');
     let first = parts.next().unwrap_or_default();
     let known = params_list(params);
@@ -504,8 +525,10 @@ impl Expander<'_> {
             return Err(issue_at(
                 &["matrix"],
                 format!(
-                    "the matrix would expand to {count_text} stages, past the limit of {} stages in all ({PIPELINE_EXPANSIONS_FACTOR} × --max-expansions)",
-                    self.max_expansions.saturating_mul(PIPELINE_EXPANSIONS_FACTOR)
+                    "the matrix would expand to {count_text} stages, past the limit of {} stages in all ({PIPELINE_EXPANSIONS_FACTOR} × --max-expansions, at most {MAX_STAGES})",
+                    self.max_expansions
+                        .saturating_mul(PIPELINE_EXPANSIONS_FACTOR)
+                        .min(MAX_STAGES)
                 ),
             ));
         }
@@ -606,6 +629,12 @@ impl Expander<'_> {
         let action = if let Some(cmd) = &spec.cmd {
             let resolved = template::resolve_text(cmd, &scope, &mut used)
                 .map_err(|e| ctx(&["cmd"], "cmd", e))?;
+            if resolved.trim().is_empty() {
+                return Err(ctx(&["cmd"], "cmd", "is empty".into()));
+            }
+            if resolved.contains('\0') {
+                return Err(ctx(&["cmd"], "cmd", "holds a NUL byte".into()));
+            }
             Action::Cmd {
                 template: cmd.clone(),
                 resolved,
@@ -692,7 +721,10 @@ impl Expander<'_> {
                 .map(|k| (k.clone(), std::env::var(k).ok()))
                 .collect(),
         };
-        for (k, _) in &env {
+        for (k, v) in &env {
+            if v.as_deref().is_some_and(|v| v.contains('\0')) {
+                return Err(ctx(&["env", k], "env", format!("`{k}` holds a NUL byte")));
+            }
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(ctx(
                     &["env", k],

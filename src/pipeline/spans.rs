@@ -70,7 +70,7 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
     // Anchored containers still open: (anchor id, node count when opened, nesting depth).
     let mut anchors_open: Vec<(usize, u64, usize)> = Vec::new();
     let mut anchor_size: HashMap<usize, u64> = HashMap::new();
-    let (mut nodes, mut expanded) = (0u64, 0u64);
+    let (mut nodes, mut expanded, mut documents) = (0u64, 0u64, 0);
     loop {
         let (event, mark) = parser.next_token().map_err(|e| SpanError {
             line: e.marker().line(),
@@ -87,6 +87,15 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
         };
         let (anchor, opens) = match &event {
             Event::StreamEnd => break,
+            Event::DocumentStart => {
+                documents += 1;
+                if documents > 1 {
+                    return Err(err(
+                        "a second YAML document (`---`); a pipeline file holds one".into(),
+                    ));
+                }
+                continue;
+            }
             Event::Scalar(text, _, anchor, _) => {
                 if text.len() > MAX_SCALAR_BYTES {
                     return Err(err(format!(
@@ -265,6 +274,13 @@ mod tests {
         assert!(e.msg.contains("aliases"), "{e}");
         // A few aliases are fine.
         scan("params:\n  a: &x [1, 2]\n  b: *x\n  c: *x\nstages: {}\n").unwrap();
+    }
+
+    #[test]
+    fn one_document_per_file() {
+        let e = scan("stages: {a: {cmd: x}}\n---\nstages: {}\n").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        scan("---\nstages: {a: {cmd: x}}\n").unwrap();
     }
 
     #[test]
