@@ -289,3 +289,27 @@ fn gc_keeps_what_records_need() {
     );
     assert!(ws.repro(&["verify"]).status.success());
 }
+
+#[test]
+fn a_metric_named_like_a_param_never_hides_it() {
+    let ws = Ws::new(
+        "stages:\n  tr:\n    matrix: {m: [a, b]}\n    cmd: 'echo \"{\\\"m\\\": \\\"shadow\\\", \\\"loss\\\": 1}\" > m-${matrix.m}.json'\n    metrics: 'm-${matrix.m}.json'\n  t:\n    uses: table\n    needs: [tr]\n    outs: [t.csv]\n",
+    );
+    ws.run_ok(&[]);
+    let csv = ws.read("t.csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let m = header.iter().position(|c| *c == "m").expect("column m");
+    let shadow = header
+        .iter()
+        .position(|c| *c == "metrics.m")
+        .expect("column metrics.m");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let mut ms: Vec<&str> = rows.iter().map(|r| r[m]).collect();
+    ms.sort();
+    assert_eq!(ms, ["a", "b"], "{csv}");
+    assert!(rows.iter().all(|r| r[shadow] == "shadow"), "{csv}");
+    let show = ws.repro(&["show"]);
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("metrics.m"), "{show}");
+}

@@ -9,4 +9,6 @@ pub mod store;
 pub use hash::{Hasher, Snapshot};
 pub use key::KeyParts;
 pub use statcache::StatCache;
-pub use store::{flatten_metrics, GcReport, OutRecord, Record, Store, VerifyReport};
+pub use store::{
+    flatten_metrics, metric_columns, GcReport, OutRecord, Record, Store, VerifyReport,
+};

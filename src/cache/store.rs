@@ -43,13 +43,33 @@ pub struct Record {
 }
 
 impl Record {
-    /// The metrics as flat columns (see [`flatten_metrics`]); empty if the stage has none.
-    pub fn flat_metrics(&self) -> IndexMap<String, serde_json::Value> {
+    /// The metrics as flat columns beside `beside` (see [`metric_columns`]); empty if the
+    /// stage has none.
+    pub fn flat_metrics(
+        &self,
+        beside: &IndexMap<String, serde_json::Value>,
+    ) -> IndexMap<String, serde_json::Value> {
         self.metrics
             .as_ref()
-            .map(flatten_metrics)
+            .map(|m| metric_columns(m, beside))
             .unwrap_or_default()
     }
+}
+
+/// Metrics as columns of a row that already holds `beside` (the stage, its params): a metric
+/// named like one of those, with another value, becomes `metrics.NAME`, so that it can never
+/// hide the param (a matrix value, say) that tells two rows apart.
+pub fn metric_columns(
+    metrics: &serde_json::Value,
+    beside: &IndexMap<String, serde_json::Value>,
+) -> IndexMap<String, serde_json::Value> {
+    flatten_metrics(metrics)
+        .into_iter()
+        .map(|(k, v)| match beside.get(&k) {
+            Some(b) if *b != v => (format!("metrics.{k}"), v),
+            _ => (k, v),
+        })
+        .collect()
 }
 
 /// Nested metrics as flat columns, in order: `{"a": {"b": 1}, "c": 2}` becomes `a.b = 1`,

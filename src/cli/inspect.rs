@@ -92,12 +92,16 @@ pub fn show(ws: &Workspace, p: &Pipeline, columns: &[String], csv_out: bool) -> 
             if let Some(r) = record {
                 cells.insert("seconds".into(), format!("{:.2}", r.duration_s));
             }
-            for (k, v) in stage_params(s) {
-                cells.insert(k, crate::pipeline::template::display(&v));
+            let mut beside: IndexMap<String, serde_json::Value> =
+                stage_params(s).into_iter().collect();
+            beside.insert("stage".into(), s.name.clone().into());
+            for (k, v) in &beside {
+                cells.insert(k.clone(), crate::pipeline::template::display(v));
             }
             if let Some(r) = record {
+                beside.insert("seconds".into(), cells["seconds"].clone().into());
                 cells.extend(
-                    r.flat_metrics()
+                    r.flat_metrics(&beside)
                         .iter()
                         .map(|(k, v)| (k.clone(), crate::pipeline::template::display(v))),
                 );

@@ -14,7 +14,7 @@
 //! `group: [budget, ffn]`, only the row with the lowest `loss` of each group is kept.
 
 use super::{check_keys, StageContext, StageKind};
-use crate::cache::flatten_metrics;
+use crate::cache::metric_columns;
 use anyhow::{bail, Context, Result};
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
@@ -76,7 +76,8 @@ impl StageKind for Table {
                 row.insert(k.clone(), v.clone());
             }
             if let Some(m) = &up.metrics {
-                row.extend(flatten_metrics(m));
+                let cols = metric_columns(m, &row);
+                row.extend(cols);
             }
             rows.push(row);
         }
