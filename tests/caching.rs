@@ -3,34 +3,6 @@
 mod common;
 use common::*;
 
-const DIAMOND: &str = r#"
-params: {suffix: one, unused: 5}
-stages:
-  top:
-    cmd: echo top >> "$CALLS" && tr a-z A-Z < data/in.txt > top.txt
-    deps: [data/in.txt]
-    outs: [top.txt]
-  left:
-    cmd: echo left >> "$CALLS" && (cat top.txt; echo ${params.suffix}) > left.txt
-    deps: [top.txt]
-    outs: [left.txt]
-  right:
-    cmd: echo right >> "$CALLS" && (cat top.txt; cat data/side.txt) > right.txt
-    deps: [top.txt, data/side.txt]
-    outs: [right.txt]
-  bottom:
-    cmd: echo bottom >> "$CALLS" && cat left.txt right.txt > bottom.txt
-    deps: [left.txt, right.txt]
-    outs: [bottom.txt]
-"#;
-
-fn diamond() -> Ws {
-    let ws = Ws::new(DIAMOND);
-    ws.write("data/in.txt", "hello\n");
-    ws.write("data/side.txt", "side\n");
-    ws
-}
-
 #[test]
 fn diamond_runs_only_what_changed() {
     let ws = diamond();

@@ -6,42 +6,12 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
-const DIAMOND: &str = r#"
-stages:
-  top:
-    cmd: echo top >> "$CALLS" && tr a-z A-Z < data/in.txt > top.txt
-    deps: [data/in.txt]
-    outs: [top.txt]
-  left:
-    cmd: echo left >> "$CALLS" && (cat top.txt; echo left) > left.txt
-    deps: [top.txt]
-    outs: [left.txt]
-  right:
-    cmd: echo right >> "$CALLS" && (cat top.txt; cat data/side.txt) > right.txt
-    deps: [top.txt, data/side.txt]
-    outs: [right.txt]
-  bottom:
-    cmd: echo bottom >> "$CALLS" && cat left.txt right.txt > bottom.txt
-    deps: [left.txt, right.txt]
-    outs: [bottom.txt]
-"#;
-
 const STATE: &str = ".repro/state/repro.yaml.json";
 
-fn diamond() -> Ws {
-    let ws = Ws::new(DIAMOND);
-    ws.write("data/in.txt", "hello\n");
-    ws.write("data/side.txt", "side\n");
+fn ran() -> Ws {
+    let ws = diamond();
     assert_eq!(ws.run_ok(&[]), ["bottom", "left", "right", "top"]);
     ws
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Files in `.repro/state/` whose name starts with `repro.yaml.json.corrupt-`.
@@ -58,7 +28,7 @@ fn set_aside_states(ws: &Ws) -> Vec<PathBuf> {
 }
 
 fn damaged_state_is_said_set_aside_and_nothing_reruns(damage: &[u8], what: &str) {
-    let ws = diamond();
+    let ws = ran();
     let state = ws.root().join(STATE);
     let damaged: Vec<u8> = if damage.is_empty() {
         // Truncated: the first half of the real file.
@@ -153,7 +123,7 @@ fn empty_state_file() {
 
 #[test]
 fn show_and_log_say_the_state_file_is_damaged() {
-    let ws = diamond();
+    let ws = ran();
     std::fs::write(ws.root().join(STATE), "{").unwrap();
     let out = ws.repro(&["show"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -174,7 +144,7 @@ fn show_and_log_say_the_state_file_is_damaged() {
 
 #[test]
 fn gc_workspace_only_refuses_while_a_state_file_is_damaged() {
-    let ws = diamond();
+    let ws = ran();
     ws.write("data/side.txt", "v2\n");
     ws.run_ok(&[]);
     let records = ws.records();
@@ -222,7 +192,7 @@ fn damage(path: &std::path::Path, bytes: &[u8]) {
 
 #[test]
 fn damaged_record_runs_its_stage_and_the_run_cache_restores_the_rest() {
-    let ws = diamond();
+    let ws = ran();
     let right = record_of(&ws, "right");
     let key = right.file_stem().unwrap().to_string_lossy().into_owned();
     damage(&right, b"{\"key\": \"");
@@ -253,7 +223,7 @@ fn damaged_record_runs_its_stage_and_the_run_cache_restores_the_rest() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(ws.calls(), ["right"]);
     assert!(stderr(&out).contains("restored  bottom"), "{}", text(&out));
-    assert_eq!(ws.read("bottom.txt"), "HELLO\nleft\nHELLO\nside\n");
+    assert_eq!(ws.read("bottom.txt"), "HELLO\none\nHELLO\nside\n");
     assert!(
         ws.repro(&["verify"]).status.success(),
         "the new record replaced the bad one"

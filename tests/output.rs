@@ -32,10 +32,6 @@ fn ran() -> Ws {
     ws
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Runs repro with stdout a pipe whose read end is already closed, so its first write fails
 /// with EPIPE (repro, like every Rust program, ignores SIGPIPE).
 fn into_closed_pipe(ws: &Ws, args: &[&str]) -> std::process::Output {

@@ -96,6 +96,14 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -293,4 +301,34 @@ pub fn assert_run_gone(token: &str, secs: u64) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Four shell stages in a diamond over two input files; each appends its name to $CALLS.
+pub const DIAMOND: &str = r#"
+params: {suffix: one, unused: 5}
+stages:
+  top:
+    cmd: echo top >> "$CALLS" && tr a-z A-Z < data/in.txt > top.txt
+    deps: [data/in.txt]
+    outs: [top.txt]
+  left:
+    cmd: echo left >> "$CALLS" && (cat top.txt; echo ${params.suffix}) > left.txt
+    deps: [top.txt]
+    outs: [left.txt]
+  right:
+    cmd: echo right >> "$CALLS" && (cat top.txt; cat data/side.txt) > right.txt
+    deps: [top.txt, data/side.txt]
+    outs: [right.txt]
+  bottom:
+    cmd: echo bottom >> "$CALLS" && cat left.txt right.txt > bottom.txt
+    deps: [left.txt, right.txt]
+    outs: [bottom.txt]
+"#;
+
+/// A workspace holding DIAMOND and its inputs, not yet run.
+pub fn diamond() -> Ws {
+    let ws = Ws::new(DIAMOND);
+    ws.write("data/in.txt", "hello\n");
+    ws.write("data/side.txt", "side\n");
+    ws
 }
