@@ -150,6 +150,7 @@ struct Expander<'a> {
     own: &'a OwnFiles,
     budget: Budget,
     max_expansions: usize,
+    folders: std::cell::RefCell<own_files::Folders>,
 }
 
 impl Pipeline {
@@ -229,6 +230,7 @@ impl Pipeline {
             own: &own,
             budget: Budget::new(template::BUDGET_BYTES),
             max_expansions: opts.max_expansions.max(1),
+            folders: Default::default(),
         };
         let total_limit = ex
             .max_expansions
@@ -676,7 +678,7 @@ impl Expander<'_> {
             Action::Uses { kind, with }
         };
         for (i, out) in outs.iter().enumerate() {
-            if let Some(why) = self.own.refuse_out(out) {
+            if let Some(why) = self.own.refuse_out_in(out, &mut self.folders.borrow_mut()) {
                 let at = if Some(out) == metrics.as_ref() && i >= spec.outs.len() {
                     "metrics".to_string()
                 } else {
@@ -691,7 +693,7 @@ impl Expander<'_> {
             }
         }
         for (i, dep) in deps.iter().enumerate() {
-            if let Some(why) = self.own.refuse_dep(dep) {
+            if let Some(why) = self.own.refuse_dep_in(dep, &mut self.folders.borrow_mut()) {
                 let i = i.to_string();
                 return Err(ctx(&["deps", &i], "deps", why));
             }

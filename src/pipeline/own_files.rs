@@ -1,10 +1,12 @@
 //! repro's own files: the cache store, the state folder `.repro/` and the pipeline file being
-//! run, and the workspace's `.git`. No stage may write them, write a folder that holds them, or read the store or the state
-//! as an input, however the path is spelt (`./cache`, `sub/../cache`, a symlink to either).
+//! run, and the workspace's `.git`. No stage may write them, write a folder that holds them, or
+//! read the store or the state as an input, however the path is spelt (`./cache`,
+//! `sub/../cache`, a symlink to either).
 //!
 //! Paths are compared after resolving symlinks in the part of the path that exists, so the
 //! check holds for paths that are yet to be written.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 
@@ -54,13 +56,18 @@ impl OwnFiles {
 
     /// Why a stage may not write the workspace path `rel`, if it may not.
     pub fn refuse_out(&self, rel: &str) -> Option<String> {
-        let path = resolve(&self.root.join(rel));
+        self.refuse_out_in(rel, &mut Folders::default())
+    }
+
+    /// [`Self::refuse_out`], resolving the folders of `rel` through `folders`.
+    pub fn refuse_out_in(&self, rel: &str, folders: &mut Folders) -> Option<String> {
+        let path = self.locate(rel, folders);
         self.own.iter().find_map(|(own, what, _)| {
             if path == *own {
                 Some(format!("`{rel}` is {what}"))
-            } else if path.starts_with(own) {
+            } else if inside(&path, own) {
                 Some(format!("`{rel}` is inside {what}"))
-            } else if own.starts_with(&path) {
+            } else if inside(own, &path) {
                 Some(format!(
                     "`{rel}` holds {what} (a stage's outs are cleared before it runs)"
                 ))
@@ -73,16 +80,21 @@ impl OwnFiles {
     /// Why a stage may not read `rel`, if it may not: the store and the state change under a
     /// run, so an input among them could never be up to date.
     pub fn refuse_dep(&self, rel: &str) -> Option<String> {
-        let path = resolve(&self.root.join(rel));
+        self.refuse_dep_in(rel, &mut Folders::default())
+    }
+
+    /// [`Self::refuse_dep`], resolving the folders of `rel` through `folders`.
+    pub fn refuse_dep_in(&self, rel: &str, folders: &mut Folders) -> Option<String> {
+        let path = self.locate(rel, folders);
         self.own
             .iter()
             .filter(|(_, _, readable)| !readable)
             .find_map(|(own, what, _)| {
-                if path == *own || path.starts_with(own) {
+                if path == *own || inside(&path, own) {
                     Some(format!(
                         "`{rel}` is inside {what}, which is repro's, not an input"
                     ))
-                } else if own.starts_with(&path) {
+                } else if inside(own, &path) {
                     Some(format!(
                         "`{rel}` holds {what}, which changes on every run, so it cannot be an input"
                     ))
@@ -93,17 +105,47 @@ impl OwnFiles {
     }
 }
 
+/// Folders of the workspace already resolved, while a pipeline loads (not across a run, in
+/// which stages make links): thousands of outs share a few folders.
+#[derive(Debug, Default)]
+pub struct Folders(HashMap<String, PathBuf>);
+
+impl OwnFiles {
+    /// The workspace path `rel` resolved, its folder looked up in `folders` first.
+    fn locate(&self, rel: &str, folders: &mut Folders) -> PathBuf {
+        match rel.rsplit_once('/') {
+            None => resolve_from(self.root.clone(), Path::new(rel)),
+            Some((dir, name)) => {
+                let dir = match folders.0.get(dir) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let d = resolve_from(self.root.clone(), Path::new(dir));
+                        folders.0.insert(dir.to_string(), d.clone());
+                        d
+                    }
+                };
+                resolve_from(dir, Path::new(name))
+            }
+        }
+    }
+}
+
 /// `path` with every symlink in it resolved, as the kernel would when the path is opened,
 /// including links whose targets do not exist yet; the part that does not exist is kept as
 /// written, with `.` and `..` folded.
 fn resolve(path: &Path) -> PathBuf {
-    const MAX_LINKS: usize = 40;
-    let mut todo: Vec<OsString> = Vec::new();
-    let mut out = match std::env::current_dir() {
+    let start = match std::env::current_dir() {
         Ok(cwd) if path.is_relative() => cwd,
         _ => PathBuf::from("/"),
     };
-    push_components(&mut todo, path);
+    resolve_from(start, path)
+}
+
+/// `rel` resolved from `out`, a folder already resolved.
+fn resolve_from(mut out: PathBuf, rel: &Path) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut todo: Vec<OsString> = Vec::new();
+    push_components(&mut todo, rel);
     let mut links = 0;
     while let Some(part) = todo.pop() {
         if part == ".." {
@@ -123,6 +165,13 @@ fn resolve(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// `path` lies below `dir` (both resolved, so plain byte prefixes with a `/` after them).
+fn inside(path: &Path, dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (p, d) = (path.as_os_str().as_bytes(), dir.as_os_str().as_bytes());
+    p.len() > d.len() && p.starts_with(d) && (p[d.len()] == b'/' || d.ends_with(b"/"))
 }
 
 /// Pushes the parts of `path` so that popping yields them in order.

@@ -36,10 +36,6 @@ impl std::fmt::Display for SpanError {
 
 const SEP: char = '\u{1f}';
 
-fn join(path: &[String]) -> String {
-    path.join(&SEP.to_string())
-}
-
 impl Spans {
     /// The line of `path`, or of its nearest ancestor that the file spells out.
     pub fn line(&self, path: &[&str]) -> Option<usize> {
@@ -65,8 +61,10 @@ enum Frame {
 pub fn scan(source: &str) -> Result<Spans, SpanError> {
     let mut spans = Spans::default();
     let mut parser = Parser::new_from_str(source);
-    // Open containers, each with the path segment it was entered by.
-    let mut frames: Vec<(Frame, String)> = Vec::new();
+    // Open containers, each with the length `path` had before it was entered.
+    let mut frames: Vec<(Frame, usize)> = Vec::new();
+    // The path of the innermost open container, its segments joined by SEP.
+    let mut path = String::new();
     // Anchored containers still open: (anchor id, node count when opened, nesting depth).
     let mut anchors_open: Vec<(usize, u64, usize)> = Vec::new();
     let mut anchor_size: HashMap<usize, u64> = HashMap::new();
@@ -119,7 +117,9 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
                 (0, false)
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                frames.pop();
+                if let Some((_, len)) = frames.pop() {
+                    path.truncate(len);
+                }
                 if let Some(&(id, start, depth)) = anchors_open.last() {
                     if depth == frames.len() {
                         anchor_size.insert(id, nodes - start + 1);
@@ -144,9 +144,11 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
             None => Some(String::new()),
         };
         let here = |last: &str| {
-            let mut path: Vec<String> = frames.iter().skip(1).map(|(_, s)| s.clone()).collect();
-            path.push(last.to_string());
-            join(&path)
+            if frames.len() > 1 {
+                format!("{path}{SEP}{last}")
+            } else {
+                last.to_string()
+            }
         };
         let segment = match role {
             Some(segment) => {
@@ -189,7 +191,14 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
                 },
                 _ => Frame::Seq { next: 0 },
             };
-            frames.push((frame, segment));
+            let len = path.len();
+            if !frames.is_empty() {
+                if frames.len() > 1 {
+                    path.push(SEP);
+                }
+                path.push_str(&segment);
+            }
+            frames.push((frame, len));
         } else {
             if anchor != 0 {
                 anchor_size.insert(anchor, 1);
@@ -201,7 +210,7 @@ pub fn scan(source: &str) -> Result<Spans, SpanError> {
 }
 
 /// A mapping value is complete: the mapping expects a key next.
-fn value_done(frames: &mut [(Frame, String)]) {
+fn value_done(frames: &mut [(Frame, usize)]) {
     if let Some((Frame::Map { key, .. }, _)) = frames.last_mut() {
         *key = None;
     }
