@@ -794,3 +794,20 @@ fn one_pipeline_one_state_file_however_its_path_is_spelt() {
     let states = walk(&ws.root().join(".repro/state"));
     assert_eq!(states.len(), 1, "{states:?}");
 }
+
+#[test]
+fn a_table_column_no_stage_has_is_an_error_and_descriptions_stay_under_their_stage() {
+    let ws = Ws::new(
+        "stages:\n  a:\n    desc: \"first\\nsecond\\u001b[31m\"\n    cmd: 'echo \"{\\\"loss\\\": 1}\" > m.json'\n    metrics: m.json\n  t:\n    uses: table\n    needs: [a]\n    with: {columns: [stage, lsos]}\n    outs: [t.csv]\n",
+    );
+    let out = ws.repro(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("no upstream row has a column `lsos`"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("loss"), "{}", text(&out));
+    let dag = stdout(&ws.repro(&["dag"]));
+    assert!(dag.contains("    first\n    second�[31m\n"), "{dag:?}");
+}

@@ -16,8 +16,19 @@ pub fn dag_text(p: &Pipeline) -> String {
             Action::Uses { kind, .. } => format!("uses {kind}"),
         };
         out.push_str(&format!("{}  ({what})\n", s.name));
-        if let Some(d) = &s.desc {
-            out.push_str(&format!("    {d}\n"));
+        // Every line of a description under the stage, terminal escapes made visible.
+        for line in s.desc.iter().flat_map(|d| d.lines()) {
+            let line: String = line
+                .chars()
+                .map(|c| {
+                    if c.is_control() && c != '\t' {
+                        '�'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            out.push_str(&format!("    {line}\n"));
         }
         for &u in &p.dag.upstream[i] {
             out.push_str(&format!("    after {}\n", p.stages[u].name));

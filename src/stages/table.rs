@@ -97,6 +97,19 @@ impl StageKind for Table {
                 }
             }
         }
+        // A column (or sort key) no row has is a typo, not an empty column.
+        for c in columns.iter().chain(names("sort").iter()) {
+            if !rows.iter().any(|r| r.contains_key(c)) {
+                let mut known: Vec<&String> = rows.iter().flat_map(|r| r.keys()).collect();
+                known.sort();
+                known.dedup();
+                let known: Vec<&str> = known.iter().map(|k| k.as_str()).collect();
+                bail!(
+                    "no upstream row has a column `{c}` (columns: {})",
+                    known.join(", ")
+                );
+            }
+        }
         let sort = names("sort");
         rows.sort_by(|a, b| {
             sort.iter()
