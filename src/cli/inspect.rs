@@ -18,17 +18,7 @@ pub fn dag_text(p: &Pipeline) -> String {
         out.push_str(&format!("{}  ({what})\n", s.name));
         // Every line of a description under the stage, terminal escapes made visible.
         for line in s.desc.iter().flat_map(|d| d.lines()) {
-            let line: String = line
-                .chars()
-                .map(|c| {
-                    if c.is_control() && c != '\t' {
-                        '�'
-                    } else {
-                        c
-                    }
-                })
-                .collect();
-            out.push_str(&format!("    {line}\n"));
+            out.push_str(&format!("    {}\n", crate::exec::report::visible(line)));
         }
         for &u in &p.dag.upstream[i] {
             out.push_str(&format!("    after {}\n", p.stages[u].name));

@@ -158,6 +158,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     let kinds = Registry::default();
     let open = |root: &Path| Workspace::open(root, cli.cache.as_deref());
     let store = |root: &Path| crate::workspace::store_location(root, cli.cache.as_deref());
+    // The workspace if it has a store; opening it otherwise would create one for nothing.
+    let existing = |root: &Path| -> Result<Option<Workspace>> {
+        let dir = store(root)?;
+        if dir.is_dir() {
+            return open(root).map(Some);
+        }
+        emit(format!("no cache store at {}: nothing to do\n", dir.display()).as_bytes())?;
+        Ok(None)
+    };
     // The pipeline is loaded before the workspace is opened (which creates `.repro/` and the
     // store), so a missing or bad pipeline file leaves nothing behind.
     match &cli.command {
@@ -200,20 +209,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let pipeline = load(&root, &store(&root)?, &kinds, p)?;
             inspect::show(&open(&root)?, &pipeline, columns, *csv)
         }
-        Command::Verify | Command::Gc { .. } => {
-            let root = root()?;
-            let store = store(&root)?;
-            if !store.is_dir() {
-                // Nothing to check or collect; opening the workspace would create a store.
-                emit(format!("no cache store at {}: nothing to do\n", store.display()).as_bytes())?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let ws = open(&root)?;
-            match &cli.command {
-                Command::Gc { workspace_only } => inspect::gc(&ws, *workspace_only),
-                _ => inspect::verify(&ws),
-            }
-        }
+        Command::Verify => match existing(&root()?)? {
+            Some(ws) => inspect::verify(&ws),
+            None => Ok(ExitCode::SUCCESS),
+        },
+        Command::Gc { workspace_only } => match existing(&root()?)? {
+            Some(ws) => inspect::gc(&ws, *workspace_only),
+            None => Ok(ExitCode::SUCCESS),
+        },
         Command::Bench(args) => crate::bench::run(args),
     }
 }

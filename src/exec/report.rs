@@ -116,19 +116,24 @@ pub fn log_tail(path: &Path, n: usize) -> Vec<String> {
     lines[from..]
         .iter()
         .map(|l| {
-            let clean: String = l
-                .chars()
-                .map(|c| {
-                    if c.is_control() && c != '\t' {
-                        '�'
-                    } else {
-                        c
-                    }
-                })
-                .collect();
+            let clean = visible(l);
             match clean.char_indices().nth(200) {
                 Some((cut, _)) => format!("{}…", &clean[..cut]),
                 None => clean,
+            }
+        })
+        .collect()
+}
+
+/// A line of text from a stage, safe to print: control characters (terminal escapes) but tabs
+/// shown as `�`.
+pub fn visible(line: &str) -> String {
+    line.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                '�'
+            } else {
+                c
             }
         })
         .collect()

@@ -679,17 +679,15 @@ impl Expander<'_> {
         };
         for (i, out) in outs.iter().enumerate() {
             if let Some(why) = self.own.refuse_out_in(out, &mut self.folders.borrow_mut()) {
-                let at = if Some(out) == metrics.as_ref() && i >= spec.outs.len() {
-                    "metrics".to_string()
+                // Past the listed outs comes only the metrics file.
+                let is_metrics = i >= spec.outs.len();
+                let i = i.to_string();
+                let at: &[&str] = if is_metrics {
+                    &["metrics"]
                 } else {
-                    i.to_string()
+                    &["outs", &i]
                 };
-                let path: Vec<&str> = if at == "metrics" {
-                    vec!["metrics"]
-                } else {
-                    vec!["outs", &at]
-                };
-                return Err(ctx(&path, "outs", format!("{why}; no stage may write it")));
+                return Err(ctx(at, "outs", format!("{why}; no stage may write it")));
             }
         }
         for (i, dep) in deps.iter().enumerate() {
