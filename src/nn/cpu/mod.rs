@@ -5,6 +5,7 @@ pub mod activations;
 pub mod adamw;
 pub mod attention;
 pub mod experts;
+pub mod isa;
 pub mod matmul;
 pub mod real;
 pub mod rmsnorm;
@@ -19,6 +20,7 @@ mod tests;
 use super::backend::Backend;
 pub use attention::AttnShape;
 pub use experts::{ExpertMode, ExpertShape, SlotOrder};
+pub use isa::Isa;
 pub use matmul::MatRef;
 pub use router::ProductKeyShape;
 

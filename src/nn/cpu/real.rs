@@ -32,6 +32,8 @@ pub trait Real:
     fn sin(self) -> Self;
     fn cos(self) -> Self;
     fn powf(self, e: Self) -> Self;
+    /// a * b + c in one rounding (a libm call where the CPU has no FMA: see `Isa::madd`).
+    fn mul_add(self, b: Self, c: Self) -> Self;
 }
 
 macro_rules! impl_real {
@@ -74,6 +76,10 @@ macro_rules! impl_real {
             #[inline(always)]
             fn powf(self, e: Self) -> Self {
                 <$t>::powf(self, e)
+            }
+            #[inline(always)]
+            fn mul_add(self, b: Self, c: Self) -> Self {
+                <$t>::mul_add(self, b, c)
             }
         }
     };
