@@ -2,6 +2,7 @@
 //! ratios against a reference run side by side in the same command, never timed tests.
 
 mod engine;
+mod kernels;
 mod train;
 
 use anyhow::Result;
@@ -17,6 +18,8 @@ pub struct BenchArgs {
 enum Bench {
     /// The pipeline engine: no-op runs, hashing, scheduling; DVC side by side if installed.
     Engine(engine::EngineArgs),
+    /// Each CPU kernel on every instruction set this CPU supports, side by side.
+    Kernels(kernels::KernelsArgs),
     /// Training throughput and memory of every feedforward kind; PyTorch side by side.
     Train(train::TrainArgs),
     /// One training measurement in a process of its own (used by `bench train`).
@@ -27,6 +30,7 @@ enum Bench {
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.what {
         Bench::Engine(a) => engine::run(a)?,
+        Bench::Kernels(a) => kernels::run(a)?,
         Bench::Train(a) => train::run(a)?,
         Bench::TrainOne(a) => train::one(a)?,
     }

@@ -1,5 +1,6 @@
 //! GELU (tanh approximation, the JAX default) and the clamped SwiGLU of the reference code.
 
+use super::isa::Isa;
 use super::real::Real;
 use rayon::prelude::*;
 
@@ -12,7 +13,7 @@ const GELU_C: f64 = 0.044_715;
 pub fn gelu<T: Real>(x: T) -> T {
     let half = T::from_f64(0.5);
     let inner = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
-    half * x * (T::ONE + inner.tanh())
+    half * x * (T::ONE + inner.vtanh())
 }
 
 #[inline(always)]
@@ -20,85 +21,112 @@ pub fn gelu_grad<T: Real>(x: T) -> T {
     let half = T::from_f64(0.5);
     let c = T::from_f64(GELU_C);
     let k = T::from_f64(SQRT_2_OVER_PI);
-    let th = (k * (x + c * x * x * x)).tanh();
+    let th = (k * (x + c * x * x * x)).vtanh();
     half * (T::ONE + th)
         + half * x * (T::ONE - th * th) * k * (T::ONE + T::from_f64(3.0) * c * x * x)
 }
 
+/// Elements per rayon task of the elementwise kernels.
+const CHUNK: usize = 4096;
+
 pub fn gelu_forward<T: Real>(x: &[T], y: &mut [T]) {
-    y.par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
+    let isa = Isa::current();
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (yi, &xi) in yc.iter_mut().zip(xc) {
-                *yi = gelu(xi);
-            }
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    for (yi, &xi) in yc.iter_mut().zip(xc) {
+                        *yi = gelu(xi);
+                    }
+                },
+            )
         });
 }
 
 /// dx = dy * gelu'(x) (overwrites dx).
 pub fn gelu_backward<T: Real>(x: &[T], dy: &[T], dx: &mut [T]) {
-    dx.par_chunks_mut(4096)
-        .zip(x.par_chunks(4096).zip(dy.par_chunks(4096)))
+    let isa = Isa::current();
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
-            for i in 0..dc.len() {
-                dc[i] = gc[i] * gelu_grad(xc[i]);
-            }
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    for ((d, &xi), &gi) in dc.iter_mut().zip(xc).zip(gc) {
+                        *d = gi * gelu_grad(xi);
+                    }
+                },
+            )
         });
 }
 
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
-    T::ONE / (T::ONE + (-x).exp())
+    T::ONE / (T::ONE + (-x).vexp())
 }
 
 /// z: [rows, 2F] (gate half first, linear half second); y: [rows, F].
 /// y = min(gate, 7) * sigmoid(1.702 * min(gate, 7)) * (clamp(lin, -7, 7) + 1).
 pub fn swiglu_forward<T: Real>(z: &[T], f: usize, y: &mut [T]) {
     let (alpha, lim) = (T::from_f64(SWIGLU_ALPHA), T::from_f64(SWIGLU_LIMIT));
+    let isa = Isa::current();
     y.par_chunks_mut(f)
         .zip(z.par_chunks(2 * f))
         .for_each(|(yr, zr)| {
-            for i in 0..f {
-                let g = if zr[i] > lim { lim } else { zr[i] };
-                let mut l = zr[f + i];
-                if l > lim {
-                    l = lim;
-                }
-                if l < -lim {
-                    l = -lim;
-                }
-                yr[i] = g * sigmoid(alpha * g) * (l + T::ONE);
-            }
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    for i in 0..f {
+                        let g = if zr[i] > lim { lim } else { zr[i] };
+                        let mut l = zr[f + i];
+                        if l > lim {
+                            l = lim;
+                        }
+                        if l < -lim {
+                            l = -lim;
+                        }
+                        yr[i] = g * sigmoid(alpha * g) * (l + T::ONE);
+                    }
+                },
+            )
         });
 }
 
 /// dz: [rows, 2F] (overwritten).
 pub fn swiglu_backward<T: Real>(z: &[T], dy: &[T], f: usize, dz: &mut [T]) {
     let (alpha, lim) = (T::from_f64(SWIGLU_ALPHA), T::from_f64(SWIGLU_LIMIT));
+    let isa = Isa::current();
     dz.par_chunks_mut(2 * f)
         .zip(z.par_chunks(2 * f).zip(dy.par_chunks(f)))
         .for_each(|(dzr, (zr, dyr))| {
-            for i in 0..f {
-                let gate_clamped = zr[i] > lim;
-                let g = if gate_clamped { lim } else { zr[i] };
-                let l_raw = zr[f + i];
-                let lin_clamped = l_raw > lim || l_raw < -lim;
-                let l = if l_raw > lim {
-                    lim
-                } else if l_raw < -lim {
-                    -lim
-                } else {
-                    l_raw
-                };
-                let s = sigmoid(alpha * g);
-                let glu = g * s;
-                let dglu = s + g * alpha * s * (T::ONE - s);
-                dzr[i] = if gate_clamped {
-                    T::ZERO
-                } else {
-                    dyr[i] * (l + T::ONE) * dglu
-                };
-                dzr[f + i] = if lin_clamped { T::ZERO } else { dyr[i] * glu };
-            }
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    for i in 0..f {
+                        let gate_clamped = zr[i] > lim;
+                        let g = if gate_clamped { lim } else { zr[i] };
+                        let l_raw = zr[f + i];
+                        let lin_clamped = l_raw > lim || l_raw < -lim;
+                        let l = if l_raw > lim {
+                            lim
+                        } else if l_raw < -lim {
+                            -lim
+                        } else {
+                            l_raw
+                        };
+                        let s = sigmoid(alpha * g);
+                        let glu = g * s;
+                        let dglu = s + g * alpha * s * (T::ONE - s);
+                        dzr[i] = if gate_clamped {
+                            T::ZERO
+                        } else {
+                            dyr[i] * (l + T::ONE) * dglu
+                        };
+                        dzr[f + i] = if lin_clamped { T::ZERO } else { dyr[i] * glu };
+                    }
+                },
+            )
         });
 }

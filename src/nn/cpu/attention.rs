@@ -2,8 +2,10 @@
 //! training). Parallel over (batch, head); each task runs its products through single-threaded
 //! gemm and owns its own strided block of every output.
 
+use super::isa::Isa;
 use super::matmul::{gemm_into_ptr, MatRef};
 use super::real::{Real, SharedMut};
+use super::vmath;
 use rayon::prelude::*;
 
 pub struct AttnShape {
@@ -28,6 +30,7 @@ pub fn attention_forward<T: Real>(
     let scale = T::from_f64(1.0 / (hd as f64).sqrt());
     assert!(out.len() >= s.batch * tn * d);
     let outp = SharedMut(out.as_mut_ptr());
+    let isa = Isa::current();
     att.par_chunks_mut(tn * tn).enumerate().for_each(|(bh, a)| {
         let (b, h) = (bh / hn, bh % hn);
         let base = b * tn * d + h * hd;
@@ -42,29 +45,27 @@ pub fn attention_forward<T: Real>(
             cs: d,
         };
         // SAFETY: `a` is this task's own block.
-        unsafe { gemm_into_ptr(tn, tn, hd, qm, kt, a.as_mut_ptr(), tn, 1, false) };
-        for t in 0..tn {
-            let ar = &mut a[t * tn..(t + 1) * tn];
-            let mut mx = T::from_f64(f64::NEG_INFINITY);
-            for x in ar[..=t].iter_mut() {
-                *x *= scale;
-                if *x > mx {
-                    mx = *x;
+        unsafe { gemm_into_ptr(isa, tn, tn, hd, qm, kt, a.as_mut_ptr(), tn, 1, false) };
+        isa.run(
+            #[inline(always)]
+            |_| {
+                for t in 0..tn {
+                    let (row, masked) = a[t * tn..(t + 1) * tn].split_at_mut(t + 1);
+                    for x in row.iter_mut() {
+                        *x *= scale;
+                    }
+                    let mx = vmath::max(row);
+                    for x in row.iter_mut() {
+                        *x = (*x - mx).vexp();
+                    }
+                    let inv = T::ONE / vmath::sum_map(row, |x| x);
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                    masked.fill(T::ZERO);
                 }
-            }
-            let mut sum = T::ZERO;
-            for x in ar[..=t].iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x;
-            }
-            let inv = T::ONE / sum;
-            for x in ar[..=t].iter_mut() {
-                *x *= inv;
-            }
-            for x in ar[t + 1..].iter_mut() {
-                *x = T::ZERO;
-            }
-        }
+            },
+        );
         let am = MatRef {
             data: &a[..],
             rs: tn,
@@ -76,7 +77,7 @@ pub fn attention_forward<T: Real>(
             cs: 1,
         };
         // SAFETY: task (b, h) is the only writer of head h's columns in batch b's rows.
-        unsafe { gemm_into_ptr(tn, hd, tn, am, vm, outp.ptr().add(base), d, 1, false) };
+        unsafe { gemm_into_ptr(isa, tn, hd, tn, am, vm, outp.ptr().add(base), d, 1, false) };
     });
 }
 
@@ -101,6 +102,7 @@ pub fn attention_backward<T: Real>(
             && dk.len() >= s.batch * tn * d
             && dv.len() >= s.batch * tn * d
     );
+    let isa = Isa::current();
     let (dqp, dkp, dvp) = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
@@ -126,30 +128,30 @@ pub fn attention_backward<T: Real>(
                     rs: 1,
                     cs: d,
                 };
-                gemm_into_ptr(tn, tn, hd, dom, vt, ds.as_mut_ptr(), tn, 1, false);
+                gemm_into_ptr(isa, tn, tn, hd, dom, vt, ds.as_mut_ptr(), tn, 1, false);
                 // dV = A^T · dO
                 let at = MatRef {
                     data: a,
                     rs: 1,
                     cs: tn,
                 };
-                gemm_into_ptr(tn, hd, tn, at, dom, dvp.ptr().add(base), d, 1, false);
+                gemm_into_ptr(isa, tn, hd, tn, at, dom, dvp.ptr().add(base), d, 1, false);
             }
             // dS = A * (dA - rowsum(A * dA)) * scale (zero above the diagonal, where A is zero).
-            for t in 0..tn {
-                let ar = &a[t * tn..(t + 1) * tn];
-                let dr = &mut ds[t * tn..(t + 1) * tn];
-                let mut acc = T::ZERO;
-                for u in 0..=t {
-                    acc += ar[u] * dr[u];
-                }
-                for u in 0..=t {
-                    dr[u] = ar[u] * (dr[u] - acc) * scale;
-                }
-                for x in dr[t + 1..].iter_mut() {
-                    *x = T::ZERO;
-                }
-            }
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    for t in 0..tn {
+                        let ar = &a[t * tn..t * tn + t + 1];
+                        let (dr, masked) = ds[t * tn..(t + 1) * tn].split_at_mut(t + 1);
+                        let acc = vmath::dot(isa, ar, dr);
+                        for (d, &p) in dr.iter_mut().zip(ar) {
+                            *d = p * (*d - acc) * scale;
+                        }
+                        masked.fill(T::ZERO);
+                    }
+                },
+            );
             unsafe {
                 let dsm = MatRef {
                     data: &ds[..],
@@ -162,7 +164,7 @@ pub fn attention_backward<T: Real>(
                     rs: d,
                     cs: 1,
                 };
-                gemm_into_ptr(tn, hd, tn, dsm, km, dqp.ptr().add(base), d, 1, false);
+                gemm_into_ptr(isa, tn, hd, tn, dsm, km, dqp.ptr().add(base), d, 1, false);
                 // dK = dS^T · Q
                 let dst = MatRef {
                     data: &ds[..],
@@ -174,7 +176,7 @@ pub fn attention_backward<T: Real>(
                     rs: d,
                     cs: 1,
                 };
-                gemm_into_ptr(tn, hd, tn, dst, qm, dkp.ptr().add(base), d, 1, false);
+                gemm_into_ptr(isa, tn, hd, tn, dst, qm, dkp.ptr().add(base), d, 1, false);
             }
         },
     );

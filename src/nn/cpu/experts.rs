@@ -7,7 +7,9 @@
 //! slots in token order.
 
 use super::activations::{gelu, gelu_grad};
-use super::real::{axpy, dot, Real, SharedMut};
+use super::isa::Isa;
+use super::real::{Real, SharedMut};
+use super::vmath::{self, axpy, dot};
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,47 +57,48 @@ pub fn experts_forward<T: Real>(
         ..
     } = shape;
     let slots = channels * k;
+    let isa = Isa::current();
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .zip(a.par_chunks_mut(slots).zip(coef.par_chunks_mut(slots)))
         .zip(w.par_chunks_mut(slots))
         .enumerate()
         .for_each(|(t, (((yr, xr), (ar, cr)), wr))| {
-            yr.fill(T::ZERO);
-            let sc = &scores[t * slots..(t + 1) * slots];
-            let ix = &indices[t * slots..(t + 1) * slots];
-            for c in 0..channels {
-                if mode == ExpertMode::PeerSoftmaxGelu {
-                    let s = &sc[c * k..(c + 1) * k];
-                    let mut mx = s[0];
-                    for &q in s {
-                        if q > mx {
-                            mx = q;
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    yr.fill(T::ZERO);
+                    let sc = &scores[t * slots..(t + 1) * slots];
+                    let ix = &indices[t * slots..(t + 1) * slots];
+                    for c in 0..channels {
+                        if mode == ExpertMode::PeerSoftmaxGelu {
+                            let s = &sc[c * k..(c + 1) * k];
+                            let mx = vmath::max(s);
+                            let mut sum = T::ZERO;
+                            for i in 0..k {
+                                wr[c * k + i] = (s[i] - mx).vexp();
+                                sum += wr[c * k + i];
+                            }
+                            for i in 0..k {
+                                wr[c * k + i] = wr[c * k + i] / sum;
+                            }
+                        }
+                        for i in 0..k {
+                            let j = c * k + i;
+                            let row = c * channel_stride + ix[j] as usize;
+                            let ur = &u[row * d..(row + 1) * d];
+                            let av = dot(isa, ur, xr);
+                            ar[j] = av;
+                            cr[j] = match mode {
+                                ExpertMode::GatedLinear => sc[j] * av,
+                                ExpertMode::GatedGelu => gelu(sc[j] * av),
+                                ExpertMode::PeerSoftmaxGelu => gelu(av) * wr[j],
+                            };
+                            axpy(isa, cr[j], &v[row * d..(row + 1) * d], yr);
                         }
                     }
-                    let mut sum = T::ZERO;
-                    for i in 0..k {
-                        wr[c * k + i] = (s[i] - mx).exp();
-                        sum += wr[c * k + i];
-                    }
-                    for i in 0..k {
-                        wr[c * k + i] = wr[c * k + i] / sum;
-                    }
-                }
-                for i in 0..k {
-                    let j = c * k + i;
-                    let row = c * channel_stride + ix[j] as usize;
-                    let ur = &u[row * d..(row + 1) * d];
-                    let av = dot(ur, xr);
-                    ar[j] = av;
-                    cr[j] = match mode {
-                        ExpertMode::GatedLinear => sc[j] * av,
-                        ExpertMode::GatedGelu => gelu(sc[j] * av),
-                        ExpertMode::PeerSoftmaxGelu => gelu(av) * wr[j],
-                    };
-                    axpy(cr[j], &v[row * d..(row + 1) * d], yr);
-                }
-            }
+                },
+            )
         });
 }
 
@@ -129,48 +132,54 @@ pub fn experts_backward<T: Real>(
     } = shape;
     let slots = channels * k;
     let tokens = x.len() / d;
+    let isa = Isa::current();
     // Pass 1, per token: gradients of the gate, of a, and of x.
     dx.par_chunks_mut(d)
         .zip(dscores.par_chunks_mut(slots).zip(da.par_chunks_mut(slots)))
         .enumerate()
         .for_each(|(t, (dxr, (dsr, dar)))| {
-            let dyr = &dy[t * d..(t + 1) * d];
-            let sc = &scores[t * slots..(t + 1) * slots];
-            let ix = &indices[t * slots..(t + 1) * slots];
-            let ar = &a[t * slots..(t + 1) * slots];
-            let wr = &w[t * slots..(t + 1) * slots];
-            for c in 0..channels {
-                let mut dw_dot_w = T::ZERO;
-                for i in 0..k {
-                    let j = c * k + i;
-                    let row = c * channel_stride + ix[j] as usize;
-                    let dcoef = dot(&v[row * d..(row + 1) * d], dyr);
-                    match mode {
-                        ExpertMode::GatedLinear | ExpertMode::GatedGelu => {
-                            let dpre = if mode == ExpertMode::GatedGelu {
-                                dcoef * gelu_grad(sc[j] * ar[j])
-                            } else {
-                                dcoef
-                            };
-                            dsr[j] = dpre * ar[j];
-                            dar[j] = dpre * sc[j];
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    let dyr = &dy[t * d..(t + 1) * d];
+                    let sc = &scores[t * slots..(t + 1) * slots];
+                    let ix = &indices[t * slots..(t + 1) * slots];
+                    let ar = &a[t * slots..(t + 1) * slots];
+                    let wr = &w[t * slots..(t + 1) * slots];
+                    for c in 0..channels {
+                        let mut dw_dot_w = T::ZERO;
+                        for i in 0..k {
+                            let j = c * k + i;
+                            let row = c * channel_stride + ix[j] as usize;
+                            let dcoef = dot(isa, &v[row * d..(row + 1) * d], dyr);
+                            match mode {
+                                ExpertMode::GatedLinear | ExpertMode::GatedGelu => {
+                                    let dpre = if mode == ExpertMode::GatedGelu {
+                                        dcoef * gelu_grad(sc[j] * ar[j])
+                                    } else {
+                                        dcoef
+                                    };
+                                    dsr[j] = dpre * ar[j];
+                                    dar[j] = dpre * sc[j];
+                                }
+                                ExpertMode::PeerSoftmaxGelu => {
+                                    let dw = dcoef * gelu(ar[j]);
+                                    dsr[j] = dw; // softmax backward below
+                                    dw_dot_w += dw * wr[j];
+                                    dar[j] = dcoef * wr[j] * gelu_grad(ar[j]);
+                                }
+                            }
+                            axpy(isa, dar[j], &u[row * d..(row + 1) * d], dxr);
                         }
-                        ExpertMode::PeerSoftmaxGelu => {
-                            let dw = dcoef * gelu(ar[j]);
-                            dsr[j] = dw; // softmax backward below
-                            dw_dot_w += dw * wr[j];
-                            dar[j] = dcoef * wr[j] * gelu_grad(ar[j]);
+                        if mode == ExpertMode::PeerSoftmaxGelu {
+                            for i in 0..k {
+                                let j = c * k + i;
+                                dsr[j] = wr[j] * (dsr[j] - dw_dot_w);
+                            }
                         }
                     }
-                    axpy(dar[j], &u[row * d..(row + 1) * d], dxr);
-                }
-                if mode == ExpertMode::PeerSoftmaxGelu {
-                    for i in 0..k {
-                        let j = c * k + i;
-                        dsr[j] = wr[j] * (dsr[j] - dw_dot_w);
-                    }
-                }
-            }
+                },
+            )
         });
     // Pass 2, per pool row: scatter-add du and dv in a fixed (token) order.
     order.build(indices, tokens, channels, k, channel_stride, pool_rows);
@@ -183,15 +192,20 @@ pub fn experts_backward<T: Real>(
             let r0 = ci * ROWS_PER_TASK;
             // SAFETY: this task owns pool rows r0..r0+ROWS_PER_TASK of dv as well as du.
             let dvc = unsafe { dvp.slice(r0 * d, duc.len()) };
-            for (ri, (dur, dvr)) in duc.chunks_mut(d).zip(dvc.chunks_mut(d)).enumerate() {
-                let row = r0 + ri;
-                for &slot in order.slots_of(row) {
-                    let slot = slot as usize;
-                    let t = slot / slots;
-                    axpy(da[slot], &x[t * d..(t + 1) * d], dur);
-                    axpy(coef[slot], &dy[t * d..(t + 1) * d], dvr);
-                }
-            }
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    for (ri, (dur, dvr)) in duc.chunks_mut(d).zip(dvc.chunks_mut(d)).enumerate() {
+                        let row = r0 + ri;
+                        for &slot in order.slots_of(row) {
+                            let slot = slot as usize;
+                            let t = slot / slots;
+                            axpy(isa, da[slot], &x[t * d..(t + 1) * d], dur);
+                            axpy(isa, coef[slot], &dy[t * d..(t + 1) * d], dvr);
+                        }
+                    }
+                },
+            )
         });
 }
 

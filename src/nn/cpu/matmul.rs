@@ -1,6 +1,10 @@
-//! Matrix products through the `gemm` crate (rayon-parallel above a size threshold).
+//! Matrix products through the `gemm` crate (rayon-parallel above a size threshold), with
+//! gemm's kernels for this thread's instruction set (`Isa`): gemm's own dispatch takes the
+//! widest the CPU has and cannot be capped, so the f32 drivers are instantiated here per path.
 
+use super::isa::Isa;
 use super::real::Real;
+use std::any::TypeId;
 
 /// A strided matrix view: element (i, j) lives at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -10,9 +14,11 @@ pub struct MatRef<'a, T> {
     pub cs: usize,
 }
 
-/// c[m, n] = (accumulate ? c : 0) + a[m, k] · b[k, n], all strided.
+/// c[m, n] = (accumulate ? c : 0) + a[m, k] · b[k, n], all strided, on the gemm kernels of
+/// `path` (which must be supported; `gemm_path` gives the one for a kernel path).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided<T: Real>(
+    path: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -48,38 +54,32 @@ pub fn gemm_strided<T: Real>(
     };
     // SAFETY: bounds checked above; gemm reads a, b and writes c within those bounds.
     unsafe {
-        gemm::gemm(
+        raw_gemm(
+            path,
             m,
             n,
             k,
+            a,
+            b,
             c.as_mut_ptr(),
-            c_cs as isize,
-            c_rs as isize,
+            c_rs,
+            c_cs,
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
             par,
-        );
+        )
     }
 }
 
-/// Like `gemm_strided`, single-threaded, writing through a raw pointer so that concurrent tasks
-/// can fill disjoint strided blocks of one buffer.
+/// Like `gemm_strided`, single-threaded and on the gemm kernels for a kernel path (it runs inside
+/// other kernels' parallel tasks), writing through a raw pointer so that concurrent tasks can
+/// fill disjoint strided blocks of one buffer.
 ///
 /// # Safety
 /// `c` must be valid for writes at every (i, j) < (m, n) position, and no other thread may
 /// touch those elements during the call; a and b must be in bounds.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_into_ptr<T: Real>(
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -101,6 +101,60 @@ pub unsafe fn gemm_into_ptr<T: Real>(
         b.data.len() > (k - 1) * b.rs + (n - 1) * b.cs,
         "gemm: rhs too small"
     );
+    raw_gemm(
+        gemm_path(isa),
+        m,
+        n,
+        k,
+        a,
+        b,
+        c,
+        c_rs,
+        c_cs,
+        accumulate,
+        gemm::Parallelism::None,
+    )
+}
+
+/// c (+)= a · b through gemm's kernels of `path` (f32) or gemm's own dispatch (f64,
+/// the finite-difference checks).
+///
+/// # Safety
+/// As `gemm::gemm`: a, b in bounds for (m, k) and (k, n), c valid for writes at (m, n).
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_gemm<T: Real>(
+    path: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: *mut T,
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        let driver = f32_drivers::for_isa(path);
+        driver(
+            m,
+            n,
+            k,
+            c as *mut f32,
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr() as *const f32,
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr() as *const f32,
+            b.cs as isize,
+            b.rs as isize,
+            par,
+        );
+        return;
+    }
     gemm::gemm(
         m,
         n,
@@ -120,7 +174,145 @@ pub unsafe fn gemm_into_ptr<T: Real>(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        par,
+    );
+}
+
+/// The gemm kernels for a kernel path. Zen 4 runs a 512-bit FMA as two 256-bit halves, so
+/// gemm's AVX-512 tiles bring no more arithmetic and lose to its AVX2 tiles on the shapes of a
+/// training step (`repro bench kernels`: the unembedding at 0.62-0.81x); there gemm stays on
+/// AVX2 while the other kernels, which gain from the wider registers, take AVX-512.
+pub fn gemm_path(isa: Isa) -> Isa {
+    if isa == Isa::Avx512 && half_width_avx512() {
+        Isa::Avx2
+    } else {
+        isa
+    }
+}
+
+/// AMD family 19h (Zen 3 has no AVX-512; Zen 4 executes it in halves).
+fn half_width_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        let (vendor, leaf1) = (__cpuid(0), __cpuid(1));
+        let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        let family = ((leaf1.eax >> 8) & 0xf) + ((leaf1.eax >> 20) & 0xff);
+        amd && family == 0x19
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// gemm's f32 driver (`gemm_basic_generic`) bound to one family of its microkernels, as the
+/// gemm crate binds them internally; N is the vector width in floats.
+mod f32_drivers {
+    use gemm_common::simd::MixedSimd;
+
+    macro_rules! driver {
+        ($(#[$cfg:meta])* $name:ident, $kernels:ident, $simd:ident, $n:expr) => {
+            $(#[$cfg])*
+            #[allow(clippy::too_many_arguments)]
+            pub unsafe fn $name(
+                m: usize,
+                n: usize,
+                k: usize,
+                dst: *mut f32,
+                dst_cs: isize,
+                dst_rs: isize,
+                read_dst: bool,
+                lhs: *const f32,
+                lhs_cs: isize,
+                lhs_rs: isize,
+                rhs: *const f32,
+                rhs_cs: isize,
+                rhs_rs: isize,
+                par: gemm::Parallelism,
+            ) {
+                use gemm_f32::microkernel::$kernels::f32 as uk;
+                const N: usize = $n;
+                gemm_common::gemm::gemm_basic_generic::<
+                    _,
+                    f32,
+                    N,
+                    { uk::MR_DIV_N * N },
+                    { uk::NR },
+                    { uk::MR_DIV_N },
+                    { uk::H_M },
+                    { uk::H_N },
+                >(
+                    <gemm_common::simd::$simd as MixedSimd<f32, f32, f32, f32>>::try_new()
+                        .expect("the caller checked the instruction set"),
+                    m,
+                    n,
+                    k,
+                    dst,
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    lhs,
+                    lhs_cs,
+                    lhs_rs,
+                    rhs,
+                    rhs_cs,
+                    rhs_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    |a, b, c| a * b + c,
+                    &uk::UKR,
+                    &uk::H_UKR,
+                    false,
+                    par,
+                )
+            }
+        };
+    }
+
+    pub type Driver = unsafe fn(
+        usize,
+        usize,
+        usize,
+        *mut f32,
+        isize,
+        isize,
+        bool,
+        *const f32,
+        isize,
+        isize,
+        *const f32,
+        isize,
+        isize,
+        gemm::Parallelism,
+    );
+
+    /// The driver of a path (which must be supported).
+    pub fn for_isa(isa: super::Isa) -> Driver {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            super::Isa::Avx512 => avx512,
+            #[cfg(target_arch = "x86_64")]
+            super::Isa::Avx2 => avx2,
+            _ => scalar,
+        }
+    }
+
+    driver!(scalar, scalar, Scalar, 1);
+    driver!(
+        #[cfg(target_arch = "x86_64")]
+        avx2,
+        fma,
+        V3,
+        8
+    );
+    driver!(
+        #[cfg(target_arch = "x86_64")]
+        avx512,
+        avx512f,
+        V4,
+        16
     );
 }
 
@@ -128,6 +320,24 @@ pub unsafe fn gemm_into_ptr<T: Real>(
 /// as [k, m], `b_t` means `b` is stored as [n, k].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    a_t: bool,
+    b: &[T],
+    b_t: bool,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    let path = gemm_path(Isa::current());
+    matmul_on(path, m, n, k, a, a_t, b, b_t, c, accumulate)
+}
+
+/// `matmul` on the gemm kernels of `path` (which must be supported).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_on<T: Real>(
+    path: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -164,5 +374,5 @@ pub fn matmul<T: Real>(
             cs: 1,
         }
     };
-    gemm_strided(m, n, k, a, b, c, n, 1, accumulate);
+    gemm_strided(path, m, n, k, a, b, c, n, 1, accumulate);
 }

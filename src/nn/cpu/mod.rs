@@ -12,6 +12,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod router;
 pub mod rowops;
+pub mod vmath;
 pub mod xent;
 
 #[cfg(test)]
@@ -57,7 +58,8 @@ impl Backend for CpuBackend {
         c_rs: usize,
         accumulate: bool,
     ) {
-        matmul::gemm_strided(m, n, k, a, b, c, c_rs, 1, accumulate)
+        let path = matmul::gemm_path(Isa::current());
+        matmul::gemm_strided(path, m, n, k, a, b, c, c_rs, 1, accumulate)
     }
     fn rmsnorm_forward(&self, x: &[f32], scale: &[f32], d: usize, y: &mut [f32], rstd: &mut [f32]) {
         rmsnorm::rmsnorm_forward(x, scale, d, y, rstd)

@@ -1,6 +1,8 @@
 //! RMSNorm over the last axis with a learned scale: y = x / rms(x) * g.
 
+use super::isa::Isa;
 use super::real::Real;
+use super::vmath;
 use rayon::prelude::*;
 
 pub const RMS_EPS: f64 = 1e-6;
@@ -12,16 +14,22 @@ const ROWS_PER_PARTIAL: usize = 64;
 pub fn rmsnorm_forward<T: Real>(x: &[T], scale: &[T], d: usize, y: &mut [T], rstd: &mut [T]) {
     let eps = T::from_f64(RMS_EPS);
     let inv_d = T::from_f64(1.0 / d as f64);
+    let isa = Isa::current();
     y.par_chunks_mut(d)
         .zip(x.par_chunks(d))
         .zip(rstd.par_iter_mut())
         .for_each(|((yr, xr), r)| {
-            let ms = super::real::dot(xr, xr) * inv_d;
-            let inv = T::ONE / (ms + eps).sqrt();
-            *r = inv;
-            for i in 0..d {
-                yr[i] = xr[i] * inv * scale[i];
-            }
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    let ms = vmath::dot(isa, xr, xr) * inv_d;
+                    let inv = T::ONE / (ms + eps).sqrt();
+                    *r = inv;
+                    for ((yi, &xi), &si) in yr.iter_mut().zip(xr).zip(scale) {
+                        *yi = xi * inv * si;
+                    }
+                },
+            )
         });
 }
 
@@ -37,30 +45,34 @@ pub fn rmsnorm_backward<T: Real>(
 ) {
     let inv_d = T::from_f64(1.0 / d as f64);
     let rows_per = ROWS_PER_PARTIAL;
+    let isa = Isa::current();
     let partials: Vec<Vec<T>> = dx
         .par_chunks_mut(d * rows_per)
         .enumerate()
         .map(|(ci, dxc)| {
             let mut part = vec![T::ZERO; d];
+            let mut g = vec![T::ZERO; d];
             let r0 = ci * rows_per;
-            for (ri, dxr) in dxc.chunks_mut(d).enumerate() {
-                let row = r0 + ri;
-                let xr = &x[row * d..(row + 1) * d];
-                let dyr = &dy[row * d..(row + 1) * d];
-                let inv = rstd[row];
-                let mut m = T::ZERO;
-                for i in 0..d {
-                    let xhat = xr[i] * inv;
-                    let dxhat = dyr[i] * scale[i];
-                    m += dxhat * xhat;
-                    part[i] += dyr[i] * xhat;
-                }
-                m *= inv_d;
-                for i in 0..d {
-                    let xhat = xr[i] * inv;
-                    dxr[i] += inv * (dyr[i] * scale[i] - xhat * m);
-                }
-            }
+            isa.run(
+                #[inline(always)]
+                |isa| {
+                    for (ri, dxr) in dxc.chunks_mut(d).enumerate() {
+                        let row = r0 + ri;
+                        let xr = &x[row * d..(row + 1) * d];
+                        let dyr = &dy[row * d..(row + 1) * d];
+                        let inv = rstd[row];
+                        for i in 0..d {
+                            g[i] = dyr[i] * scale[i];
+                            part[i] += dyr[i] * (xr[i] * inv);
+                        }
+                        // m = mean(dxhat · xhat), with xhat = x · inv.
+                        let m = vmath::dot(isa, &g, xr) * inv * inv_d;
+                        for i in 0..d {
+                            dxr[i] += inv * (g[i] - xr[i] * inv * m);
+                        }
+                    }
+                },
+            );
             part
         })
         .collect();

@@ -5,6 +5,7 @@
 use super::activations::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use super::attention::{attention_backward, attention_forward, AttnShape};
 use super::experts::{experts_backward, experts_forward, ExpertMode, ExpertShape, SlotOrder};
+use super::isa::Isa;
 use super::matmul::matmul;
 use super::real::Real;
 use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
@@ -42,10 +43,13 @@ fn check<C: OpCase>(name: &str, seed: u64, case: &C, inputs: Vec<Vec<f64>>, eps:
     let w = randn(&mut rng, y.len(), 1.0);
     let g64 = case.backward::<f64>(&inputs, &w);
     let in32: Vec<Vec<f32>> = inputs.iter().map(|x| cast(x)).collect();
-    let g32: Vec<Vec<f64>> = case
-        .backward::<f32>(&in32, &cast(&w))
-        .iter()
-        .map(|g| uncast(g))
+    // The f32 backward on every instruction set this CPU has.
+    let g32: Vec<(Isa, Vec<Vec<f64>>)> = Isa::supported_all()
+        .into_iter()
+        .map(|isa| {
+            let g = isa.scoped(|| case.backward::<f32>(&in32, &cast(&w)));
+            (isa, g.iter().map(|g| uncast(g)).collect())
+        })
         .collect();
     for i in 0..inputs.len() {
         let r = randn(&mut rng, inputs[i].len(), 1.0);
@@ -58,16 +62,19 @@ fn check<C: OpCase>(name: &str, seed: u64, case: &C, inputs: Vec<Vec<f64>>, eps:
         };
         let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
         let an64 = dot64(&g64[i], &r);
-        let an32 = dot64(&g32[i], &r);
         let scale = fd.abs().max(an64.abs()).max(1e-3);
         assert!(
             (fd - an64).abs() <= 1e-6 * scale,
             "{name} input {i}: f64 backward {an64} vs finite differences {fd} (seed {seed})"
         );
-        assert!(
-            (fd - an32).abs() <= 1e-3 * scale,
-            "{name} input {i}: f32 backward {an32} vs finite differences {fd} (seed {seed})"
-        );
+        for (isa, g) in &g32 {
+            let an32 = dot64(&g[i], &r);
+            assert!(
+                (fd - an32).abs() <= 1e-3 * scale,
+                "{name} input {i}: f32 backward on {isa:?} {an32} vs finite differences {fd} \
+                 (seed {seed})"
+            );
+        }
     }
 }
 
@@ -556,5 +563,188 @@ fn linear_experts_backward_matches_finite_differences() {
             randn(&mut rng, pool_rows * d, 0.7),
         ];
         check(&format!("experts {mode:?}"), seed, &case, inputs, 1e-5);
+    }
+}
+
+/// Runs a case's f32 forward and backward on `isa`.
+fn run_on<C: OpCase>(isa: Isa, case: &C, x: &[Vec<f32>], dy: &[f32]) -> Vec<Vec<f32>> {
+    isa.scoped(|| {
+        let mut out = vec![case.forward::<f32>(x)];
+        out.extend(case.backward::<f32>(x, dy));
+        out
+    })
+}
+
+/// Every path against the scalar one at sizes that fill whole vectors and leave remainders.
+/// Paths with FMA round differently from scalar code, so those agree to a tolerance; AVX2 and
+/// AVX-512 add in the same order (`vmath::LANES`), so kernels without a matmul agree in
+/// every bit.
+fn agree_on_every_path<C: OpCase>(name: &str, case: &C, x: Vec<Vec<f64>>, has_matmul: bool) {
+    let mut rng = Rng::new(fresh_seed());
+    let x: Vec<Vec<f32>> = x.iter().map(|v| cast(v)).collect();
+    let n_out = case.forward::<f32>(&x).len();
+    let dy: Vec<f32> = cast(&randn(&mut rng, n_out, 1.0));
+    let scalar = run_on(Isa::Scalar, case, &x, &dy);
+    let mut vector_paths = Vec::new();
+    for isa in Isa::supported_all()
+        .into_iter()
+        .filter(|&i| i != Isa::Scalar)
+    {
+        let got = run_on(isa, case, &x, &dy);
+        for (j, (g, s)) in got.iter().zip(&scalar).enumerate() {
+            let size = s.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            for (a, b) in g.iter().zip(s) {
+                assert!(
+                    (a - b).abs() <= 2e-5 * size,
+                    "{name} output {j} on {isa:?}: {a} vs scalar {b}"
+                );
+            }
+        }
+        vector_paths.push(got);
+    }
+    if !has_matmul {
+        if let [avx2, avx512] = &vector_paths[..] {
+            assert!(avx2 == avx512, "{name}: AVX2 and AVX-512 differ");
+        }
+    }
+}
+
+#[test]
+fn every_instruction_set_agrees_with_the_scalar_path() {
+    let mut rng = Rng::new(fresh_seed());
+    eprintln!("paths here: {:?}", Isa::supported_all());
+    let (rows, d) = (37, 133); // not multiples of any vector width
+    for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (m, n, k) = (67, 45, 129);
+        let case = MatmulCase { m, n, k, a_t, b_t };
+        let x = vec![randn(&mut rng, m * k, 1.0), randn(&mut rng, k * n, 1.0)];
+        agree_on_every_path("matmul", &case, x, true);
+    }
+    let x = vec![randn(&mut rng, rows * d, 1.0), randn(&mut rng, d, 1.0)];
+    agree_on_every_path("rmsnorm", &RmsCase { d }, x, false);
+    agree_on_every_path("gelu", &GeluCase, vec![randn(&mut rng, 5000, 2.0)], false);
+    let f = 71;
+    let x = vec![randn(&mut rng, rows * 2 * f, 4.0)];
+    agree_on_every_path("swiglu", &SwigluCase { f }, x, false);
+    let vocab = 1000;
+    let targets = (0..rows).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let case = XentCase {
+        vocab: vocab as usize,
+        targets,
+        pad: Some(3),
+    };
+    let x = vec![randn(&mut rng, rows * vocab as usize, 3.0)];
+    agree_on_every_path("softmax_xent", &case, x, false);
+    let case = AttnCase {
+        batch: 2,
+        seq: 45,
+        heads: 2,
+        hd: 24,
+    };
+    let n = 2 * 45 * 2 * 24;
+    let x = (0..3).map(|_| randn(&mut rng, n, 1.0)).collect();
+    agree_on_every_path("attention", &case, x, true);
+    let (tokens, d, channels, k, n) = (50, 101, 4, 3, 16);
+    for (mode, stride) in [
+        (ExpertMode::GatedLinear, n),
+        (ExpertMode::GatedGelu, n),
+        (ExpertMode::PeerSoftmaxGelu, 0),
+    ] {
+        let pool_rows = if stride == 0 { n } else { channels * n };
+        let indices = (0..tokens * channels * k)
+            .map(|_| (rng.next_u64() % n as u64) as u32)
+            .collect();
+        let shape = ExpertShape {
+            d,
+            channels,
+            k,
+            channel_stride: stride,
+            pool_rows,
+        };
+        let case = ExpertsCase {
+            shape,
+            mode,
+            indices,
+        };
+        let x = vec![
+            randn(&mut rng, tokens * d, 1.0),
+            randn(&mut rng, tokens * channels * k, 1.0),
+            randn(&mut rng, pool_rows * d, 0.5),
+            randn(&mut rng, pool_rows * d, 0.5),
+        ];
+        agree_on_every_path(&format!("experts {mode:?}"), &case, x, false);
+    }
+}
+
+#[test]
+fn adamw_and_row_ops_agree_on_every_path() {
+    use super::adamw::{adamw_update, AdamWStep};
+    use super::rowops::{add_assign, add_row_vector, sum_rows_into};
+    let mut rng = Rng::new(fresh_seed());
+    let n = 10_007;
+    let (p0, g): (Vec<f32>, Vec<f32>) = (
+        cast(&randn(&mut rng, n, 1.0)),
+        cast(&randn(&mut rng, n, 1.0)),
+    );
+    let step = AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        t: 3,
+        grad_scale: 0.5,
+    };
+    let (d, b) = (97, cast::<f32>(&randn(&mut rng, 97, 1.0)));
+    let run = |isa: Isa| {
+        isa.scoped(|| {
+            let (mut p, mut m, mut v) = (p0.clone(), vec![0.1f32; n], vec![0.2f32; n]);
+            adamw_update(&mut p, &g, &mut m, &mut v, &step);
+            let mut rows = p0[..d * 100].to_vec();
+            add_row_vector(&mut rows, &b);
+            let mut sums = vec![0.0f32; d];
+            sum_rows_into(&rows, &mut sums);
+            add_assign(&mut rows, &g[..d * 100]);
+            [p, m, v, rows, sums]
+        })
+    };
+    let scalar = run(Isa::Scalar);
+    for isa in Isa::supported_all() {
+        let got = run(isa);
+        for (j, (g, s)) in got.iter().zip(&scalar).enumerate() {
+            for (a, b) in g.iter().zip(s) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "output {j} on {isa:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_kernels_of_every_path_agree_with_the_scalar_ones() {
+    // `matmul` may use narrower gemm kernels than the path (`gemm_path`); these are all of them.
+    use super::matmul::matmul_on;
+    let mut rng = Rng::new(fresh_seed());
+    for (m, n, k) in [(67, 45, 129), (3, 200, 17), (130, 1, 64)] {
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a: Vec<f32> = cast(&randn(&mut rng, m * k, 1.0));
+            let b: Vec<f32> = cast(&randn(&mut rng, k * n, 1.0));
+            let run = |path: Isa| {
+                let mut c = vec![1.0f32; m * n];
+                matmul_on(path, m, n, k, &a, a_t, &b, b_t, &mut c, true);
+                c
+            };
+            let scalar = run(Isa::Scalar);
+            for path in Isa::supported_all() {
+                for (x, y) in run(path).iter().zip(&scalar) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{path:?} {m}x{n}x{k}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Fused softmax cross-entropy: turns logits into their gradient in place.
 
+use super::isa::Isa;
 use super::real::Real;
+use super::vmath;
 use rayon::prelude::*;
 
 /// logits: [rows, vocab], overwritten with d(mean loss)/d(logits). Rows whose target equals
@@ -19,6 +21,7 @@ pub fn softmax_xent<T: Real>(
     } else {
         0.0
     };
+    let isa = Isa::current();
     let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)
         .zip(targets.par_iter())
@@ -29,27 +32,24 @@ pub fn softmax_xent<T: Real>(
                 }
                 return 0.0;
             }
-            let mut mx = row[0];
-            for &x in row.iter() {
-                if x > mx {
-                    mx = x;
-                }
-            }
-            let mut sum = T::ZERO;
-            for &x in row.iter() {
-                sum += (x - mx).exp();
-            }
-            let lse = mx + sum.ln();
-            let loss = (lse - row[tgt as usize]).to_f64();
-            if want_grad {
-                let scale = T::from_f64(inv);
-                let inv_sum = T::ONE / sum;
-                for x in row.iter_mut() {
-                    *x = (*x - mx).exp() * inv_sum * scale;
-                }
-                row[tgt as usize] -= scale;
-            }
-            loss
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    let mx = vmath::max(row);
+                    let sum = vmath::sum_map(row, |x| (x - mx).vexp());
+                    let lse = mx + sum.ln();
+                    let loss = (lse - row[tgt as usize]).to_f64();
+                    if want_grad {
+                        let scale = T::from_f64(inv);
+                        let k = scale / sum;
+                        for x in row.iter_mut() {
+                            *x = (*x - mx).vexp() * k;
+                        }
+                        row[tgt as usize] -= scale;
+                    }
+                    loss
+                },
+            )
         })
         .collect();
     (losses.iter().sum(), counted)
