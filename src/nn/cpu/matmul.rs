@@ -190,18 +190,23 @@ pub fn gemm_path(isa: Isa) -> Isa {
     }
 }
 
-/// AMD family 19h (Zen 3 has no AVX-512; Zen 4 executes it in halves).
+/// AMD family 19h (Zen 3 has no AVX-512; Zen 4 executes it in halves). Asked once: cpuid
+/// traps to the hypervisor in a virtual machine and costs microseconds.
 fn half_width_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::__cpuid;
-        let (vendor, leaf1) = (__cpuid(0), __cpuid(1));
-        let amd = (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
-        let family = ((leaf1.eax >> 8) & 0xf) + ((leaf1.eax >> 20) & 0xff);
-        amd && family == 0x19
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    static HALF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HALF.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            let (vendor, leaf1) = (__cpuid(0), __cpuid(1));
+            let amd =
+                (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+            let family = ((leaf1.eax >> 8) & 0xf) + ((leaf1.eax >> 20) & 0xff);
+            amd && family == 0x19
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// gemm's f32 driver (`gemm_basic_generic`) bound to one family of its microkernels, as the

@@ -266,20 +266,23 @@ impl OpCase for AttnCase {
 fn attention_backward_matches_finite_differences() {
     let seed = fresh_seed();
     let mut rng = Rng::new(seed);
-    let case = AttnCase {
-        batch: 2,
-        seq: 7,
-        heads: 3,
-        hd: 4,
-    };
-    let n = 2 * 7 * 3 * 4;
-    check(
-        "attention",
-        seed,
-        &case,
-        (0..3).map(|_| randn(&mut rng, n, 1.0)).collect(),
-        1e-5,
-    );
+    // 7 positions: one block of the causal products; 70: three, the last one partial.
+    for seq in [7, 70] {
+        let case = AttnCase {
+            batch: 2,
+            seq,
+            heads: 3,
+            hd: 4,
+        };
+        let n = 2 * seq * 3 * 4;
+        check(
+            "attention",
+            seed,
+            &case,
+            (0..3).map(|_| randn(&mut rng, n, 1.0)).collect(),
+            1e-5,
+        );
+    }
 }
 
 struct GeluCase;
