@@ -204,6 +204,20 @@ impl Row {
             .fold(f64::NAN, f64::max)
     }
 
+    /// Mean cores' worth of CPU other processes used during the measurements of one side.
+    fn others(v: &[Value]) -> f64 {
+        let x: Vec<f64> = v
+            .iter()
+            .map(|x| get(x, "others_cpu_cores"))
+            .filter(|x| x.is_finite())
+            .collect();
+        if x.is_empty() {
+            f64::NAN
+        } else {
+            x.iter().sum::<f64>() / x.len() as f64
+        }
+    }
+
     fn variant(&self) -> String {
         let set: BTreeSet<&str> = self
             .torch
@@ -229,8 +243,10 @@ impl Row {
         } else {
             "-".into()
         };
+        let others = |v: &[Value]| num(Row::others(v), 1, 0);
+        let load = format!("{}/{}", others(&self.repro), others(&self.torch));
         format!(
-            "{:<13} {:>5} {:>5} {:>10} {} {} {ratio:>7} {range:>11} {} {} {}",
+            "{:<13} {:>5} {:>5} {:>10} {} {} {ratio:>7} {range:>11} {} {} {load:>9} {}",
             self.kind.as_str(),
             self.scale,
             self.cfg.d_model,
@@ -261,6 +277,8 @@ impl Row {
                 "ratio_max": finite(s.ratio_max),
                 "repro_peak_rss_bytes": finite(Row::peak_mb(&self.repro) * 1e6),
                 "torch_peak_rss_bytes": finite(Row::peak_mb(&self.torch) * 1e6),
+                "repro_others_cpu_cores": finite(Row::others(&self.repro)),
+                "torch_others_cpu_cores": finite(Row::others(&self.torch)),
             },
         })
     }
@@ -268,7 +286,7 @@ impl Row {
 
 fn table_header() -> String {
     format!(
-        "{:<13} {:>5} {:>5} {:>10} {:>11} {:>11} {:>7} {:>11} {:>8} {:>8} {}",
+        "{:<13} {:>5} {:>5} {:>10} {:>11} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9} {}",
         "ffn",
         "scale",
         "d",
@@ -279,6 +297,7 @@ fn table_header() -> String {
         "ratio range",
         "repro MB",
         "torch MB",
+        "busy r/t",
         "torch variant"
     )
 }
@@ -322,14 +341,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     if python.is_some() {
         println!(
-            "each round runs repro then PyTorch, each in a process of its own; tok/s: median \
-             over rounds; ratio: median of the per-round repro/torch ratios (range: min-max); \
-             MB: peak RSS, max over rounds"
+            "each round runs repro then PyTorch, each in a process of its own. tok/s: median over \
+             rounds; ratio: median of the\n  per-round repro/torch ratios (range: min-max); MB: \
+             peak RSS, max over rounds; busy r/t: cores' worth of CPU that other\n  processes \
+             used meanwhile, mean over the repro / torch runs (0.0 = quiet machine)"
         );
     } else {
         println!(
-            "each round runs repro in a process of its own; tok/s: median over rounds; MB: peak \
-             RSS, max over rounds"
+            "each round runs repro in a process of its own. tok/s: median over rounds; MB: peak \
+             RSS, max over rounds;\n  busy r/t: cores' worth of CPU that other processes used \
+             meanwhile (0.0 = quiet machine)"
         );
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -476,7 +497,54 @@ fn python(given: Option<&str>) -> Option<PathBuf> {
     (ok && Path::new(&script()).is_file()).then_some(candidate)
 }
 
+/// CPU seconds the whole machine has been busy (all cores; steal counted as busy, as it is
+/// time taken by others), from /proc/stat.
+fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| busy as f64 / hz as f64)
+}
+
+/// CPU seconds used by this process's finished children.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs one measurement; adds `others_cpu_cores`: the cores' worth of CPU that processes other
+/// than the child used meanwhile (0 on a quiet machine; coarse, at clock-tick resolution).
 fn measure(cmd: &mut Command) -> Result<Value> {
+    let (busy0, ours0, t0) = (
+        machine_busy_secs(),
+        children_cpu_secs(),
+        std::time::Instant::now(),
+    );
+    let mut v = run_child(cmd)?;
+    let wall = t0.elapsed().as_secs_f64();
+    if let (Some(b0), Some(b1)) = (busy0, machine_busy_secs()) {
+        let others = ((b1 - b0) - (children_cpu_secs() - ours0)).max(0.0) / wall.max(1e-9);
+        if others.is_finite() {
+            v["others_cpu_cores"] = json!(others);
+        }
+    }
+    Ok(v)
+}
+
+fn run_child(cmd: &mut Command) -> Result<Value> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot run {cmd:?}"))?;
