@@ -284,6 +284,10 @@ impl Row {
     }
 }
 
+/// Cores' worth of CPU taken by other processes during a measurement from which the run says
+/// that the machine was not quiet.
+const BUSY_NOTE: f64 = 0.2;
+
 fn table_header() -> String {
     format!(
         "{:<13} {:>5} {:>5} {:>10} {:>11} {:>11} {:>7} {:>11} {:>8} {:>8} {:>9} {}",
@@ -429,6 +433,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             println!("{}", row.line());
             rows.push(row);
         }
+    }
+    let busiest = rows
+        .iter()
+        .flat_map(|r| r.repro.iter().chain(&r.torch))
+        .map(|v| get(v, "others_cpu_cores"))
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max);
+    if busiest >= BUSY_NOTE {
+        println!(
+            "note: the machine was not quiet: other processes took up to {busiest:.1} cores' worth \
+             of CPU during a measurement\n  (busy r/t); engines suffer from that unequally, so \
+             these figures do not show their speed on a quiet machine"
+        );
     }
     if repro_isa.len() > 1 || torch_isa.len() > 1 {
         println!(
