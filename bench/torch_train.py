@@ -5,7 +5,23 @@
 
 Builds the model described by a ModelConfig JSON (the fields of src/nn/config.rs), trains it on
 random token batches (fixed seed) with AdamW + global-norm clipping, and prints ONE line of JSON:
-    {"tokens_per_s": ..., "peak_rss_bytes": ..., "total_params": ..., "loss": ...}
+    {"tokens_per_s": ..., "peak_rss_bytes": ..., "total_params": ..., "loss": ..., "isa": ...,
+     "torch_version": ..., "variant": ..., "variant_fwd_bwd_ms": {...}, ...}
+isa is torch.backends.cpu.get_cpu_capability(). peak_rss_bytes is VmHWM, restarted after the
+variant trials (below) so that they do not count.
+
+Written as a fluent PyTorch user would, eager mode: where a kind has more than one reasonable
+formulation, all are built over the SAME parameters, checked to compute the same function
+(logits allclose, gradients equal up to rounding; a disagreement is an error), timed on a
+forward + backward of the whole model at start-up, and the fastest is used for the timed steps
+(`variant`; --variant forces one):
+  moe            loop (per expert: gather its tokens, addmm, scatter-add), grouped (slots sorted
+                 by expert, padded to the largest group, one baddbmm over all experts), dense
+                 (every expert on every token, weighted by the top-k-masked probabilities).
+  sgatlin(-gelu), peer
+                 index (advanced indexing materialises the selected u and v rows, einsum),
+                 embedding_bag (F.embedding for the u rows, F.embedding_bag with
+                 per_sample_weights, mode='sum', for the v side, which is never materialised).
 
 The modules mirror src/nn shape for shape, so total_params equals ModelConfig::total_params:
   backbone  tied embedding [vocab, d]; per block: RMSNorm, wq/wk/wv/wo [d, d] (no biases; wq/wk/wv
@@ -15,8 +31,9 @@ The modules mirror src/nn shape for shape, so total_params equals ModelConfig::t
   mlp       gelu(h W1) W2, no biases.
   swiglu    clamped SwiGLU with biases: z = h W1 + b1 = [gate | lin],
             y = min(gate,7) * sigmoid(1.702 min(gate,7)) * (clamp(lin,-7,7) + 1), out = y W2 + b2.
-  moe       16 clamped-SwiGLU experts (width d_ffw, biases), gate [d, E] without bias, top-k on
-            the logits, weights = softmax over ALL E logits (not renormalised), no aux loss.
+  moe       16 clamped-SwiGLU experts (width d_ffw, biases; stored stacked [E, ...]), gate [d, E]
+            without bias, top-k on the logits, weights = softmax over ALL E logits (not
+            renormalised), no aux loss.
   sgatlin   product-key router (W_key [d, d_key], W_sub [d_key, 2 C sqrtN], logits laid out
             [half][channel][sqrtN] as in the Rust router), per-channel pools U, V [C, N, d],
             y = sum_{c,i} act(g_ci * <u_ci, x>) v_ci with act = identity (gelu for sgatlin-gelu).
@@ -203,32 +220,77 @@ class Swiglu(nn.Module):
 
 
 class Moe(nn.Module):
+    """Experts stored stacked ([E, d, 2f], [E, 2f], [E, f, d], [E, d]: the parameters of E
+    clamped-SwiGLU layers), so that every dispatch below computes with the same tensors."""
+
+    VARIANTS = ("loop", "grouped", "dense")
+
     def __init__(self, d, f, n_experts, k):
         super().__init__()
-        self.k = k
+        self.k, self.n_experts = k, n_experts
+        self.variant = "loop"
         self.gate = linear(d, n_experts)
-        self.experts = nn.ModuleList(Swiglu(d, f) for _ in range(n_experts))
+        self.w1 = nn.Parameter(lecun_(torch.empty(n_experts, d, 2 * f), d))
+        self.b1 = nn.Parameter(torch.zeros(n_experts, 2 * f))
+        self.w2 = nn.Parameter(lecun_(torch.empty(n_experts, f, d), f))
+        self.b2 = nn.Parameter(torch.zeros(n_experts, d))
 
     def forward(self, x):
         logits = self.gate(x)                          # [T, E]
         probs = logits.softmax(dim=-1)                 # over all experts, not renormalised
         top = logits.topk(self.k, dim=-1).indices      # [T, k]
+        return getattr(self, "_" + self.variant)(x, probs, top)
+
+    def _loop(self, x, probs, top):
+        # The textbook CPU dispatch: per expert, gather its tokens, run it, scatter-add back.
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
         out = torch.zeros_like(x)
-        # Standard CPU dispatch: per expert, gather its tokens, run it, scatter-add back.
-        for e, expert in enumerate(self.experts):
+        for e in range(self.n_experts):
             tok = (top == e).any(dim=-1).nonzero().squeeze(1)
             if tok.numel() == 0:
                 continue
-            y = expert(x.index_select(0, tok)) * probs.index_select(0, tok)[:, e:e + 1]
-            out.index_add_(0, tok, y)
+            h = torch.addmm(b1[e], x.index_select(0, tok), w1[e])
+            y = torch.addmm(b2[e], clamped_swiglu(h), w2[e])
+            out.index_add_(0, tok, y * probs.index_select(0, tok)[:, e:e + 1])
         return out
+
+    def _grouped(self, x, probs, top):
+        # No Python loop: sort the (token, expert) slots by expert, pad every expert's group to
+        # the largest, run all experts as one batched matmul, scatter-add back.
+        t, d = x.shape
+        flat_e = top.reshape(-1)                                # [T k], slot -> expert
+        order = flat_e.argsort(stable=True)
+        e_sorted = flat_e.index_select(0, order)
+        t_sorted = order // self.k                              # slot -> token
+        counts = torch.bincount(flat_e, minlength=self.n_experts)
+        cap = int(counts.max())
+        pos = torch.arange(flat_e.numel()) - (counts.cumsum(0) - counts).index_select(0, e_sorted)
+        row = e_sorted * cap + pos                              # slot -> row of [E cap]
+        xs = x.new_zeros(self.n_experts * cap, d).index_copy(0, row, x.index_select(0, t_sorted))
+        h = torch.baddbmm(self.b1.unsqueeze(1), xs.view(self.n_experts, cap, d), self.w1)
+        y = torch.baddbmm(self.b2.unsqueeze(1), clamped_swiglu(h), self.w2).view(-1, d)
+        w = probs[t_sorted, e_sorted].unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, t_sorted, y.index_select(0, row) * w)
+
+    def _dense(self, x, probs, top):
+        # Every expert on every token (E/k times the FLOPs, no gathers), weighted by the
+        # router probabilities masked to the top k.
+        t, d = x.shape
+        xe = x.unsqueeze(0).expand(self.n_experts, t, d)
+        h = torch.baddbmm(self.b1.unsqueeze(1), xe, self.w1)              # [E, T, 2f]
+        y = torch.baddbmm(self.b2.unsqueeze(1), clamped_swiglu(h), self.w2)  # [E, T, d]
+        gate = torch.zeros_like(probs).scatter(1, top, probs.gather(1, top))
+        return torch.einsum("te,etd->td", gate, y)
 
 
 class Sgatlin(nn.Module):
+    VARIANTS = ("index", "embedding_bag")
+
     def __init__(self, d, c, n, k, dk, use_gelu):
         super().__init__()
         self.c, self.n, self.k, self.s = c, n, k, isqrt(n)
         self.use_gelu = use_gelu
+        self.variant = "index"
         self.w_key = linear(d, dk)                     # W_key: d x d_key
         self.w_sub = linear(dk, 2 * c * self.s)        # W_sub: d_key x 2*C*sqrtN
         std = 1.0 / math.sqrt(n)                       # fan-in N, as in the reference code
@@ -244,20 +306,29 @@ class Sgatlin(nn.Module):
         logits = self.w_sub(self.w_key(x)).view(t, 2, self.c, self.s)  # [half][channel][key]
         g, idx = product_key_topk(logits, self.k)                      # [T, C, k]
         rows = idx + self.chan_offset                                  # rows of the [C*N, d] pool
-        # The naive gather: materialise the selected expert vectors, [T, C, k, d] each.
-        # (For the v side, F.embedding_bag(rows.view(t, -1), self.v.view(-1, d),
-        # per_sample_weights=z.view(t, -1), mode="sum") is the fused alternative.)
-        u_sel = self.u.view(-1, d)[rows]
-        v_sel = self.v.view(-1, d)[rows]
-        z = g * torch.einsum("tckd,td->tck", u_sel, x)
+        u, v = self.u.view(-1, d), self.v.view(-1, d)
+        if self.variant == "index":
+            # Gather the selected expert vectors, [T, C, k, d] each, and contract.
+            u_sel, v_sel = u[rows], v[rows]
+            z = g * torch.einsum("tckd,td->tck", u_sel, x)
+            if self.use_gelu:
+                z = gelu(z)
+            return torch.einsum("tck,tckd->td", z, v_sel)
+        # embedding_bag: u rows gathered by F.embedding, the v side fused (never materialised).
+        flat = rows.view(t, -1)                                        # one bag per token
+        a = torch.bmm(F.embedding(flat, u), x.unsqueeze(-1)).view_as(g)
+        z = g * a
         if self.use_gelu:
             z = gelu(z)
-        return torch.einsum("tck,tckd->td", z, v_sel)
+        return F.embedding_bag(flat, v, per_sample_weights=z.view(t, -1), mode="sum")
 
 
 class Peer(nn.Module):
+    VARIANTS = ("index", "embedding_bag")
+
     def __init__(self, d, c, n, k, dk):
         super().__init__()
+        self.variant = "index"
         self.c, self.n, self.k, self.s, self.dk = c, n, k, isqrt(n), dk
         self.scale = 1.0 / math.sqrt(2 * dk)
         self.w_query = linear(d, 2 * c * dk)           # columns [half][head][d_key]
@@ -276,10 +347,15 @@ class Peer(nn.Module):
         logits = torch.einsum("thcd,hcsd->thcs", q, keys) * self.scale
         g, idx = product_key_topk(logits, self.k)                      # [T, C, k]
         w = g.softmax(dim=-1)
-        u_sel = self.u[idx]                                            # [T, C, k, d]
-        v_sel = self.v[idx]
-        coef = gelu(torch.einsum("tckd,td->tck", u_sel, x)) * w
-        return torch.einsum("tck,tckd->td", coef, v_sel)
+        if self.variant == "index":
+            u_sel = self.u[idx]                                        # [T, C, k, d]
+            v_sel = self.v[idx]
+            coef = gelu(torch.einsum("tckd,td->tck", u_sel, x)) * w
+            return torch.einsum("tck,tckd->td", coef, v_sel)
+        flat = idx.view(t, -1)                                         # one bag per token
+        a = torch.bmm(F.embedding(flat, self.u), x.unsqueeze(-1)).view_as(w)
+        coef = gelu(a) * w
+        return F.embedding_bag(flat, self.v, per_sample_weights=coef.view(t, -1), mode="sum")
 
 
 def make_ffn(cfg):
@@ -365,6 +441,96 @@ class Model(nn.Module):
         return self.final_norm(x) @ self.embed.weight.t()      # tied, f32 logits
 
 
+# ----------------------------------------------------------------------------- variants
+
+def set_variant(model, variant):
+    for blk in model.blocks:
+        blk.ffn.variant = variant
+
+
+def forward_backward(model, inp, tgt, vocab):
+    model.zero_grad(set_to_none=True)
+    logits = model(inp)
+    F.cross_entropy(logits.view(-1, vocab), tgt.reshape(-1)).backward()
+    return logits
+
+
+def close(a, b, rtol):
+    """|a - b| small against the size of a, as a whole tensor (summation order differs)."""
+    return bool((a - b).norm() <= rtol * a.norm() + 1e-12)
+
+
+def choose_variant(model, inp, tgt, vocab, forced=None):
+    """For a kind with several PyTorch formulations (FFN class VARIANTS), check that they compute
+    the same function (logits allclose, gradients equal to rounding; this pass is also each
+    one's warm-up), then time one forward + backward of the whole model with each, taking turns
+    twice (so that load from elsewhere falls on all of them), and keep the fastest by its best
+    time. Returns (variant, {variant: best ms}) or (None, {}) for kinds with one form."""
+    variants = getattr(model.blocks[0].ffn, "VARIANTS", None)
+    if not variants:
+        return None, {}
+    ref_logits, ref_grads, times = None, None, {}
+    for v in variants:
+        set_variant(model, v)
+        logits = forward_backward(model, inp, tgt, vocab).detach()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in model.parameters()]
+        if ref_logits is None:
+            ref_logits, ref_grads = logits, grads
+        else:
+            if not torch.allclose(logits, ref_logits, rtol=1e-4, atol=1e-5):
+                err = (logits - ref_logits).abs().max().item()
+                raise SystemExit(f"torch_train.py: variant {v} disagrees with {variants[0]} on "
+                                 f"the forward pass (max |diff| {err:.3g})")
+            names = [n for n, _ in model.named_parameters()]
+            for name, g, r in zip(names, grads, ref_grads):
+                if not close(r, g, 1e-3):
+                    raise SystemExit(f"torch_train.py: variant {v} disagrees with {variants[0]} "
+                                     f"on the gradient of {name}")
+        del logits, grads
+    del ref_logits, ref_grads
+    if forced is None:
+        for _ in range(2):
+            for v in variants:
+                set_variant(model, v)
+                t0 = time.perf_counter()
+                forward_backward(model, inp, tgt, vocab)
+                ms = (time.perf_counter() - t0) * 1e3
+                times[v] = min(times.get(v, math.inf), ms)
+    model.zero_grad(set_to_none=True)
+    chosen = forced if forced is not None else min(times, key=times.get)
+    set_variant(model, chosen)
+    return chosen, times
+
+
+def release_and_reset_peak():
+    """Return freed memory to the system and restart the peak-RSS count (VmHWM) from the
+    current resident set, so that the variant trials do not count in the peak. Returns
+    whether the reset took."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
@@ -374,6 +540,9 @@ def main():
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", help="use this formulation instead of timing them all "
+                    "(moe: loop, grouped, dense; sgatlin, sgatlin-gelu, peer: index, "
+                    "embedding_bag); the self-check still runs")
     args = ap.parse_args()
     try:
         cfg = parse_config(args.config)
@@ -392,6 +561,11 @@ def main():
     if total_params != expected:
         print(f"torch_train.py: warning: total_params {total_params} != Rust "
               f"ModelConfig::total_params {expected}", file=sys.stderr)
+    variants = getattr(model.blocks[0].ffn, "VARIANTS", ())
+    if args.variant is not None and args.variant not in variants:
+        print(f"torch_train.py: error: --variant {args.variant} is not one of "
+              f"{list(variants) or 'nothing (this kind has one form)'}", file=sys.stderr)
+        sys.exit(2)
 
     # Decoupled weight decay on everything but the norm scales (src/nn/optim.rs).
     decay, no_decay = [], []
@@ -404,9 +578,15 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     vocab, seq = cfg["vocab"], cfg["seq_len"]
 
+    def batch():
+        rows = torch.randint(vocab, (args.batch, seq + 1), generator=gen)
+        return rows[:, :-1], rows[:, 1:]
+
+    variant, variant_ms = choose_variant(model, *batch(), vocab, args.variant)
+    peak_reset = release_and_reset_peak()
+
     def step():
-        batch = torch.randint(vocab, (args.batch, seq + 1), generator=gen)
-        inp, tgt = batch[:, :-1], batch[:, 1:]
+        inp, tgt = batch()
         logits = model(inp)
         loss = F.cross_entropy(logits.view(-1, vocab), tgt.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -424,9 +604,14 @@ def main():
 
     print(json.dumps({
         "tokens_per_s": args.steps * args.batch * seq / secs,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_reset_after_variant_trials": peak_reset,
         "total_params": total_params,
         "loss": loss,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "torch_version": torch.__version__,
+        "variant": variant,
+        "variant_fwd_bwd_ms": variant_ms,
     }))
 
 

@@ -12,7 +12,8 @@
 //!   `export_weights` (weights only).
 //! - Analysis: `Model::forward_logits`, `logits()`, `last_routing(layer)`,
 //!   `set_routing_override(layer, ..)`, `collect_gate_stats` + `gate_stats()`.
-//! - `bench_train(&cfg, batch, steps)` -> (tokens/s, bytes).
+//! - `bench_train(&cfg, batch, steps)` -> (tokens/s, bytes); `bench_train_with(.., profile)`
+//!   also gives a per-op profile (`profile::Profiled` wraps the backend and times every op).
 //!
 //! Determinism: every parallel reduction sums in a fixed order that does not depend on the
 //! thread count, so a seed gives bitwise-identical runs on one machine (f32 dot products take an
@@ -27,6 +28,7 @@ pub mod flops;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod profile;
 pub mod rng;
 pub mod tensor;
 pub mod train;
@@ -38,4 +40,4 @@ mod oracle_tests;
 
 pub use config::{FfnKind, ModelConfig};
 pub use model::{BatchLoss, Model};
-pub use train::{bench_train, StepStats, TrainConfig, Trainer};
+pub use train::{bench_train, bench_train_with, StepStats, TrainBench, TrainConfig, Trainer};

@@ -1,9 +1,11 @@
 //! The trainer: model + AdamW + schedule + step counter + rng, one batch per `step`.
 
+use super::backend::Backend;
 use super::checkpoint;
 use super::config::ModelConfig;
 use super::model::Model;
 use super::optim::{clip_scale, global_norm, AdamW, AdamWConfig, Schedule};
+use super::profile::{Profile, Profiled};
 use super::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -65,9 +67,17 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(model_cfg: &ModelConfig, cfg: TrainConfig) -> Result<Trainer> {
+        Trainer::with_backend(model_cfg, cfg, Box::new(super::cpu::CpuBackend))
+    }
+
+    /// Like `new`, on the given backend (e.g. a `profile::Profiled` one).
+    pub fn with_backend(
+        model_cfg: &ModelConfig,
+        cfg: TrainConfig,
+        backend: Box<dyn Backend>,
+    ) -> Result<Trainer> {
         let mut rng = Rng::new(cfg.seed);
-        let model = Model::with_backend(model_cfg, Box::new(super::cpu::CpuBackend), &mut rng)
-            .map_err(|e| anyhow!(e))?;
+        let model = Model::with_backend(model_cfg, backend, &mut rng).map_err(|e| anyhow!(e))?;
         // The moments are allocated fallibly: a model too large for memory is an error.
         let n = model.params.len();
         let opt = AdamW {
@@ -221,17 +231,49 @@ impl Trainer {
 /// Training throughput on random tokens: (tokens per second of forward + backward + AdamW,
 /// bytes held by parameters, gradients, moments and activation buffers).
 pub fn bench_train(cfg: &ModelConfig, batch: usize, steps: usize) -> Result<(f64, usize)> {
+    let b = bench_train_with(cfg, batch, steps, false)?;
+    Ok((b.tokens_per_s, b.bytes))
+}
+
+/// What `bench_train_with` measured.
+#[derive(Clone, Debug)]
+pub struct TrainBench {
+    /// Tokens per second of forward + backward + AdamW over the timed steps.
+    pub tokens_per_s: f64,
+    /// Bytes held by parameters, gradients, moments and activation buffers.
+    pub bytes: usize,
+    /// Per-op times of the timed steps, when asked for.
+    pub profile: Option<Profile>,
+}
+
+/// `bench_train`, optionally on a `Profiled` CPU backend (the timed steps only; the warm-up
+/// step is left out of the profile). Without `profile` the trainer runs on the bare backend.
+pub fn bench_train_with(
+    cfg: &ModelConfig,
+    batch: usize,
+    steps: usize,
+    profile: bool,
+) -> Result<TrainBench> {
     let tc = TrainConfig {
         total_steps: (steps as u64 + 1).max(10),
         warmup_steps: 1,
         ..TrainConfig::default()
     };
-    let mut tr = Trainer::new(cfg, tc)?;
+    let (mut tr, times) = if profile {
+        let be = Profiled::new(super::cpu::CpuBackend);
+        let times = be.stats();
+        (Trainer::with_backend(cfg, tc, Box::new(be))?, Some(times))
+    } else {
+        (Trainer::new(cfg, tc)?, None)
+    };
     let mut rng = Rng::new(12345);
     let data: Vec<u32> = (0..batch * (cfg.seq_len + 1))
         .map(|_| (rng.next_u64() % cfg.vocab as u64) as u32)
         .collect();
     tr.step(&data)?; // warm the buffers
+    if let Some(t) = &times {
+        t.reset();
+    }
     let t0 = std::time::Instant::now();
     for _ in 0..steps {
         tr.step(&data)?;
@@ -239,7 +281,15 @@ pub fn bench_train(cfg: &ModelConfig, batch: usize, steps: usize) -> Result<(f64
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
     let tokens = (steps * batch * cfg.seq_len) as f64;
     let bytes = tr.model.allocated_bytes() + 8 * tr.opt.m.len();
-    Ok((tokens / secs, bytes))
+    Ok(TrainBench {
+        tokens_per_s: tokens / secs,
+        bytes,
+        profile: times.map(|t| Profile {
+            steps,
+            step_secs: secs,
+            ops: t.snapshot(),
+        }),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,531 @@
+//! A per-op profile of training: `Profiled<B>` is a `Backend` that hands every call to `B`
+//! unchanged and adds the call's wall time and count to a table keyed by op name (matrix
+//! products also by layout and shape). `bench_train_with(.., profile: true)` builds the trainer
+//! on it; the unprofiled path never sees the wrapper.
+//!
+//! The ops run synchronously (rayon inside, returning when done), so an `Instant` around a call
+//! is the op's wall time; what a step spends outside them (the model's own bookkeeping, the
+//! gradient norm, buffer growth) is the step time minus the sum.
+
+use super::backend::Backend;
+use super::cpu::adamw::AdamWStep;
+use super::cpu::{AttnShape, ExpertMode, ExpertShape, MatRef, ProductKeyShape, SlotOrder};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Op name, and for matrix products the shape (m, n, k).
+type Key = (&'static str, Option<[usize; 3]>);
+
+/// The table a `Profiled` backend fills; share it with `Profiled::stats`.
+#[derive(Debug, Default)]
+pub struct OpTimes {
+    table: Mutex<BTreeMap<Key, (Duration, u64)>>,
+}
+
+impl OpTimes {
+    fn add(&self, key: Key, dt: Duration) {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let e = t.entry(key).or_default();
+        e.0 += dt;
+        e.1 += 1;
+    }
+
+    /// Forgets everything recorded so far (e.g. the warm-up step).
+    pub fn reset(&self) {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// What was recorded, one entry per (op, shape).
+    pub fn snapshot(&self) -> Vec<OpStat> {
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter()
+            .map(|(&(op, shape), &(dt, calls))| OpStat {
+                op: op.to_string(),
+                shape,
+                calls,
+                secs: dt.as_secs_f64(),
+            })
+            .collect()
+    }
+}
+
+/// Time and count of one op (at one shape, for matrix products) over the profiled steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpStat {
+    pub op: String,
+    /// (m, n, k) of a matrix product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<[usize; 3]>,
+    pub calls: u64,
+    pub secs: f64,
+}
+
+/// The profile of `steps` training steps that took `step_secs` of wall time together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub steps: usize,
+    pub step_secs: f64,
+    pub ops: Vec<OpStat>,
+}
+
+impl Profile {
+    /// Per op (shapes summed): (op, seconds, calls), most time first.
+    pub fn by_op(&self) -> Vec<(String, f64, u64)> {
+        let mut m: BTreeMap<&str, (f64, u64)> = BTreeMap::new();
+        for s in &self.ops {
+            let e = m.entry(&s.op).or_default();
+            e.0 += s.secs;
+            e.1 += s.calls;
+        }
+        let mut v: Vec<_> = m
+            .into_iter()
+            .map(|(op, (secs, calls))| (op.to_string(), secs, calls))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+
+    /// Seconds spent inside backend ops.
+    pub fn ops_secs(&self) -> f64 {
+        self.ops.iter().map(|s| s.secs).sum()
+    }
+
+    /// A fixed-width table: per op ms per step, % of the step, calls per step; the time outside
+    /// backend ops; then the `top_shapes` matrix-product shapes that took most time.
+    pub fn render(&self, indent: &str, top_shapes: usize) -> String {
+        let steps = self.steps.max(1) as f64;
+        let step_ms = self.step_secs * 1e3 / steps;
+        let pct = |secs: f64| 100.0 * secs / self.step_secs.max(1e-12);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{indent}{:<34} {:>10} {:>7} {:>10}",
+            "op", "ms/step", "% step", "calls/step"
+        );
+        let line = |out: &mut String, name: &str, secs: f64, calls: Option<u64>| {
+            let calls = calls.map_or(String::new(), |c| format!("{:.1}", c as f64 / steps));
+            let text = format!(
+                "{indent}{name:<34} {:>10.2} {:>6.1}% {calls:>10}",
+                secs * 1e3 / steps,
+                pct(secs)
+            );
+            let _ = writeln!(out, "{}", text.trim_end());
+        };
+        for (op, secs, calls) in self.by_op() {
+            line(&mut out, &op, secs, Some(calls));
+        }
+        line(
+            &mut out,
+            "outside backend ops",
+            self.step_secs - self.ops_secs(),
+            None,
+        );
+        let _ = writeln!(
+            out,
+            "{indent}{:<34} {step_ms:>10.2} {:>6.1}%",
+            "step", 100.0
+        );
+        let mut shapes: Vec<&OpStat> = self.ops.iter().filter(|s| s.shape.is_some()).collect();
+        shapes.sort_by(|a, b| b.secs.total_cmp(&a.secs));
+        if !shapes.is_empty() && top_shapes > 0 {
+            let _ = writeln!(out, "{indent}top matrix products (m x n x k):");
+            for s in shapes.into_iter().take(top_shapes) {
+                let [m, n, k] = s.shape.unwrap_or_default();
+                line(
+                    &mut out,
+                    &format!("  {} {m}x{n}x{k}", s.op),
+                    s.secs,
+                    Some(s.calls),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// `B` with every op timed into a shared `OpTimes`.
+pub struct Profiled<B: Backend> {
+    inner: B,
+    times: Arc<OpTimes>,
+}
+
+impl<B: Backend> Profiled<B> {
+    pub fn new(inner: B) -> Profiled<B> {
+        Profiled {
+            inner,
+            times: Arc::default(),
+        }
+    }
+
+    /// The table this backend fills (keep a clone before boxing the backend into a model).
+    pub fn stats(&self) -> Arc<OpTimes> {
+        self.times.clone()
+    }
+
+    #[inline]
+    fn time<R>(&self, key: Key, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        self.times.add(key, t0.elapsed());
+        r
+    }
+}
+
+fn matmul_name(a_t: bool, b_t: bool) -> &'static str {
+    match (a_t, b_t) {
+        (false, false) => "matmul(a,b)",
+        (true, false) => "matmul(a^T,b)",
+        (false, true) => "matmul(a,b^T)",
+        (true, true) => "matmul(a^T,b^T)",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+impl<B: Backend> Backend for Profiled<B> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        self.time((matmul_name(a_t, b_t), Some([m, n, k])), || {
+            self.inner.matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
+        })
+    }
+    fn matmul_strided(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: MatRef<f32>,
+        b: MatRef<f32>,
+        c: &mut [f32],
+        c_rs: usize,
+        accumulate: bool,
+    ) {
+        self.time(("matmul_strided", Some([m, n, k])), || {
+            self.inner
+                .matmul_strided(m, n, k, a, b, c, c_rs, accumulate)
+        })
+    }
+    fn rmsnorm_forward(&self, x: &[f32], scale: &[f32], d: usize, y: &mut [f32], rstd: &mut [f32]) {
+        self.time(("rmsnorm_forward", None), || {
+            self.inner.rmsnorm_forward(x, scale, d, y, rstd)
+        })
+    }
+    fn rmsnorm_backward(
+        &self,
+        x: &[f32],
+        scale: &[f32],
+        rstd: &[f32],
+        dy: &[f32],
+        d: usize,
+        dx: &mut [f32],
+        dscale: &mut [f32],
+    ) {
+        self.time(("rmsnorm_backward", None), || {
+            self.inner
+                .rmsnorm_backward(x, scale, rstd, dy, d, dx, dscale)
+        })
+    }
+    fn rope(
+        &self,
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        seq: usize,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) {
+        let name = if inverse { "rope_backward" } else { "rope" };
+        self.time((name, None), || {
+            self.inner.rope(x, cos, sin, seq, heads, hd, inverse)
+        })
+    }
+    fn attention_forward(
+        &self,
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+        att: &mut [f32],
+    ) {
+        self.time(("attention_forward", None), || {
+            self.inner.attention_forward(s, q, k, v, out, att)
+        })
+    }
+    fn attention_backward(
+        &self,
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        att: &[f32],
+        dout: &[f32],
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        self.time(("attention_backward", None), || {
+            self.inner
+                .attention_backward(s, q, k, v, att, dout, dq, dk, dv)
+        })
+    }
+    fn gelu_forward(&self, x: &[f32], y: &mut [f32]) {
+        self.time(("gelu_forward", None), || self.inner.gelu_forward(x, y))
+    }
+    fn gelu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        self.time(("gelu_backward", None), || {
+            self.inner.gelu_backward(x, dy, dx)
+        })
+    }
+    fn swiglu_forward(&self, z: &[f32], f: usize, y: &mut [f32]) {
+        self.time(("swiglu_forward", None), || {
+            self.inner.swiglu_forward(z, f, y)
+        })
+    }
+    fn swiglu_backward(&self, z: &[f32], dy: &[f32], f: usize, dz: &mut [f32]) {
+        self.time(("swiglu_backward", None), || {
+            self.inner.swiglu_backward(z, dy, f, dz)
+        })
+    }
+    fn softmax_xent(
+        &self,
+        logits: &mut [f32],
+        targets: &[u32],
+        vocab: usize,
+        pad: Option<u32>,
+        want_grad: bool,
+    ) -> (f64, usize) {
+        self.time(("softmax_xent", None), || {
+            self.inner
+                .softmax_xent(logits, targets, vocab, pad, want_grad)
+        })
+    }
+    fn product_key_topk_forward(
+        &self,
+        s: ProductKeyShape,
+        logits: &[f32],
+        scores: &mut [f32],
+        indices: &mut [u32],
+    ) {
+        self.time(("product_key_topk_forward", None), || {
+            self.inner
+                .product_key_topk_forward(s, logits, scores, indices)
+        })
+    }
+    fn product_key_topk_backward(
+        &self,
+        s: ProductKeyShape,
+        indices: &[u32],
+        dscores: &[f32],
+        dlogits: &mut [f32],
+    ) {
+        self.time(("product_key_topk_backward", None), || {
+            self.inner
+                .product_key_topk_backward(s, indices, dscores, dlogits)
+        })
+    }
+    fn experts_forward(
+        &self,
+        s: ExpertShape,
+        mode: ExpertMode,
+        x: &[f32],
+        scores: &[f32],
+        indices: &[u32],
+        u: &[f32],
+        v: &[f32],
+        a: &mut [f32],
+        coef: &mut [f32],
+        w: &mut [f32],
+        y: &mut [f32],
+    ) {
+        self.time(("experts_forward", None), || {
+            self.inner
+                .experts_forward(s, mode, x, scores, indices, u, v, a, coef, w, y)
+        })
+    }
+    fn experts_backward(
+        &self,
+        s: ExpertShape,
+        mode: ExpertMode,
+        x: &[f32],
+        scores: &[f32],
+        indices: &[u32],
+        u: &[f32],
+        v: &[f32],
+        saved: (&[f32], &[f32], &[f32]),
+        dy: &[f32],
+        dscores: &mut [f32],
+        da: &mut [f32],
+        grads: (&mut [f32], &mut [f32], &mut [f32]),
+        order: &mut SlotOrder,
+    ) {
+        self.time(("experts_backward", None), || {
+            self.inner.experts_backward(
+                s, mode, x, scores, indices, u, v, saved, dy, dscores, da, grads, order,
+            )
+        })
+    }
+    fn add_row_vector(&self, x: &mut [f32], b: &[f32]) {
+        self.time(("add_row_vector", None), || self.inner.add_row_vector(x, b))
+    }
+    fn sum_rows_into(&self, x: &[f32], out: &mut [f32]) {
+        self.time(("sum_rows_into", None), || self.inner.sum_rows_into(x, out))
+    }
+    fn add_assign(&self, y: &mut [f32], x: &[f32]) {
+        self.time(("add_assign", None), || self.inner.add_assign(y, x))
+    }
+    fn adamw_update(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        step: &AdamWStep,
+    ) {
+        self.time(("adamw_update", None), || {
+            self.inner.adamw_update(p, g, m, v, step)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::config::FfnKind;
+    use crate::nn::cpu::CpuBackend;
+    use crate::nn::train::tests::tiny;
+    use crate::nn::train::{TrainConfig, Trainer};
+
+    fn batch(step: usize, rows: usize, seq: usize, vocab: usize) -> Vec<u32> {
+        (0..rows * (seq + 1))
+            .map(|i| ((i * 7 + step * 13 + i / 5) % vocab) as u32)
+            .collect()
+    }
+
+    #[test]
+    fn profiled_backend_delegates_bit_for_bit_and_sees_the_ops() {
+        for kind in FfnKind::ALL {
+            let cfg = tiny(kind);
+            let tc = TrainConfig {
+                total_steps: 4,
+                warmup_steps: 1,
+                seed: 3,
+                ..TrainConfig::default()
+            };
+            let mut plain = Trainer::new(&cfg, tc.clone()).unwrap();
+            let profiled = Profiled::new(CpuBackend);
+            let times = profiled.stats();
+            let mut wrapped = Trainer::with_backend(&cfg, tc, Box::new(profiled)).unwrap();
+            assert_eq!(wrapped.model.backend_name(), plain.model.backend_name());
+            for s in 0..3 {
+                let b = batch(s, 3, cfg.seq_len, cfg.vocab);
+                let (x, y) = (plain.step(&b).unwrap(), wrapped.step(&b).unwrap());
+                assert_eq!(x.loss.to_bits(), y.loss.to_bits(), "{}", kind.as_str());
+                assert_eq!(x.grad_norm.to_bits(), y.grad_norm.to_bits());
+            }
+            let same = plain
+                .model
+                .params
+                .iter()
+                .zip(&wrapped.model.params)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}: weights differ under the profiler", kind.as_str());
+
+            let ops = times.snapshot();
+            let calls =
+                |name: &str| -> u64 { ops.iter().filter(|s| s.op == name).map(|s| s.calls).sum() };
+            let mut must = vec![
+                "matmul(a,b)",
+                "softmax_xent",
+                "adamw_update",
+                "rmsnorm_forward",
+                "rmsnorm_backward",
+                "rope",
+                "rope_backward",
+                "attention_forward",
+                "attention_backward",
+            ];
+            must.extend(match kind {
+                FfnKind::Mlp => vec!["gelu_forward", "gelu_backward"],
+                FfnKind::Swiglu | FfnKind::Moe => vec!["swiglu_forward", "swiglu_backward"],
+                _ => vec![
+                    "product_key_topk_forward",
+                    "product_key_topk_backward",
+                    "experts_forward",
+                    "experts_backward",
+                ],
+            });
+            for op in must {
+                assert!(calls(op) > 0, "{}: no {op} call seen", kind.as_str());
+            }
+            // One cross-entropy per step; matrix products carry their shapes.
+            assert_eq!(calls("softmax_xent"), 3);
+            assert!(ops
+                .iter()
+                .filter(|s| s.op.starts_with("matmul"))
+                .all(|s| s.shape.is_some()));
+            assert!(ops.iter().all(|s| s.secs >= 0.0));
+        }
+    }
+
+    #[test]
+    fn profile_report_sums_shapes_and_shows_the_remainder() {
+        let p = Profile {
+            steps: 2,
+            step_secs: 1.0,
+            ops: vec![
+                OpStat {
+                    op: "matmul(a,b)".into(),
+                    shape: Some([4, 5, 6]),
+                    calls: 2,
+                    secs: 0.3,
+                },
+                OpStat {
+                    op: "matmul(a,b)".into(),
+                    shape: Some([7, 8, 9]),
+                    calls: 4,
+                    secs: 0.2,
+                },
+                OpStat {
+                    op: "softmax_xent".into(),
+                    shape: None,
+                    calls: 2,
+                    secs: 0.1,
+                },
+            ],
+        };
+        let by = p.by_op();
+        assert_eq!(by[0].0, "matmul(a,b)");
+        assert!((by[0].1 - 0.5).abs() < 1e-12 && by[0].2 == 6);
+        assert!((p.ops_secs() - 0.6).abs() < 1e-12);
+        let text = p.render("", 5);
+        assert!(text.contains("outside backend ops"), "{text}");
+        assert!(text.contains("matmul(a,b) 4x5x6"), "{text}");
+        // 0.5 s over 2 steps = 250 ms/step, 50% of the step, 3 calls per step.
+        assert!(
+            text.lines().any(|l| l.starts_with("matmul(a,b) ")
+                && l.contains("250.00")
+                && l.contains("50.0%")
+                && l.contains("3.0")),
+            "{text}"
+        );
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Profile>(&json).unwrap(), p);
+    }
+}
