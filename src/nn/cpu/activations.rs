@@ -78,16 +78,12 @@ pub fn swiglu_forward<T: Real>(z: &[T], f: usize, y: &mut [T]) {
             isa.run(
                 #[inline(always)]
                 |_| {
-                    for i in 0..f {
-                        let g = if zr[i] > lim { lim } else { zr[i] };
-                        let mut l = zr[f + i];
-                        if l > lim {
-                            l = lim;
-                        }
-                        if l < -lim {
-                            l = -lim;
-                        }
-                        yr[i] = g * sigmoid(alpha * g) * (l + T::ONE);
+                    let (gate, lin) = zr.split_at(f);
+                    for ((yi, &g_raw), &l_raw) in yr.iter_mut().zip(gate).zip(lin) {
+                        let g = if g_raw > lim { lim } else { g_raw };
+                        let l = if l_raw > lim { lim } else { l_raw };
+                        let l = if l < -lim { -lim } else { l };
+                        *yi = g * sigmoid(alpha * g) * (l + T::ONE);
                     }
                 },
             )
@@ -104,27 +100,32 @@ pub fn swiglu_backward<T: Real>(z: &[T], dy: &[T], f: usize, dz: &mut [T]) {
             isa.run(
                 #[inline(always)]
                 |_| {
-                    for i in 0..f {
-                        let gate_clamped = zr[i] > lim;
-                        let g = if gate_clamped { lim } else { zr[i] };
-                        let l_raw = zr[f + i];
-                        let lin_clamped = l_raw > lim || l_raw < -lim;
-                        let l = if l_raw > lim {
-                            lim
-                        } else if l_raw < -lim {
-                            -lim
-                        } else {
-                            l_raw
-                        };
+                    let (dgate, dlin) = dzr.split_at_mut(f);
+                    let (gate, lin) = zr.split_at(f);
+                    // Selects rather than branches, and iterators rather than indices, so
+                    // that the loop vectorises.
+                    for (((dg, dl), (&g_raw, &l_raw)), &d) in dgate
+                        .iter_mut()
+                        .zip(dlin.iter_mut())
+                        .zip(gate.iter().zip(lin))
+                        .zip(dyr)
+                    {
+                        let g = if g_raw > lim { lim } else { g_raw };
+                        let l = if l_raw > lim { lim } else { l_raw };
+                        let l = if l < -lim { -lim } else { l };
                         let s = sigmoid(alpha * g);
                         let glu = g * s;
                         let dglu = s + g * alpha * s * (T::ONE - s);
-                        dzr[i] = if gate_clamped {
+                        *dg = if g_raw > lim {
                             T::ZERO
                         } else {
-                            dyr[i] * (l + T::ONE) * dglu
+                            d * (l + T::ONE) * dglu
                         };
-                        dzr[f + i] = if lin_clamped { T::ZERO } else { dyr[i] * glu };
+                        *dl = if l_raw > lim || l_raw < -lim {
+                            T::ZERO
+                        } else {
+                            d * glu
+                        };
                     }
                 },
             )

@@ -61,14 +61,20 @@ pub fn rmsnorm_backward<T: Real>(
                         let xr = &x[row * d..(row + 1) * d];
                         let dyr = &dy[row * d..(row + 1) * d];
                         let inv = rstd[row];
-                        for i in 0..d {
-                            g[i] = dyr[i] * scale[i];
-                            part[i] += dyr[i] * (xr[i] * inv);
+                        // Iterators, not indices: no bounds checks, so the loops vectorise.
+                        for (((gi, pi), &dyi), (&xi, &si)) in g
+                            .iter_mut()
+                            .zip(part.iter_mut())
+                            .zip(dyr)
+                            .zip(xr.iter().zip(scale))
+                        {
+                            *gi = dyi * si;
+                            *pi += dyi * (xi * inv);
                         }
                         // m = mean(dxhat · xhat), with xhat = x · inv.
                         let m = vmath::dot(isa, &g, xr) * inv * inv_d;
-                        for i in 0..d {
-                            dxr[i] += inv * (g[i] - xr[i] * inv * m);
+                        for ((dxi, &gi), &xi) in dxr.iter_mut().zip(&g).zip(xr) {
+                            *dxi += inv * (gi - xi * inv * m);
                         }
                     }
                 },
