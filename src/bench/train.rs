@@ -47,6 +47,11 @@ pub struct TrainArgs {
     /// Also write every per-round measurement, as JSON, to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Cap both engines at this instruction set (scalar, avx2, avx512), e.g. to measure the
+    /// AVX2 path on an AVX-512 machine: repro through REPRO_ISA, PyTorch through
+    /// ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA.
+    #[arg(long, value_parser = parse_isa)]
+    pub isa: Option<Isa>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -385,6 +390,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                     &s,
                 ])
                 .env("RAYON_NUM_THREADS", &threads_s);
+                if let Some(isa) = args.isa {
+                    cmd.env(ISA_ENV, isa.name());
+                }
                 if args.profile && round == 0 {
                     cmd.arg("--profile");
                 }
@@ -392,7 +400,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 repro_isa.insert(ours["isa"].as_str().unwrap_or("?").to_string());
                 row.repro.push(ours);
                 if let Some(py) = &python {
-                    let torch = measure(Command::new(py).arg(script()).args([
+                    let mut cmd = Command::new(py);
+                    cmd.arg(script()).args([
                         "--config",
                         &cfg_json,
                         "--batch",
@@ -401,7 +410,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                         &s,
                         "--threads",
                         &threads_s,
-                    ]))?;
+                    ]);
+                    if let Some(isa) = args.isa {
+                        cmd.envs(torch_isa_env(isa));
+                    }
+                    let torch = measure(&mut cmd)?;
                     torch_isa.insert(torch["isa"].as_str().unwrap_or("?").to_string());
                     let tp = torch["total_params"].as_u64();
                     if round == 0 && tp != Some(cfg.total_params() as u64) {
@@ -416,9 +429,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             }
             if rows.is_empty() {
                 // The instruction sets the children reported, known once the first ran.
-                let env = std::env::var(ISA_ENV)
-                    .map(|v| format!(", {ISA_ENV}={v}"))
-                    .unwrap_or_default();
+                let env = match args.isa {
+                    Some(isa) => format!(", both capped at {} (--isa)", isa.name()),
+                    None => std::env::var(ISA_ENV)
+                        .map(|v| format!(", {ISA_ENV}={v}"))
+                        .unwrap_or_default(),
+                };
                 println!(
                     "kernels: repro {}{env}; PyTorch {}",
                     join(&repro_isa),
@@ -559,6 +575,28 @@ fn measure(cmd: &mut Command) -> Result<Value> {
         }
     }
     Ok(v)
+}
+
+fn parse_isa(s: &str) -> Result<Isa, String> {
+    let isa = Isa::parse(s).ok_or_else(|| format!("`{s}` is not one of scalar, avx2, avx512"))?;
+    if !isa.supported() {
+        return Err(format!("this CPU cannot run {}", isa.name()));
+    }
+    Ok(isa)
+}
+
+/// The variables that cap PyTorch's ATen kernels, MKL and oneDNN at an instruction set.
+fn torch_isa_env(isa: Isa) -> [(&'static str, &'static str); 3] {
+    let (aten, mkl, onednn) = match isa {
+        Isa::Scalar => ("default", "SSE4_2", "SSE41"),
+        Isa::Avx2 => ("avx2", "AVX2", "AVX2"),
+        Isa::Avx512 => ("avx512", "AVX512", "AVX512_CORE"),
+    };
+    [
+        ("ATEN_CPU_CAPABILITY", aten),
+        ("MKL_ENABLE_INSTRUCTIONS", mkl),
+        ("ONEDNN_MAX_CPU_ISA", onednn),
+    ]
 }
 
 fn run_child(cmd: &mut Command) -> Result<Value> {
