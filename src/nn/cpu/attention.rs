@@ -28,7 +28,7 @@ fn blocks(tn: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + BLOCK).min(tn)))
 }
 
-/// Row `r` of a [rows, cols] row-major matrix starting at `data[base]` with row stride `rs`.
+/// The row-major matrix at `data[base..]` with row stride `rs`.
 fn rows<T>(data: &[T], base: usize, rs: usize) -> MatRef<'_, T> {
     MatRef {
         data: &data[base..],
@@ -44,6 +44,21 @@ fn cols<T>(data: &[T], base: usize, rs: usize) -> MatRef<'_, T> {
         rs: 1,
         cs: rs,
     }
+}
+
+/// c[m, n] = a[m, k] · b[k, n] into a row-major block of row stride `c_rs`, single-threaded.
+///
+/// # Safety
+/// As `gemm_into_ptr`: `c` is valid for the block and no other thread writes it meanwhile.
+unsafe fn product<T: Real>(
+    isa: Isa,
+    (m, n, k): (usize, usize, usize),
+    a: MatRef<T>,
+    b: MatRef<T>,
+    c: *mut T,
+    c_rs: usize,
+) {
+    gemm_into_ptr(isa, m, n, k, a, b, c, c_rs, 1, false)
 }
 
 /// q, k, v, out: [batch * seq, heads * head_dim]; att: [batch, heads, seq, seq] (probabilities,
@@ -69,17 +84,13 @@ pub fn attention_forward<T: Real>(
             // Scores of rows r0..r1 against keys 0..r1.
             // SAFETY: `a` is this task's own block.
             unsafe {
-                gemm_into_ptr(
+                product(
                     isa,
-                    r1 - r0,
-                    r1,
-                    hd,
+                    (r1 - r0, r1, hd),
                     rows(q, base + r0 * d, d),
                     cols(k, base, d),
                     a.as_mut_ptr().add(r0 * tn),
                     tn,
-                    1,
-                    false,
                 )
             };
             isa.run(
@@ -104,17 +115,13 @@ pub fn attention_forward<T: Real>(
             );
             // SAFETY: task (b, h) is the only writer of head h's columns in batch b's rows.
             unsafe {
-                gemm_into_ptr(
+                product(
                     isa,
-                    r1 - r0,
-                    hd,
-                    r1,
+                    (r1 - r0, hd, r1),
                     rows(a, r0 * tn, tn),
                     rows(v, base, d),
                     outp.ptr().add(base + r0 * d),
                     d,
-                    1,
-                    false,
                 )
             };
         }
@@ -154,22 +161,18 @@ pub fn attention_backward<T: Real>(
             let (b, h) = (bh / hn, bh % hn);
             let base = b * tn * d + h * hd;
             let a = &att[bh * tn * tn..(bh + 1) * tn * tn];
-            // SAFETY (every gemm_into_ptr below): `ds` is this task's own scratch; the strided
+            // SAFETY (every product below): `ds` is this task's own scratch; the strided
             // blocks of dq, dk, dv it writes (head h's columns of batch b's rows) are its alone.
             for (r0, r1) in blocks(tn) {
                 // dP of rows r0..r1 against keys 0..r1, then dS = P (dP - <P, dP>) scale.
                 unsafe {
-                    gemm_into_ptr(
+                    product(
                         isa,
-                        r1 - r0,
-                        r1,
-                        hd,
+                        (r1 - r0, r1, hd),
                         rows(dout, base + r0 * d, d),
                         cols(v, base, d),
                         ds.as_mut_ptr().add(r0 * tn),
                         tn,
-                        1,
-                        false,
                     )
                 };
                 isa.run(
@@ -188,46 +191,34 @@ pub fn attention_backward<T: Real>(
                 );
                 // dQ of rows r0..r1 = dS[r0..r1, 0..r1] K[0..r1].
                 unsafe {
-                    gemm_into_ptr(
+                    product(
                         isa,
-                        r1 - r0,
-                        hd,
-                        r1,
+                        (r1 - r0, hd, r1),
                         rows(ds, r0 * tn, tn),
                         rows(k, base, d),
                         dqp.ptr().add(base + r0 * d),
                         d,
-                        1,
-                        false,
                     )
                 };
             }
             // Keys (and values) c0..c1 are seen by queries c0..tn only.
             for (c0, c1) in blocks(tn) {
                 unsafe {
-                    gemm_into_ptr(
+                    product(
                         isa,
-                        c1 - c0,
-                        hd,
-                        tn - c0,
+                        (c1 - c0, hd, tn - c0),
                         cols(a, c0 * tn + c0, tn),
                         rows(dout, base + c0 * d, d),
                         dvp.ptr().add(base + c0 * d),
                         d,
-                        1,
-                        false,
                     );
-                    gemm_into_ptr(
+                    product(
                         isa,
-                        c1 - c0,
-                        hd,
-                        tn - c0,
+                        (c1 - c0, hd, tn - c0),
                         cols(ds, c0 * tn + c0, tn),
                         rows(q, base + c0 * d, d),
                         dkp.ptr().add(base + c0 * d),
                         d,
-                        1,
-                        false,
                     );
                 }
             }
