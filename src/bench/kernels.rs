@@ -60,10 +60,7 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
         let mut c = vec![0.0f32; m * n];
         add(
             format!("matmul {what} {m}x{n}x{k}"),
-            Box::new(move || {
-                let path = Isa::current(); // gemm's own kernels of each path, not `gemm_path`
-                matmul::matmul_on(path, m, n, k, &x, a_t, &w, b_t, &mut c, false)
-            }),
+            Box::new(move || matmul::matmul(m, n, k, &x, a_t, &w, b_t, &mut c, false)),
         );
     }
     let x = randn(&mut rng, t * f, 1.0);

@@ -1,6 +1,6 @@
 //! Matrix products through the `gemm` crate (rayon-parallel above a size threshold), with
 //! gemm's kernels for this thread's instruction set (`Isa`): gemm's own dispatch takes the
-//! widest the CPU has and cannot be capped, so the f32 drivers are instantiated here per path.
+//! widest the CPU has and cannot be capped, so its f32 driver is instantiated here per path.
 
 use super::isa::Isa;
 use super::real::Real;
@@ -14,11 +14,9 @@ pub struct MatRef<'a, T> {
     pub cs: usize,
 }
 
-/// c[m, n] = (accumulate ? c : 0) + a[m, k] · b[k, n], all strided, on the gemm kernels of
-/// `path` (which must be supported; `gemm_path` gives the one for a kernel path).
+/// c[m, n] = (accumulate ? c : 0) + a[m, k] · b[k, n], all strided.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided<T: Real>(
-    path: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -55,7 +53,7 @@ pub fn gemm_strided<T: Real>(
     // SAFETY: bounds checked above; gemm reads a, b and writes c within those bounds.
     unsafe {
         raw_gemm(
-            path,
+            Isa::current(),
             m,
             n,
             k,
@@ -70,7 +68,7 @@ pub fn gemm_strided<T: Real>(
     }
 }
 
-/// Like `gemm_strided`, single-threaded and on the gemm kernels for a kernel path (it runs inside
+/// Like `gemm_strided`, single-threaded and on the given instruction set (it runs inside
 /// other kernels' parallel tasks), writing through a raw pointer so that concurrent tasks can
 /// fill disjoint strided blocks of one buffer.
 ///
@@ -102,7 +100,7 @@ pub unsafe fn gemm_into_ptr<T: Real>(
         "gemm: rhs too small"
     );
     raw_gemm(
-        gemm_path(isa),
+        isa,
         m,
         n,
         k,
@@ -116,14 +114,14 @@ pub unsafe fn gemm_into_ptr<T: Real>(
     )
 }
 
-/// c (+)= a · b through gemm's kernels of `path` (f32) or gemm's own dispatch (f64,
+/// c (+)= a · b through gemm's kernels for `isa` (f32) or gemm's own dispatch (f64,
 /// the finite-difference checks).
 ///
 /// # Safety
 /// As `gemm::gemm`: a, b in bounds for (m, k) and (k, n), c valid for writes at (m, n).
 #[allow(clippy::too_many_arguments)]
 unsafe fn raw_gemm<T: Real>(
-    path: Isa,
+    isa: Isa,
     m: usize,
     n: usize,
     k: usize,
@@ -136,23 +134,46 @@ unsafe fn raw_gemm<T: Real>(
     par: gemm::Parallelism,
 ) {
     if TypeId::of::<T>() == TypeId::of::<f32>() {
-        let driver = f32_drivers::for_isa(path);
-        driver(
-            m,
-            n,
-            k,
-            c as *mut f32,
-            c_cs as isize,
-            c_rs as isize,
-            accumulate,
-            a.data.as_ptr() as *const f32,
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr() as *const f32,
-            b.cs as isize,
-            b.rs as isize,
-            par,
-        );
+        let driver = f32_drivers::for_isa(isa);
+        let (a_ptr, b_ptr) = (a.data.as_ptr() as *const f32, b.data.as_ptr() as *const f32);
+        let c = c as *mut f32;
+        // gemm's tiles want a column-major destination: a row-major one is computed as
+        // c^T = b^T a^T, as `gemm::gemm` does before it dispatches.
+        if c_cs < c_rs {
+            driver(
+                n,
+                m,
+                k,
+                c,
+                c_rs as isize,
+                c_cs as isize,
+                accumulate,
+                b_ptr,
+                b.rs as isize,
+                b.cs as isize,
+                a_ptr,
+                a.rs as isize,
+                a.cs as isize,
+                par,
+            );
+        } else {
+            driver(
+                m,
+                n,
+                k,
+                c,
+                c_cs as isize,
+                c_rs as isize,
+                accumulate,
+                a_ptr,
+                a.cs as isize,
+                a.rs as isize,
+                b_ptr,
+                b.cs as isize,
+                b.rs as isize,
+                par,
+            );
+        }
         return;
     }
     gemm::gemm(
@@ -176,37 +197,6 @@ unsafe fn raw_gemm<T: Real>(
         false,
         par,
     );
-}
-
-/// The gemm kernels for a kernel path. Zen 4 runs a 512-bit FMA as two 256-bit halves, so
-/// gemm's AVX-512 tiles bring no more arithmetic and lose to its AVX2 tiles on the shapes of a
-/// training step (`repro bench kernels`: the unembedding at 0.62-0.81x); there gemm stays on
-/// AVX2 while the other kernels, which gain from the wider registers, take AVX-512.
-pub fn gemm_path(isa: Isa) -> Isa {
-    if isa == Isa::Avx512 && half_width_avx512() {
-        Isa::Avx2
-    } else {
-        isa
-    }
-}
-
-/// AMD family 19h (Zen 3 has no AVX-512; Zen 4 executes it in halves). Asked once: cpuid
-/// traps to the hypervisor in a virtual machine and costs microseconds.
-fn half_width_avx512() -> bool {
-    static HALF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HALF.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::__cpuid;
-            let (vendor, leaf1) = (__cpuid(0), __cpuid(1));
-            let amd =
-                (vendor.ebx, vendor.edx, vendor.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
-            let family = ((leaf1.eax >> 8) & 0xf) + ((leaf1.eax >> 20) & 0xff);
-            amd && family == 0x19
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
 }
 
 /// gemm's f32 driver (`gemm_basic_generic`) bound to one family of its microkernels, as the
@@ -335,24 +325,6 @@ pub fn matmul<T: Real>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    let path = gemm_path(Isa::current());
-    matmul_on(path, m, n, k, a, a_t, b, b_t, c, accumulate)
-}
-
-/// `matmul` on the gemm kernels of `path` (which must be supported).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_on<T: Real>(
-    path: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    a_t: bool,
-    b: &[T],
-    b_t: bool,
-    c: &mut [T],
-    accumulate: bool,
-) {
     let a = if a_t {
         MatRef {
             data: a,
@@ -379,5 +351,5 @@ pub fn matmul_on<T: Real>(
             cs: 1,
         }
     };
-    gemm_strided(path, m, n, k, a, b, c, n, 1, accumulate);
+    gemm_strided(m, n, k, a, b, c, n, 1, accumulate);
 }

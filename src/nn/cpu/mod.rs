@@ -58,8 +58,7 @@ impl Backend for CpuBackend {
         c_rs: usize,
         accumulate: bool,
     ) {
-        let path = matmul::gemm_path(Isa::current());
-        matmul::gemm_strided(path, m, n, k, a, b, c, c_rs, 1, accumulate)
+        matmul::gemm_strided(m, n, k, a, b, c, c_rs, 1, accumulate)
     }
     fn rmsnorm_forward(&self, x: &[f32], scale: &[f32], d: usize, y: &mut [f32], rstd: &mut [f32]) {
         rmsnorm::rmsnorm_forward(x, scale, d, y, rstd)
