@@ -58,21 +58,31 @@ impl AdamW {
         grad_scale: f32,
     ) {
         self.t += 1;
-        for info in &table.infos {
-            let r = info.offset..info.offset + info.len;
+        // One call per run of neighbouring tensors with the same weight decay (most of the
+        // model), not one per tensor: the kernel splits its work across threads itself.
+        let mut i = 0;
+        while i < table.infos.len() {
+            let decay = table.infos[i].decay;
+            let start = table.infos[i].offset;
+            let mut end = start + table.infos[i].len;
+            i += 1;
+            while i < table.infos.len()
+                && table.infos[i].decay == decay
+                && table.infos[i].offset == end
+            {
+                end += table.infos[i].len;
+                i += 1;
+            }
             let step = AdamWStep {
                 lr,
                 beta1: self.cfg.beta1,
                 beta2: self.cfg.beta2,
                 eps: self.cfg.eps,
-                weight_decay: if info.decay {
-                    self.cfg.weight_decay
-                } else {
-                    0.0
-                },
+                weight_decay: if decay { self.cfg.weight_decay } else { 0.0 },
                 t: self.t,
                 grad_scale,
             };
+            let r = start..end;
             be.adamw_update(
                 &mut params[r.clone()],
                 &grads[r.clone()],
@@ -84,11 +94,33 @@ impl AdamW {
     }
 }
 
-/// L2 norm of all gradients, summed in f64 over fixed chunks in a fixed order.
+/// L2 norm of all gradients, summed in f64 over fixed chunks in a fixed order (each chunk in
+/// `vmath::LANES` partial sums, so that it vectorises).
 pub fn global_norm(grads: &[f32]) -> f64 {
+    use crate::nn::cpu::{vmath::LANES, Isa};
+    let isa = Isa::current();
     let partials: Vec<f64> = grads
         .par_chunks(16384)
-        .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|c| {
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    let mut acc = [0.0f64; LANES];
+                    let chunks = c.chunks_exact(LANES);
+                    let rest: f64 = chunks
+                        .remainder()
+                        .iter()
+                        .map(|&x| (x as f64) * (x as f64))
+                        .sum();
+                    for ch in chunks {
+                        for j in 0..LANES {
+                            acc[j] += (ch[j] as f64) * (ch[j] as f64);
+                        }
+                    }
+                    acc.iter().sum::<f64>() + rest
+                },
+            )
+        })
         .collect();
     partials.iter().sum::<f64>().sqrt()
 }

@@ -444,6 +444,8 @@ impl StageKind for Train {
             "final_train_loss": final_loss,
             "tokens_per_s": this_run_tokens / wall.max(1e-9),
             "wall_s": wall,
+            // The kernels' instruction set: results on another differ by rounding only.
+            "isa": crate::nn::cpu::Isa::current().name(),
             "resumed_at_step": (first_step > 0).then_some(first_step),
             "model_config": cfg,
         });
