@@ -23,6 +23,8 @@ pub struct Moe {
     /// Routed rows grouped by expert: (token, expert); rows of expert e are starts[e]..starts[e+1].
     routes: Vec<(u32, u32)>,
     starts: Vec<usize>,
+    /// The routed rows of each token, [tokens, k], in increasing order (so in expert order).
+    token_rows: Vec<u32>,
     hx: Vec<f32>,
     z: Vec<f32>,
     y: Vec<f32>,
@@ -45,9 +47,13 @@ impl Moe {
             Init::TruncatedNormal(1.0 / (d as f64).sqrt()),
             true,
         );
-        let experts = (0..e)
+        let experts: Vec<SwigluWeights> = (0..e)
             .map(|i| SwigluWeights::new(t, &format!("{prefix}.experts.{i}"), d, f))
             .collect();
+        // The backward pass hands each expert one slice of the gradients.
+        assert!(experts
+            .windows(2)
+            .all(|w| w[0].span().0.end == w[1].span().0.start));
         Moe {
             d,
             f,
@@ -59,6 +65,7 @@ impl Moe {
             chosen: vec![],
             routes: vec![],
             starts: vec![],
+            token_rows: vec![],
             hx: vec![],
             z: vec![],
             y: vec![],
@@ -141,44 +148,62 @@ impl Moe {
             self.routes[fill[e as usize]] = ((j / k) as u32, e);
             fill[e as usize] += 1;
         }
+        self.token_rows.resize(n * k, 0);
+        let mut taken = vec![0usize; n];
+        for (r, &(t, _)) in self.routes.iter().enumerate() {
+            let t = t as usize;
+            self.token_rows[t * k + taken[t]] = r as u32;
+            taken[t] += 1;
+        }
         let rows = n * k;
         ensure(&mut self.hx, rows * d);
         ensure(&mut self.z, rows * 2 * f);
         ensure(&mut self.y, rows * f);
         ensure(&mut self.o, rows * d);
-        for (r, &(t, _)) in self.routes.iter().enumerate() {
-            let t = t as usize;
-            self.hx[r * d..(r + 1) * d].copy_from_slice(&h[t * d..(t + 1) * d]);
-        }
-        for e in 0..ne {
-            let (a, b) = (self.starts[e], self.starts[e + 1]);
-            if a == b {
-                continue;
-            }
-            swiglu_block_forward(
-                be,
-                p,
-                &self.experts[e],
-                d,
-                f,
-                &self.hx[a * d..b * d],
-                b - a,
-                &mut self.z[a * 2 * f..b * 2 * f],
-                &mut self.y[a * f..b * f],
-                &mut self.o[a * d..b * d],
-            );
-        }
-        out[..n * d].fill(0.0);
-        // Combine in expert order so the sum order is fixed.
-        for (r, &(t, e)) in self.routes.iter().enumerate() {
-            let (t, e) = (t as usize, e as usize);
-            let w = self.probs[t * ne + e];
-            for i in 0..d {
-                out[t * d + i] += w * self.o[r * d + i];
-            }
-            if stats {
+        let routes = &self.routes;
+        self.hx
+            .par_chunks_mut(d)
+            .zip(routes.par_iter())
+            .for_each(|(row, &(t, _))| {
+                let t = t as usize;
+                row.copy_from_slice(&h[t * d..(t + 1) * d]);
+            });
+        // The experts side by side, each on its own rows.
+        let (hx, starts) = (&self.hx, &self.starts);
+        let z = by_expert(&mut self.z, starts, 2 * f);
+        let y = by_expert(&mut self.y, starts, f);
+        let o = by_expert(&mut self.o, starts, d);
+        z.into_par_iter()
+            .zip(y)
+            .zip(o)
+            .zip(self.experts.par_iter())
+            .enumerate()
+            .for_each(|(e, (((z, y), o), w))| {
+                let (a, b) = (starts[e], starts[e + 1]);
+                if a < b {
+                    swiglu_block_forward(be, p, w, d, f, &hx[a * d..b * d], b - a, z, y, o);
+                }
+            });
+        // Combine per token, its rows in expert order, so the sum order is fixed.
+        let (probs, o, token_rows) = (&self.probs, &self.o, &self.token_rows);
+        out[..n * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(t, row)| {
+                row.fill(0.0);
+                for &r in &token_rows[t * k..(t + 1) * k] {
+                    let (r, e) = (r as usize, routes[r as usize].1 as usize);
+                    let w = probs[t * ne + e];
+                    for (x, &v) in row.iter_mut().zip(&o[r * d..(r + 1) * d]) {
+                        *x += w * v;
+                    }
+                }
+            });
+        if stats {
+            for &(t, e) in routes {
+                let (t, e) = (t as usize, e as usize);
                 self.stats.selected[e] += 1;
-                self.stats.mass[e] += w as f64;
+                self.stats.mass[e] += self.probs[t * ne + e] as f64;
             }
         }
     }
@@ -203,47 +228,76 @@ impl Moe {
         ensure(&mut self.dz, rows * 2 * f);
         ensure(&mut self.dhx, rows * d);
         self.dprob.fill(0.0);
-        for (r, &(t, e)) in self.routes.iter().enumerate() {
-            let (t, e) = (t as usize, e as usize);
-            let w = self.probs[t * ne + e];
-            let dyr = &dy[t * d..(t + 1) * d];
-            let orow = &self.o[r * d..(r + 1) * d];
-            self.dprob[t * ne + e] = crate::nn::cpu::real::dot(dyr, orow);
-            for (o, &g) in self.dout[r * d..(r + 1) * d].iter_mut().zip(dyr) {
-                *o = w * g;
-            }
+        let (routes, probs, o) = (&self.routes, &self.probs, &self.o);
+        // Per routed row: its share of the output gradient and <dy, o>, the gate's gradient.
+        let dots: Vec<f32> = self
+            .dout
+            .par_chunks_mut(d)
+            .zip(routes.par_iter())
+            .enumerate()
+            .map(|(r, (drow, &(t, e)))| {
+                let (t, e) = (t as usize, e as usize);
+                let w = probs[t * ne + e];
+                let dyr = &dy[t * d..(t + 1) * d];
+                for (x, &g) in drow.iter_mut().zip(dyr) {
+                    *x = w * g;
+                }
+                crate::nn::cpu::real::dot(dyr, &o[r * d..(r + 1) * d])
+            })
+            .collect();
+        for (&(t, e), &v) in routes.iter().zip(&dots) {
+            self.dprob[t as usize * ne + e as usize] = v;
         }
-        for e in 0..ne {
-            let (a, b) = (self.starts[e], self.starts[e + 1]);
-            if a == b {
-                continue;
-            }
-            swiglu_block_backward(
-                be,
-                p,
-                g,
-                &self.experts[e],
-                d,
-                f,
-                &self.hx[a * d..b * d],
-                b - a,
-                &self.z[a * 2 * f..b * 2 * f],
-                &self.y[a * f..b * f],
-                &self.dout[a * d..b * d],
-                &mut self.dy[a * f..b * f],
-                &mut self.dz[a * 2 * f..b * 2 * f],
-                &mut self.dhx[a * d..b * d],
-            );
-        }
+        // The experts side by side, each on its own rows and its own slice of the gradients
+        // (experts' tensors follow one another in the table, all the same size).
+        let (span0, _) = self.experts[0].span();
+        let per = span0.len();
+        let g_experts = &mut g[span0.start..span0.start + ne * per];
+        let starts = &self.starts;
+        let (hx, z, y, dout) = (&self.hx, &self.z, &self.y, &self.dout);
+        let dyb = by_expert(&mut self.dy, starts, f);
+        let dzb = by_expert(&mut self.dz, starts, 2 * f);
+        let dhxb = by_expert(&mut self.dhx, starts, d);
+        g_experts
+            .par_chunks_mut(per)
+            .zip(dyb)
+            .zip(dzb)
+            .zip(dhxb)
+            .zip(self.experts.par_iter())
+            .enumerate()
+            .for_each(|(e, ((((ge, dyr), dzr), dhr), w))| {
+                let (a, b) = (starts[e], starts[e + 1]);
+                if a == b {
+                    return;
+                }
+                let (span, local) = w.span();
+                swiglu_block_backward(
+                    be,
+                    &p[span],
+                    ge,
+                    &local,
+                    d,
+                    f,
+                    &hx[a * d..b * d],
+                    b - a,
+                    &z[a * 2 * f..b * 2 * f],
+                    &y[a * f..b * f],
+                    &dout[a * d..b * d],
+                    dyr,
+                    dzr,
+                    dhr,
+                );
+            });
         // Softmax backward over all experts.
-        for t in 0..n {
-            let pr = &self.probs[t * ne..(t + 1) * ne];
-            let dp = &self.dprob[t * ne..(t + 1) * ne];
-            let s: f32 = pr.iter().zip(dp).map(|(a, b)| a * b).sum();
-            for e in 0..ne {
-                self.dlogits[t * ne + e] = pr[e] * (dp[e] - s);
-            }
-        }
+        self.dlogits[..n * ne]
+            .par_chunks_mut(ne)
+            .zip(probs.par_chunks(ne).zip(self.dprob.par_chunks(ne)))
+            .for_each(|(dl, (pr, dp))| {
+                let s: f32 = pr.iter().zip(dp).map(|(a, b)| a * b).sum();
+                for ((x, &pe), &de) in dl.iter_mut().zip(pr).zip(dp) {
+                    *x = pe * (de - s);
+                }
+            });
         be.matmul(
             d,
             ne,
@@ -266,13 +320,32 @@ impl Moe {
             dh,
             false,
         );
-        for (r, &(t, _)) in self.routes.iter().enumerate() {
-            let t = t as usize;
-            for i in 0..d {
-                dh[t * d + i] += self.dhx[r * d + i];
-            }
-        }
+        // Each token gathers its rows' input gradients, in expert order.
+        let (dhx, token_rows) = (&self.dhx, &self.token_rows);
+        dh[..n * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(t, row)| {
+                for &r in &token_rows[t * k..(t + 1) * k] {
+                    let r = r as usize;
+                    for (x, &v) in row.iter_mut().zip(&dhx[r * d..(r + 1) * d]) {
+                        *x += v;
+                    }
+                }
+            });
     }
+}
+
+/// `buf` cut into the rows of each expert (`starts`), `width` floats a row.
+fn by_expert<'a>(buf: &'a mut [f32], starts: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut rest = &mut buf[..starts[starts.len() - 1] * width];
+    let mut out = Vec::with_capacity(starts.len() - 1);
+    for w in starts.windows(2) {
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) * width);
+        out.push(piece);
+        rest = tail;
+    }
+    out
 }
 
 impl Moe {

@@ -33,6 +33,29 @@ impl SwigluWeights {
             b2: t.add(format!("{prefix}.b2"), &[d], Init::Zeros, true),
         }
     }
+
+    /// The range of the flat buffers the four tensors fill (they are added one after another),
+    /// and the same weights with offsets counted from its start, for a task that gets only
+    /// that range.
+    pub fn span(&self) -> (std::ops::Range<usize>, SwigluWeights) {
+        let start = self.w1.offset;
+        let end = self.b2.offset + self.b2.len;
+        debug_assert_eq!(
+            end - start,
+            self.w1.len + self.b1.len + self.w2.len + self.b2.len
+        );
+        let at = |p: ParamId| ParamId {
+            offset: p.offset - start,
+            len: p.len,
+        };
+        let rebased = SwigluWeights {
+            w1: at(self.w1),
+            b1: at(self.b1),
+            w2: at(self.w2),
+            b2: at(self.b2),
+        };
+        (start..end, rebased)
+    }
 }
 
 /// Saved activations of a SwiGLU over `rows` rows.
