@@ -12,7 +12,8 @@ variant trials (below) so that they do not count.
 
 Written as a fluent PyTorch user would, eager mode: where a kind has more than one reasonable
 formulation, all are built over the SAME parameters, checked to compute the same function
-(logits and gradients equal up to rounding; a disagreement is an error), timed on a
+(logits and gradients equal up to rounding; one that disagrees with the first is left out,
+with a warning, and forcing it is an error), timed on a
 forward + backward of the whole model at start-up, and the fastest is used for the timed steps
 (`variant`; --variant forces one):
   moe            loop (per expert: gather its tokens, addmm, scatter-add), grouped (slots sorted
@@ -470,6 +471,7 @@ def choose_variant(model, inp, tgt, vocab, forced=None):
     if not variants:
         return None, {}
     ref_logits, ref_grads, times = None, None, {}
+    agreeing = []
     for v in variants:
         set_variant(model, v)
         logits = forward_backward(model, inp, tgt, vocab).detach()
@@ -477,19 +479,33 @@ def choose_variant(model, inp, tgt, vocab, forced=None):
                  for p in model.parameters()]
         if ref_logits is None:
             ref_logits, ref_grads = logits, grads
+            agreeing.append(v)
         else:
             # Relative to the whole (sums in another order differ by rounding, which grows
-            # with the model; a wrong formula is off by far more).
+            # with the model; a wrong formula is off by far more). A variant that disagrees
+            # is not timed, so the opponent always computes the reference function.
+            names = [n for n, _ in model.named_parameters()]
+            bad = None
             if not close(ref_logits, logits, 1e-4):
                 err = (logits - ref_logits).abs().max().item()
-                raise SystemExit(f"torch_train.py: variant {v} disagrees with {variants[0]} on "
-                                 f"the forward pass (max |diff| {err:.3g})")
-            names = [n for n, _ in model.named_parameters()]
-            for name, g, r in zip(names, grads, ref_grads):
-                if not close(r, g, 1e-3):
-                    raise SystemExit(f"torch_train.py: variant {v} disagrees with {variants[0]} "
-                                     f"on the gradient of {name}")
+                bad = f"the forward pass (max |diff| {err:.3g})"
+            else:
+                for name, g, r in zip(names, grads, ref_grads):
+                    # A norm scale's gradient sums many terms of both signs, so its rounding
+                    # is large against it; 1% still tells a wrong formula.
+                    if not close(r, g, 1e-2):
+                        bad = f"the gradient of {name}"
+                        break
+            if bad is None:
+                agreeing.append(v)
+            elif forced == v:
+                raise SystemExit(f"torch_train.py: variant {v} disagrees with {variants[0]} "
+                                 f"on {bad}")
+            else:
+                print(f"torch_train.py: variant {v} disagrees with {variants[0]} on {bad}; "
+                      f"not used", file=sys.stderr)
         del logits, grads
+    variants = agreeing
     del ref_logits, ref_grads
     if forced is None:
         for _ in range(2):

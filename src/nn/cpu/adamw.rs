@@ -21,7 +21,9 @@ pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &
     let bc2 = 1.0 - (s.beta2 as f64).powi(s.t as i32);
     let (inv_bc1, inv_sqrt_bc2) = ((1.0 / bc1) as f32, (1.0 / bc2.sqrt()) as f32);
     const CHUNK: usize = 8192;
-    let isa = super::isa::Isa::current();
+    // At most AVX2: the update waits on memory, not arithmetic, and Zen 4's 512-bit square
+    // root and division made it 2.3x slower (`repro bench kernels`).
+    let isa = super::isa::Isa::current().min(super::isa::Isa::Avx2);
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
