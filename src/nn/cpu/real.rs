@@ -120,13 +120,3 @@ impl<T> SharedMut<T> {
         std::slice::from_raw_parts_mut(self.0.add(offset), len)
     }
 }
-
-/// Dot product in a fixed order, on this thread's instruction set (for callers outside a
-/// kernel; inside one, `vmath::dot` within `Isa::run`).
-pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    debug_assert_eq!(a.len(), b.len());
-    super::isa::Isa::current().run(
-        #[inline(always)]
-        |isa| super::vmath::dot(isa, a, b),
-    )
-}

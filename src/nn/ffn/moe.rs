@@ -7,6 +7,7 @@ use super::swiglu::{swiglu_block_backward, swiglu_block_forward, SwigluWeights};
 use super::{ensure, GateStats};
 use crate::nn::backend::Backend;
 use crate::nn::config::ModelConfig;
+use crate::nn::cpu::{vmath, Isa};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
 use rayon::prelude::*;
 
@@ -168,7 +169,9 @@ impl Moe {
                 let t = t as usize;
                 row.copy_from_slice(&h[t * d..(t + 1) * d]);
             });
-        // The experts side by side, each on its own rows.
+        // The experts side by side, each on its own rows (and on this thread's instruction set:
+        // the tasks run on rayon's threads).
+        let isa = Isa::current();
         let (hx, starts) = (&self.hx, &self.starts);
         let z = by_expert(&mut self.z, starts, 2 * f);
         let y = by_expert(&mut self.y, starts, f);
@@ -181,7 +184,9 @@ impl Moe {
             .for_each(|(e, (((z, y), o), w))| {
                 let (a, b) = (starts[e], starts[e + 1]);
                 if a < b {
-                    swiglu_block_forward(be, p, w, d, f, &hx[a * d..b * d], b - a, z, y, o);
+                    isa.scoped(|| {
+                        swiglu_block_forward(be, p, w, d, f, &hx[a * d..b * d], b - a, z, y, o)
+                    });
                 }
             });
         // Combine per token, its rows in expert order, so the sum order is fixed.
@@ -229,6 +234,7 @@ impl Moe {
         ensure(&mut self.dhx, rows * d);
         self.dprob.fill(0.0);
         let (routes, probs, o) = (&self.routes, &self.probs, &self.o);
+        let isa = Isa::current();
         // Per routed row: its share of the output gradient and <dy, o>, the gate's gradient.
         let dots: Vec<f32> = self
             .dout
@@ -242,7 +248,11 @@ impl Moe {
                 for (x, &g) in drow.iter_mut().zip(dyr) {
                     *x = w * g;
                 }
-                crate::nn::cpu::real::dot(dyr, &o[r * d..(r + 1) * d])
+                let or = &o[r * d..(r + 1) * d];
+                isa.run(
+                    #[inline(always)]
+                    |isa| vmath::dot(isa, dyr, or),
+                )
             })
             .collect();
         for (&(t, e), &v) in routes.iter().zip(&dots) {
@@ -271,22 +281,24 @@ impl Moe {
                     return;
                 }
                 let (span, local) = w.span();
-                swiglu_block_backward(
-                    be,
-                    &p[span],
-                    ge,
-                    &local,
-                    d,
-                    f,
-                    &hx[a * d..b * d],
-                    b - a,
-                    &z[a * 2 * f..b * 2 * f],
-                    &y[a * f..b * f],
-                    &dout[a * d..b * d],
-                    dyr,
-                    dzr,
-                    dhr,
-                );
+                isa.scoped(|| {
+                    swiglu_block_backward(
+                        be,
+                        &p[span],
+                        ge,
+                        &local,
+                        d,
+                        f,
+                        &hx[a * d..b * d],
+                        b - a,
+                        &z[a * 2 * f..b * 2 * f],
+                        &y[a * f..b * f],
+                        &dout[a * d..b * d],
+                        dyr,
+                        dzr,
+                        dhr,
+                    )
+                });
             });
         // Softmax backward over all experts.
         self.dlogits[..n * ne]
