@@ -2,6 +2,7 @@
 //! shapes of a ladder model's training step, timed in alternating rounds in one process so
 //! that the ratios between paths are side by side.
 
+use super::train::StepShape;
 use crate::nn::cpu::{
     activations, adamw, attention, experts, matmul, rmsnorm, xent, AttnShape, ExpertMode,
     ExpertShape, Isa,
@@ -16,12 +17,8 @@ pub struct KernelsArgs {
     /// Ladder scale whose shapes are measured (SPEC §6).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub vocab: usize,
+    #[command(flatten)]
+    pub shape: StepShape,
     /// Rounds; each round times every path once, in turn.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
@@ -41,8 +38,13 @@ fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
 }
 
 fn cases(a: &KernelsArgs) -> Vec<Case> {
-    let cfg = ModelConfig::ladder(FfnKind::Mlp, a.scale, a.vocab, a.seq_len);
-    let (t, d, f, v) = (a.batch * a.seq_len, cfg.d_model, cfg.d_ffw, a.vocab);
+    let cfg = ModelConfig::ladder(FfnKind::Mlp, a.scale, a.shape.vocab, a.shape.seq_len);
+    let (t, d, f, v) = (
+        a.shape.batch * a.shape.seq_len,
+        cfg.d_model,
+        cfg.d_ffw,
+        a.shape.vocab,
+    );
     let mut rng = Rng::new(1);
     let mut out = Vec::new();
     let mut add = |name: String, run: Box<dyn FnMut()>| out.push(Case { name, run });
@@ -88,8 +90,8 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
         }),
     );
     let s = AttnShape {
-        batch: a.batch,
-        seq: a.seq_len,
+        batch: a.shape.batch,
+        seq: a.shape.seq_len,
         heads: cfg.n_heads(),
         head_dim: cfg.head_dim(),
     };
@@ -98,7 +100,7 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
         randn(&mut rng, t * d, 1.0),
         randn(&mut rng, t * d, 1.0),
     );
-    let mut att = vec![0.0f32; a.batch * s.heads * a.seq_len * a.seq_len];
+    let mut att = vec![0.0f32; a.shape.batch * s.heads * a.shape.seq_len * a.shape.seq_len];
     let mut o = vec![0.0f32; t * d];
     attention::attention_forward(&s, &q, &k, &vv, &mut o, &mut att);
     {
@@ -106,16 +108,16 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
         add(
             format!(
                 "attention fwd {}x{}x{}",
-                a.batch * s.heads,
-                a.seq_len,
+                a.shape.batch * s.heads,
+                a.shape.seq_len,
                 s.head_dim
             ),
             Box::new(move || attention::attention_forward(&s, &q, &k, &vv, &mut o, &mut att)),
         );
     }
     let s = AttnShape {
-        batch: a.batch,
-        seq: a.seq_len,
+        batch: a.shape.batch,
+        seq: a.shape.seq_len,
         heads: cfg.n_heads(),
         head_dim: cfg.head_dim(),
     };
@@ -128,8 +130,8 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
     add(
         format!(
             "attention bwd {}x{}x{}",
-            a.batch * s.heads,
-            a.seq_len,
+            a.shape.batch * s.heads,
+            a.shape.seq_len,
             s.head_dim
         ),
         Box::new(move || {
@@ -172,7 +174,7 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
     );
 
     // The sgatlin experts at this scale: gather, dot, scale, scatter.
-    let sg = ModelConfig::ladder(FfnKind::Sgatlin, a.scale, a.vocab, a.seq_len);
+    let sg = ModelConfig::ladder(FfnKind::Sgatlin, a.scale, a.shape.vocab, a.shape.seq_len);
     let shape = ExpertShape {
         d,
         channels: sg.channels,
@@ -227,9 +229,9 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
     println!(
         "repro bench kernels: scale {}, batch {}x{}, vocab {}, {} rounds, {} threads; paths: {}",
         a.scale,
-        a.batch,
-        a.seq_len,
-        a.vocab,
+        a.shape.batch,
+        a.shape.seq_len,
+        a.shape.vocab,
         a.rounds,
         rayon::current_num_threads(),
         paths

@@ -15,6 +15,17 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The batch a training step of both benchmarks is measured on.
+#[derive(clap::Args, Debug)]
+pub struct StepShape {
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub vocab: usize,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Ladder scales to measure (SPEC §6).
@@ -23,12 +34,8 @@ pub struct TrainArgs {
     /// Feedforward kinds (default: all six).
     #[arg(long, value_delimiter = ',')]
     pub kinds: Vec<String>,
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    #[arg(long, default_value_t = 128)]
-    pub seq_len: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub vocab: usize,
+    #[command(flatten)]
+    pub shape: StepShape,
     /// Timed steps per measurement (after one warm-up step).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -339,7 +346,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
         "repro bench train: batch {}x{}, vocab {}, {} timed steps (after 1 warm-up), {} rounds, {threads} threads",
-        args.batch, args.seq_len, args.vocab, args.steps, args.rounds,
+        args.shape.batch, args.shape.seq_len, args.shape.vocab, args.steps, args.rounds,
     );
     println!(
         "CPU: {cpu}, {cores} logical cores; load average {} at start",
@@ -371,9 +378,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let threads_s = threads.to_string();
     for &scale in &args.scales {
         for &kind in &kinds {
-            let cfg = ModelConfig::ladder(kind, scale, args.vocab, args.seq_len);
+            let cfg = ModelConfig::ladder(kind, scale, args.shape.vocab, args.shape.seq_len);
             let cfg_json = serde_json::to_string(&cfg)?;
-            let (b, s) = (args.batch.to_string(), args.steps.to_string());
+            let (b, s) = (args.shape.batch.to_string(), args.steps.to_string());
             let mut row = Row {
                 kind,
                 scale,
@@ -382,18 +389,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 torch: vec![],
             };
             for round in 0..args.rounds {
+                // What both engines' children are told: the model, the batch, the steps.
+                let common = ["--config", &cfg_json, "--batch", &b, "--steps", &s];
                 let mut cmd = Command::new(&exe);
-                cmd.args([
-                    "bench",
-                    "train-one",
-                    "--config",
-                    &cfg_json,
-                    "--batch",
-                    &b,
-                    "--steps",
-                    &s,
-                ])
-                .env("RAYON_NUM_THREADS", &threads_s);
+                cmd.args(["bench", "train-one"])
+                    .args(common)
+                    .env("RAYON_NUM_THREADS", &threads_s);
                 if let Some(isa) = args.isa {
                     cmd.env(ISA_ENV, isa.name());
                 }
@@ -405,16 +406,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 row.repro.push(ours);
                 if let Some(py) = &python {
                     let mut cmd = Command::new(py);
-                    cmd.arg(script()).args([
-                        "--config",
-                        &cfg_json,
-                        "--batch",
-                        &b,
-                        "--steps",
-                        &s,
-                        "--threads",
-                        &threads_s,
-                    ]);
+                    cmd.arg(script())
+                        .args(common)
+                        .args(["--threads", &threads_s]);
                     if let Some(isa) = args.isa {
                         cmd.envs(torch_isa_env(isa));
                     }
@@ -493,9 +487,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     if let Some(path) = &args.json {
         let doc = json!({
-            "batch": args.batch,
-            "seq_len": args.seq_len,
-            "vocab": args.vocab,
+            "batch": args.shape.batch,
+            "seq_len": args.shape.seq_len,
+            "vocab": args.shape.vocab,
             "steps": args.steps,
             "rounds": args.rounds,
             "threads": threads,

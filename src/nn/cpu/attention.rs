@@ -39,11 +39,7 @@ fn rows<T>(data: &[T], base: usize, rs: usize) -> MatRef<'_, T> {
 
 /// The transpose of `rows`.
 fn cols<T>(data: &[T], base: usize, rs: usize) -> MatRef<'_, T> {
-    MatRef {
-        data: &data[base..],
-        rs: 1,
-        cs: rs,
-    }
+    rows(data, base, rs).t()
 }
 
 /// c[m, n] = a[m, k] · b[k, n] into a row-major block of row stride `c_rs`, single-threaded.

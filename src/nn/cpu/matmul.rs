@@ -14,6 +14,17 @@ pub struct MatRef<'a, T> {
     pub cs: usize,
 }
 
+impl<T> MatRef<'_, T> {
+    /// The transpose: the same elements with the strides swapped.
+    pub fn t(self) -> Self {
+        MatRef {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
 /// c[m, n] = (accumulate ? c : 0) + a[m, k] · b[k, n], all strided.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_strided<T: Real>(
@@ -135,45 +146,29 @@ unsafe fn raw_gemm<T: Real>(
 ) {
     if TypeId::of::<T>() == TypeId::of::<f32>() {
         let driver = f32_drivers::for_isa(isa);
-        let (a_ptr, b_ptr) = (a.data.as_ptr() as *const f32, b.data.as_ptr() as *const f32);
-        let c = c as *mut f32;
         // gemm's tiles want a column-major destination: a row-major one is computed as
         // c^T = b^T a^T, as `gemm::gemm` does before it dispatches.
-        if c_cs < c_rs {
-            driver(
-                n,
-                m,
-                k,
-                c,
-                c_rs as isize,
-                c_cs as isize,
-                accumulate,
-                b_ptr,
-                b.rs as isize,
-                b.cs as isize,
-                a_ptr,
-                a.rs as isize,
-                a.cs as isize,
-                par,
-            );
+        let (m, n, a, b, c_rs, c_cs) = if c_cs < c_rs {
+            (n, m, b.t(), a.t(), c_cs, c_rs)
         } else {
-            driver(
-                m,
-                n,
-                k,
-                c,
-                c_cs as isize,
-                c_rs as isize,
-                accumulate,
-                a_ptr,
-                a.cs as isize,
-                a.rs as isize,
-                b_ptr,
-                b.cs as isize,
-                b.rs as isize,
-                par,
-            );
-        }
+            (m, n, a, b, c_rs, c_cs)
+        };
+        driver(
+            m,
+            n,
+            k,
+            c as *mut f32,
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr() as *const f32,
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr() as *const f32,
+            b.cs as isize,
+            b.rs as isize,
+            par,
+        );
         return;
     }
     gemm::gemm(
