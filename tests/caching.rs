@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::process::Command;
 
 #[test]
 fn diamond_runs_only_what_changed() {
@@ -284,4 +285,101 @@ fn a_metric_named_like_a_param_never_hides_it() {
     let show = ws.repro(&["show"]);
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains("metrics.m"), "{show}");
+}
+
+/// When `.repro/plans/repro.yaml.json` was last written (and its inode), or None.
+fn plan_written(ws: &Ws) -> Option<(std::time::SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(ws.root().join(".repro/plans/repro.yaml.json")).ok()?;
+    Some((m.modified().unwrap(), m.ino()))
+}
+
+const PLANNED: &str = r#"
+params: {p: one}
+stages:
+  a:
+    cmd: echo a >> "$CALLS" && echo ${params.p} > o/a.txt
+    outs: [o/a.txt]
+  b:
+    cmd: echo b >> "$CALLS" && (cat o/a.txt; echo "$FOO") > o/b.txt
+    deps: [o/a.txt]
+    outs: [o/b.txt]
+    env: [FOO]
+"#;
+
+/// A run that is expected to load the pipeline afresh (and so write a new plan).
+fn reparsed(ws: &Ws, before: &mut Option<(std::time::SystemTime, u64)>, cmd: &mut Command) {
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let _ = std::fs::remove_file(&ws.calls);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let now = plan_written(ws);
+    assert!(
+        now.is_some() && now != *before,
+        "the plan was not made again"
+    );
+    *before = now;
+}
+
+#[test]
+fn the_compiled_plan_is_reused_until_anything_it_was_made_from_changes() {
+    let ws = Ws::new(PLANNED);
+    assert_eq!(ws.run_ok(&[]), ["a", "b"]);
+    let mut plan = plan_written(&ws);
+    assert!(plan.is_some(), "the first run saves the plan");
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    assert!(ws.run_ok(&[]).is_empty());
+    assert!(ws.repro(&["status"]).status.success());
+    assert_eq!(plan_written(&ws), plan, "reused, not rewritten");
+
+    // The file: any byte of it.
+    let file = ws.read("repro.yaml");
+    ws.write("repro.yaml", &format!("{file}# a comment\n"));
+    reparsed(&ws, &mut plan, &mut ws.cmd(&["run"]));
+    ws.write("repro.yaml", &file.replace("echo a >>", "echo a  >>"));
+    reparsed(&ws, &mut plan, &mut ws.cmd(&["run"]));
+    assert_eq!(ws.calls(), ["a"], "the edited command ran");
+
+    // An override, and its removal.
+    reparsed(&ws, &mut plan, &mut ws.cmd(&["run", "-S", "p=two"]));
+    assert_eq!(ws.read("o/a.txt"), "two\n");
+    reparsed(&ws, &mut plan, &mut ws.cmd(&["run"]));
+    assert_eq!(ws.read("o/a.txt"), "one\n");
+
+    // A variable the stages pass through.
+    reparsed(&ws, &mut plan, ws.cmd(&["run"]).env("FOO", "bar"));
+    assert_eq!(ws.calls(), ["b"]);
+    assert_eq!(ws.read("o/b.txt"), "one\nbar\n");
+    reparsed(&ws, &mut plan, ws.cmd(&["run"]).env_remove("FOO"));
+    assert_eq!(ws.read("o/b.txt"), "one\n\n");
+
+    // Another repro binary (a rebuild, an upgrade): its kinds may read the file differently.
+    let other = ws.dir.path().join("repro-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_repro"), &other).unwrap();
+    let mut cmd = ws.cmd(&["run"]);
+    let mut copy = Command::new(&other);
+    copy.args(cmd.get_args())
+        .current_dir(ws.root())
+        .env("CALLS", &ws.calls);
+    reparsed(&ws, &mut plan, &mut copy);
+    reparsed(&ws, &mut plan, &mut cmd);
+
+    // A damaged plan is only a cache miss.
+    std::fs::write(ws.root().join(".repro/plans/repro.yaml.json"), "{").unwrap();
+    plan = plan_written(&ws);
+    reparsed(&ws, &mut plan, &mut ws.cmd(&["run"]));
+    assert!(ws.calls().is_empty());
+
+    // A folder of an out that now leads outside the workspace: refused as a fresh load would.
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::rename(ws.root().join("o"), elsewhere.path().join("o")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path().join("o"), ws.root().join("o")).unwrap();
+    let out = ws.repro(&["run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("goes through symlink `o`, which points outside the workspace"),
+        "{}",
+        text(&out)
+    );
+    assert!(ws.calls().is_empty());
 }

@@ -157,6 +157,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
     };
     let kinds = Registry::default();
     let open = |root: &Path| Workspace::open(root, cli.cache.as_deref());
+    // The workspace a pipeline runs in, and the pipeline saved there as a compiled plan.
+    let open_for = |root: &Path, pipeline: &Pipeline| -> Result<Workspace> {
+        let ws = open(root)?;
+        pipeline.save_plan();
+        Ok(ws)
+    };
     let store = |root: &Path| crate::workspace::store_location(root, cli.cache.as_deref());
     // The workspace if it has a store; opening it otherwise would create one for nothing.
     let existing = |root: &Path| -> Result<Option<Workspace>> {
@@ -177,12 +183,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => {
             let root = root()?;
             let pipeline = load(&root, &store(&root)?, &kinds, &args.p)?;
-            run(&open(&root)?, &kinds, &pipeline, args)
+            run(&open_for(&root, &pipeline)?, &kinds, &pipeline, args)
         }
         Command::Status(p) => {
             let root = root()?;
             let pipeline = load(&root, &store(&root)?, &kinds, p)?;
-            status(&open(&root)?, &kinds, &pipeline, p)
+            status(&open_for(&root, &pipeline)?, &kinds, &pipeline, p)
         }
         Command::Dag { p, dot, mermaid } => {
             let pipeline = {
@@ -202,12 +208,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Log { stage, p } => {
             let root = root()?;
             let pipeline = load(&root, &store(&root)?, &kinds, p)?;
-            inspect::log(&open(&root)?, &pipeline, stage)
+            inspect::log(&open_for(&root, &pipeline)?, &pipeline, stage)
         }
         Command::Show { p, columns, csv } => {
             let root = root()?;
             let pipeline = load(&root, &store(&root)?, &kinds, p)?;
-            inspect::show(&open(&root)?, &pipeline, columns, *csv)
+            inspect::show(&open_for(&root, &pipeline)?, &pipeline, columns, *csv)
         }
         Command::Verify => match existing(&root()?)? {
             Some(ws) => inspect::verify(&ws),
@@ -262,6 +268,7 @@ fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result
         overrides: p.set.clone(),
         max_expansions: p.max_expansions,
         store: store.to_path_buf(),
+        plans: Some(root.join(".repro/plans")),
     };
     Pipeline::load(&file, root, &opts, kinds)
 }

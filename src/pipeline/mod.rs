@@ -3,6 +3,7 @@
 //! Everything that can be wrong with a pipeline is found here, before anything runs, and
 //! reported with the file, line and stage.
 
+pub mod compiled;
 pub mod dag;
 pub mod own_files;
 pub mod schema;
@@ -13,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use indexmap::IndexMap;
 use own_files::OwnFiles;
 use schema::{EnvSpec, PipelineFile, StageSpec};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -41,7 +43,7 @@ pub const STAGE_ENV: [&str; 5] = [
 pub const MAX_NAME_BYTES: usize = 1024;
 
 /// One node of the DAG: a stage after templating and matrix expansion.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage {
     /// Unique name; `train@ffn=dense,budget=1e12` for a matrix expansion.
     pub name: String,
@@ -63,7 +65,7 @@ pub struct Stage {
     pub used_params: UsedParams,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Action {
     /// `cmd`: the template as written (its identity as code) and the resolved command.
     Cmd { template: String, resolved: String },
@@ -90,6 +92,8 @@ pub struct LoadOptions {
     pub max_expansions: usize,
     /// The cache store, relative to the workspace or absolute: no stage may touch it.
     pub store: PathBuf,
+    /// Where compiled plans are kept (`.repro/plans`), if they are.
+    pub plans: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -98,11 +102,12 @@ impl Default for LoadOptions {
             overrides: Vec::new(),
             max_expansions: DEFAULT_MAX_EXPANSIONS,
             store: PathBuf::from("cache"),
+            plans: None,
         }
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Pipeline {
     /// The file as the user named it, for messages.
     pub file: PathBuf,
@@ -112,6 +117,21 @@ pub struct Pipeline {
     pub dag: Dag,
     /// repro's own files, which no stage may write (checked again before outs are touched).
     pub own: OwnFiles,
+    /// What loading read besides the file and the options.
+    pub read: LoadFacts,
+    /// Where to save this pipeline as a compiled plan, and under what key, if it was parsed.
+    #[serde(skip)]
+    unsaved_plan: Option<(PathBuf, String)>,
+}
+
+/// What a load read from outside the pipeline file: a compiled plan is reused only while these
+/// are unchanged.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LoadFacts {
+    /// Variables passed through from repro's environment (`env: [NAME]`), and their values.
+    pub env: BTreeMap<String, Option<String>>,
+    /// Workspace folders of deps and outs, and where their symlinks led.
+    pub folders: Vec<(String, PathBuf)>,
 }
 
 /// A problem with one stage: the path of the field at fault inside the stage (`["outs", "1"]`,
@@ -151,6 +171,7 @@ struct Expander<'a> {
     budget: Budget,
     max_expansions: usize,
     folders: std::cell::RefCell<own_files::Folders>,
+    env_read: std::cell::RefCell<BTreeMap<String, Option<String>>>,
 }
 
 impl Pipeline {
@@ -183,7 +204,25 @@ impl Pipeline {
             let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
             anyhow!("{shown}:{line}: not UTF-8 text")
         })?;
-        Self::parse(&source, file, workspace, opts, kinds)
+        let Some(plans) = &opts.plans else {
+            return Self::parse(&source, file, workspace, opts, kinds);
+        };
+        let plan = compiled::path(plans, file);
+        let key = compiled::key(&source, file, workspace, opts);
+        if let Some(pipeline) = compiled::read(&plan, &key) {
+            return Ok(pipeline);
+        }
+        let mut pipeline = Self::parse(&source, file, workspace, opts, kinds)?;
+        pipeline.unsaved_plan = Some((plan, key));
+        Ok(pipeline)
+    }
+
+    /// Saves a pipeline that was parsed as the compiled plan the next load reuses; called once
+    /// the workspace exists (a load alone never creates `.repro/`).
+    pub fn save_plan(&self) {
+        if let Some((plan, key)) = &self.unsaved_plan {
+            compiled::write(plan, key, self);
+        }
     }
 
     pub fn parse(
@@ -231,6 +270,7 @@ impl Pipeline {
             budget: Budget::new(template::BUDGET_BYTES),
             max_expansions: opts.max_expansions.max(1),
             folders: Default::default(),
+            env_read: Default::default(),
         };
         let total_limit = ex
             .max_expansions
@@ -278,12 +318,18 @@ impl Pipeline {
                 .collect::<Vec<_>>()
                 .join("\n"))
         })?;
+        let read = LoadFacts {
+            env: ex.env_read.take(),
+            folders: ex.folders.take().into_sorted(),
+        };
         Ok(Pipeline {
             file: file.to_path_buf(),
             params,
             stages,
             dag,
             own,
+            read,
+            unsaved_plan: None,
         })
     }
 
@@ -718,7 +764,11 @@ impl Expander<'_> {
                 .collect::<Result<_, Issue>>()?,
             Some(EnvSpec::PassThrough(names)) => names
                 .iter()
-                .map(|k| (k.clone(), std::env::var(k).ok()))
+                .map(|k| {
+                    let v = std::env::var(k).ok();
+                    self.env_read.borrow_mut().insert(k.clone(), v.clone());
+                    (k.clone(), v)
+                })
                 .collect(),
         };
         for (k, v) in &env {

@@ -6,11 +6,12 @@
 //! Paths are compared after resolving symlinks in the part of the path that exists, so the
 //! check holds for paths that are yet to be written.
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OwnFiles {
     root: PathBuf,
     /// Resolved absolute path, what it is, and whether a stage may read it (the pipeline file).
@@ -62,7 +63,7 @@ impl OwnFiles {
     /// [`Self::refuse_out`], resolving the folders of `rel` through `folders`.
     pub fn refuse_out_in(&self, rel: &str, folders: &mut Folders) -> Option<String> {
         let path = self.locate(rel, folders);
-        self.own.iter().find_map(|(own, what, _)| {
+        let own = self.own.iter().find_map(|(own, what, _)| {
             if path == *own {
                 Some(format!("`{rel}` is {what}"))
             } else if inside(&path, own) {
@@ -74,7 +75,24 @@ impl OwnFiles {
             } else {
                 None
             }
-        })
+        });
+        // Outs are cleared before a stage runs: never anything outside the workspace.
+        own.or_else(|| (!inside(&path, &self.root)).then(|| self.escape(rel)))
+    }
+
+    /// How `rel` leaves the workspace: the first of its folders that leads out.
+    fn escape(&self, rel: &str) -> String {
+        let mut prefix = String::new();
+        for part in rel.split('/') {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if !inside(&self.resolve_folder(&prefix), &self.root) {
+                break;
+            }
+        }
+        format!("`{rel}` goes through symlink `{prefix}`, which points outside the workspace")
     }
 
     /// Why a stage may not read `rel`, if it may not: the store and the state change under a
@@ -110,7 +128,21 @@ impl OwnFiles {
 #[derive(Debug, Default)]
 pub struct Folders(HashMap<String, PathBuf>);
 
+impl Folders {
+    /// Each folder and where it led, sorted: what a compiled plan checks is still so.
+    pub fn into_sorted(self) -> Vec<(String, PathBuf)> {
+        let mut v: Vec<_> = self.0.into_iter().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
 impl OwnFiles {
+    /// Where the workspace folder `dir` leads now.
+    pub fn resolve_folder(&self, dir: &str) -> PathBuf {
+        resolve_from(self.root.clone(), Path::new(dir))
+    }
+
     /// The workspace path `rel` resolved, its folder looked up in `folders` first.
     fn locate(&self, rel: &str, folders: &mut Folders) -> PathBuf {
         match rel.rsplit_once('/') {
@@ -119,7 +151,7 @@ impl OwnFiles {
                 let dir = match folders.0.get(dir) {
                     Some(d) => d.clone(),
                     None => {
-                        let d = resolve_from(self.root.clone(), Path::new(dir));
+                        let d = self.resolve_folder(dir);
                         folders.0.insert(dir.to_string(), d.clone());
                         d
                     }
