@@ -4,30 +4,27 @@
 //! .repro/lock                 the writer lock (see cache::lock)
 //! .repro/running              the token of a run in progress (left behind by a crash)
 //! .repro/statcache            the stat fast path
-//! .repro/state/PIPELINE.json  the last record of every stage of a pipeline
-//! .repro/state/PIPELINE.json.corrupt-TIME  a state file that could not be read, set aside
+//! .repro/plans/PIPELINE.json  the pipeline as last loaded (see pipeline::compiled)
+//! .repro/state/PIPELINE.jsonl the last record of every stage of a pipeline (see state)
+//! .repro/state/PIPELINE.jsonl.corrupt-TIME  a state file that could not be read, set aside
 //! .repro/logs/STAGE.log       the latest log of each stage
 //! .repro/scratch/STAGE/       a stage's scratch space (kept across interruptions)
 //! ```
 
-use crate::atomic;
-use crate::cache::{lock::WorkspaceLock, Hasher, Record, StatCache, Store};
+mod state;
+
+use crate::cache::{lock::WorkspaceLock, Hasher, StatCache, Store};
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+pub use state::{Entry, OutId, State, StateLog};
 
 pub struct Workspace {
     pub root: PathBuf,
     pub state_dir: PathBuf,
     pub store: Store,
     pub stats: StatCache,
-}
-
-/// The last record of each stage of one pipeline in this workspace.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct State {
-    pub stages: BTreeMap<String, Record>,
 }
 
 /// A pipeline's state as loaded: empty if it has never run here, and also empty, with the
@@ -37,6 +34,8 @@ pub struct State {
 pub struct LoadedState {
     pub state: State,
     pub problem: Option<StateProblem>,
+    /// There is no log to append to yet (a new pipeline, or a state in the layout before it).
+    pub fresh: bool,
 }
 
 /// A state file that exists but cannot be read or parsed.
@@ -92,29 +91,49 @@ impl Workspace {
         }
     }
 
-    /// One state file per pipeline file, however its path is spelt (`./p.yaml`, `x//p.yaml`).
+    /// One state log per pipeline file, however its path is spelt (`./p.yaml`, `x//p.yaml`).
     fn state_path(&self, pipeline_file: &Path) -> PathBuf {
         let given = pipeline_file.to_string_lossy();
         let name = crate::pipeline::normalize(&given).unwrap_or_else(|_| given.into_owned());
         self.state_dir
             .join("state")
-            .join(format!("{}.json", file_safe(&name)))
+            .join(format!("{}.jsonl", file_safe(&name)))
     }
 
     /// The state of a pipeline: empty if it has never run here; empty with the problem if its
     /// file cannot be used (never silently: callers say so, and `repro run` sets it aside).
+    /// A state in the layout before the log (`PIPELINE.json`) is read if there is no log.
     pub fn load_state(&self, pipeline_file: &Path) -> LoadedState {
-        let path = self.state_path(pipeline_file);
-        match read_state_file(&path) {
+        let log = self.state_path(pipeline_file);
+        let legacy = log.with_extension("json");
+        let (path, read) = match State::read(&log) {
+            Ok(None) => (legacy.clone(), State::read_legacy(&legacy)),
+            other => (log, other),
+        };
+        match read {
             Ok(state) => LoadedState {
+                fresh: state.is_none() || path == legacy,
                 state: state.unwrap_or_default(),
                 problem: None,
             },
             Err(problem) => LoadedState {
                 state: State::default(),
                 problem: Some(StateProblem { path, problem }),
+                fresh: true,
             },
         }
+    }
+
+    /// The log that a run appends its finished stages to; `fresh` writes it whole first (and
+    /// retires a state file of the layout before the log).
+    pub fn state_log(&self, pipeline_file: &Path, state: &State, fresh: bool) -> Result<StateLog> {
+        let path = self.state_path(pipeline_file);
+        let log = StateLog::open(&path, state, fresh)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if fresh {
+            let _ = std::fs::remove_file(path.with_extension("json"));
+        }
+        Ok(log)
     }
 
     /// Moves an unusable state file aside (`NAME.corrupt-UNIXTIME`, never deleted) so that a
@@ -143,15 +162,15 @@ impl Workspace {
         Ok(dest)
     }
 
-    /// Every pipeline state file here (`.repro/state/*.json`) and what it holds, or what is
-    /// wrong with it.
+    /// Every pipeline state file here (`.repro/state/*.jsonl`, and `*.json` of the layout
+    /// before the log) and what it holds, or what is wrong with it.
     pub fn state_files(&self) -> Vec<(PathBuf, Result<State, String>)> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(self.state_dir.join("state"))
             .into_iter()
             .flatten()
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .filter(|p| p.extension().is_some_and(|e| e == "json" || e == "jsonl"))
             .collect();
         paths.sort();
         paths
@@ -172,7 +191,7 @@ impl Workspace {
         let mut bad = Vec::new();
         for (path, state) in self.state_files() {
             match state {
-                Ok(s) => keys.extend(s.stages.into_values().map(|r| r.key)),
+                Ok(s) => keys.extend(s.keys().map(str::to_string)),
                 Err(problem) => bad.push(format!("{} is {problem}", self.shown(&path))),
             }
         }
@@ -193,13 +212,6 @@ impl Workspace {
             .unwrap_or(path)
             .display()
             .to_string()
-    }
-
-    pub fn save_state(&self, pipeline_file: &Path, state: &State) -> Result<()> {
-        let path = self.state_path(pipeline_file);
-        atomic::write(&path, &serde_json::to_vec(state)?, true)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        self.save_stats()
     }
 
     /// Saves the stat cache if it learnt anything.
@@ -223,14 +235,12 @@ impl Workspace {
     }
 }
 
-/// A state file's content: `None` if there is no such file.
+/// A state file's content (a log, or a legacy `.json`): `None` if there is no such file.
 fn read_state_file(path: &Path) -> std::result::Result<Option<State>, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| crate::cache::store::json_problem(&e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("unreadable ({e})")),
+    if path.extension().is_some_and(|e| e == "json") {
+        State::read_legacy(path)
+    } else {
+        State::read(path)
     }
 }
 

@@ -109,6 +109,16 @@ fn killed_after_the_record_restores_the_stage() {
         ("run".into(), "never run in this workspace".into())
     );
 
+    a_is_restored_and_b_runs(&ws);
+    assert_eq!(ws.read("a.txt"), "A\n");
+    assert_eq!(ws.read("b.txt"), "a\n");
+    assert_eq!(ws.records(), 2);
+    assert_eq!(temp_files(&ws), Vec::<PathBuf>::new());
+    verify_clean(&ws);
+}
+
+/// After a crash in stage a's commit: the next run restores a and runs b only.
+fn a_is_restored_and_b_runs(ws: &Ws) {
     std::fs::remove_file(&ws.calls).unwrap();
     let out = ws.repro(&["run"]);
     let s = text(&out);
@@ -116,11 +126,6 @@ fn killed_after_the_record_restores_the_stage() {
     assert_eq!(ws.calls(), ["b"], "a was not run again:\n{s}");
     assert_eq!(stages_in(&s, "restored"), ["a"], "{s}");
     assert_eq!(stages_in(&s, "ran"), ["b"], "{s}");
-    assert_eq!(ws.read("a.txt"), "A\n");
-    assert_eq!(ws.read("b.txt"), "a\n");
-    assert_eq!(ws.records(), 2);
-    assert_eq!(temp_files(&ws), Vec::<PathBuf>::new());
-    verify_clean(&ws);
 }
 
 const SWITCH: &str = r#"
@@ -189,5 +194,76 @@ fn a_corrupt_object_met_during_a_restore_runs_the_stage_again() {
         "the run stored a good copy"
     );
     assert_eq!(temp_files(&ws), Vec::<PathBuf>::new());
+    verify_clean(&ws);
+}
+
+/// The lines of the state log (the header first).
+fn state_lines(ws: &Ws) -> Vec<String> {
+    let text = std::fs::read_to_string(ws.root().join(".repro/state/repro.yaml.jsonl")).unwrap();
+    text.split_inclusive('\n').map(String::from).collect()
+}
+
+#[test]
+fn killed_while_appending_to_the_state_restores_the_stage() {
+    let ws = crash_at("state-append");
+    let lines = state_lines(&ws);
+    assert!(
+        !lines.last().unwrap().ends_with('\n'),
+        "half of a's line: {lines:?}"
+    );
+    let s = text(&ws.repro(&["status"]));
+    assert!(
+        !s.contains("warning"),
+        "a torn last line is not damage: {s}"
+    );
+    assert_eq!(status_of(&s, "a").0, "restore", "{s}");
+
+    a_is_restored_and_b_runs(&ws);
+    let lines = state_lines(&ws);
+    assert_eq!(
+        lines.len(),
+        3,
+        "header, a, b: the torn half is gone: {lines:?}"
+    );
+    assert!(lines.iter().all(|l| l.ends_with("}\n")), "{lines:?}");
+    assert!(ws.run_ok(&[]).is_empty());
+    verify_clean(&ws);
+}
+
+#[test]
+fn killed_while_compacting_the_state_loses_nothing() {
+    let ws = Ws::new(TWO);
+    assert_eq!(ws.run_ok(&[]), ["a", "b"]);
+    // The log as 600 runs of both stages would leave it: past twice its stages, due for
+    // compaction at the next append.
+    let lines = state_lines(&ws);
+    let padded = lines[0].clone() + &lines[1..].concat().repeat(600);
+    let log = ws.root().join(".repro/state/repro.yaml.jsonl");
+    std::fs::write(&log, &padded).unwrap();
+
+    std::fs::remove_file(&ws.calls).unwrap();
+    let out = ws
+        .cmd(&["run", "--force", "a"])
+        .env("REPRO_FAILPOINT", "state-compacting")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{}", text(&out));
+    assert_eq!(ws.calls(), ["a"]);
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        after.starts_with(&padded) && after.len() > padded.len(),
+        "the long log, with a's new line, is still the state"
+    );
+    let s = text(&ws.repro(&["status"]));
+    assert!(!s.contains("warning"), "{s}");
+    assert!(s.contains("2 up to date"), "{s}");
+    assert!(ws.run_ok(&[]).is_empty(), "nothing runs again");
+
+    // The next append compacts: one line per stage, and no temp file left.
+    assert_eq!(ws.run_ok(&["--force", "a"]), ["a"]);
+    assert_eq!(state_lines(&ws).len(), 3, "header, a, b");
+    let state_dir: Vec<PathBuf> = walk(&ws.root().join(".repro/state"));
+    assert_eq!(state_dir, [log], "{state_dir:?}");
+    assert!(ws.run_ok(&[]).is_empty());
     verify_clean(&ws);
 }

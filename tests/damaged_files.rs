@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
-const STATE: &str = ".repro/state/repro.yaml.json";
+const STATE: &str = ".repro/state/repro.yaml.jsonl";
 
 fn ran() -> Ws {
     let ws = diamond();
@@ -14,7 +14,7 @@ fn ran() -> Ws {
     ws
 }
 
-/// Files in `.repro/state/` whose name starts with `repro.yaml.json.corrupt-`.
+/// Files in `.repro/state/` whose name starts with `repro.yaml.jsonl.corrupt-`.
 fn set_aside_states(ws: &Ws) -> Vec<PathBuf> {
     walk(&ws.root().join(".repro/state"))
         .into_iter()
@@ -22,7 +22,7 @@ fn set_aside_states(ws: &Ws) -> Vec<PathBuf> {
             p.file_name()
                 .unwrap()
                 .to_string_lossy()
-                .starts_with("repro.yaml.json.corrupt-")
+                .starts_with("repro.yaml.jsonl.corrupt-")
         })
         .collect()
 }
@@ -30,13 +30,7 @@ fn set_aside_states(ws: &Ws) -> Vec<PathBuf> {
 fn damaged_state_is_said_set_aside_and_nothing_reruns(damage: &[u8], what: &str) {
     let ws = ran();
     let state = ws.root().join(STATE);
-    let damaged: Vec<u8> = if damage.is_empty() {
-        // Truncated: the first half of the real file.
-        let full = std::fs::read(&state).unwrap();
-        full[..full.len() / 2].to_vec()
-    } else {
-        damage.to_vec()
-    };
+    let damaged = damage.to_vec();
     std::fs::write(&state, &damaged).unwrap();
     let warning = format!("warning: {STATE} is {what}");
 
@@ -95,24 +89,61 @@ fn damaged_state_is_said_set_aside_and_nothing_reruns(damage: &[u8], what: &str)
     assert!(ws.repro(&["verify"]).status.success());
 }
 
+/// A state log cut anywhere (a crash mid-append, a full disk) is not damaged: the stages of
+/// its whole lines are up to date, those of the cut ones come back from the run cache, and
+/// nothing runs or is set aside.
 #[test]
-fn truncated_state_file() {
-    damaged_state_is_said_set_aside_and_nothing_reruns(b"", "not valid JSON (truncated?)");
+fn a_cut_state_log_loses_only_its_last_lines() {
+    let ws = ran();
+    let state = ws.root().join(STATE);
+    let full = std::fs::read(&state).unwrap();
+    let header = full.iter().position(|&b| b == b'\n').unwrap() + 1;
+    for cut in [header, header + 10, full.len() / 2, full.len() - 1] {
+        std::fs::write(&state, &full[..cut]).unwrap();
+        let whole = full[header..cut].iter().filter(|&&b| b == b'\n').count();
+        let out = ws.repro(&["status"]);
+        assert!(stderr(&out).is_empty(), "{}", text(&out));
+        assert!(
+            stdout(&out).contains(&format!(
+                "{whole} up to date, {} to restore, 0 to run",
+                4 - whole
+            )),
+            "cut at {cut}: {}",
+            text(&out)
+        );
+        let _ = std::fs::remove_file(&ws.calls);
+        assert!(ws.run_ok(&[]).is_empty(), "cut at {cut}: nothing ran");
+        assert!(ws.calls().is_empty(), "{:?}", ws.calls());
+        assert!(set_aside_states(&ws).is_empty());
+        let out = ws.repro(&["status"]);
+        assert!(stdout(&out).contains("4 up to date"), "{}", text(&out));
+    }
 }
 
 #[test]
 fn garbage_state_file() {
     damaged_state_is_said_set_aside_and_nothing_reruns(
         b"\x00\x01 not json at all",
-        "not valid JSON (line 1, column 1)",
+        "not a repro state log (line 1 is not",
     );
 }
 
 #[test]
 fn state_file_of_the_wrong_shape() {
     damaged_state_is_said_set_aside_and_nothing_reruns(
-        br#"{"stages": [1, 2, 3]}"#,
+        b"{\"repro_state\":1}\n{\"stages\": [1, 2, 3]}\n",
         "valid JSON of the wrong shape",
+    );
+}
+
+#[test]
+fn a_damaged_line_in_the_middle_of_the_state_log() {
+    let ws = ran();
+    let text = std::fs::read_to_string(ws.root().join(STATE)).unwrap();
+    let damaged = text.replacen("\"key\":", "\"key\" ", 2);
+    damaged_state_is_said_set_aside_and_nothing_reruns(
+        damaged.as_bytes(),
+        "not valid JSON (line 1, column",
     );
 }
 

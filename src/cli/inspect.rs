@@ -43,7 +43,7 @@ pub fn log(ws: &Workspace, p: &Pipeline, name: &str) -> Result<ExitCode> {
         latest
     } else {
         let loaded = ws.load_state(&p.file);
-        match loaded.state.stages.get(stage) {
+        match loaded.state.get(stage) {
             Some(r) if ws.store.log_path(&r.key).is_file() => ws.store.log_path(&r.key),
             _ => match &loaded.problem {
                 Some(bad) => bail!(
@@ -89,8 +89,8 @@ pub fn show(ws: &Workspace, p: &Pipeline, columns: &[String], csv_out: bool) -> 
         .map(|s| {
             let mut cells = IndexMap::new();
             cells.insert("stage".to_string(), s.name.clone());
-            let record = state.stages.get(&s.name);
-            if let Some(r) = record {
+            let record = state.record(&s.name);
+            if let Some(r) = &record {
                 cells.insert("seconds".into(), format!("{:.2}", r.duration_s));
             }
             let mut beside: IndexMap<String, serde_json::Value> =

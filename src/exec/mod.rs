@@ -88,6 +88,16 @@ pub(crate) fn failpoint(name: &str) {
     }
 }
 
+/// [`failpoint`] for a write: with `REPRO_FAILPOINT=NAME` the first half of `bytes` is written
+/// to `file` before the process kills itself, as a crash in the middle of the write would.
+pub(crate) fn failpoint_torn(name: &str, file: &mut std::fs::File, bytes: &[u8]) {
+    if std::env::var_os("REPRO_FAILPOINT").is_some_and(|v| v == name) {
+        use std::io::Write;
+        let _ = file.write_all(&bytes[..bytes.len() / 2]);
+        failpoint(name);
+    }
+}
+
 /// The parameters that describe a stage in tables: its matrix values, its `with` scalars and
 /// the params it references.
 pub fn stage_params(stage: &Stage) -> serde_json::Map<String, serde_json::Value> {

@@ -2,11 +2,12 @@
 //! must run, and why. `repro status` prints this; `repro run` acts on it.
 
 use crate::cache::key::canonical_json;
-use crate::cache::{KeyParts, OutRecord, Record};
+use crate::cache::{KeyParts, OutRecord};
 use crate::pipeline::{Action, Pipeline, Stage};
-use crate::workspace::{State, Workspace};
+use crate::workspace::{OutId, State, Workspace};
 use anyhow::{anyhow, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -31,13 +32,14 @@ pub trait KindVersion {
     }
 }
 
-/// The key parts of a stage given the hashes of its deps and the records of its upstreams.
+/// The key parts of a stage given the hashes of its deps and the [`outs_digest`] of each
+/// upstream's result.
 pub fn key_parts(
     pipeline: &Pipeline,
     index: usize,
     kinds: &dyn KindVersion,
     dep_hash: &dyn Fn(&str) -> Result<Option<String>>,
-    upstream_record: &dyn Fn(usize) -> Option<Record>,
+    upstream_digest: &dyn Fn(usize) -> Option<String>,
 ) -> Result<KeyParts> {
     let stage = &pipeline.stages[index];
     let mut parts = KeyParts::default();
@@ -72,14 +74,14 @@ pub fn key_parts(
     for &u in &pipeline.dag.upstream[index] {
         let up = &pipeline.stages[u];
         if needs_names(stage, up) {
-            let record = upstream_record(u).ok_or_else(|| {
+            let digest = upstream_digest(u).ok_or_else(|| {
                 anyhow!(
                     "stage `{}`: upstream `{}` has no result",
                     stage.name,
                     up.name
                 )
             })?;
-            parts.set(format!("upstream:{}", up.name), outs_digest(&record.outs));
+            parts.set(format!("upstream:{}", up.name), digest);
         }
     }
     Ok(parts)
@@ -89,13 +91,13 @@ fn needs_names(stage: &Stage, up: &Stage) -> bool {
     stage.needs.iter().any(|n| *n == up.name || *n == up.base)
 }
 
-/// One hash for a stage's outputs.
-pub fn outs_digest(outs: &[OutRecord]) -> String {
+/// One hash for a stage's outputs: `(path, content hash)` of each.
+pub fn outs_digest<'a>(outs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut h = blake3::Hasher::new();
-    for o in outs {
-        h.update(o.path.as_bytes());
+    for (path, hash) in outs {
+        h.update(path.as_bytes());
         h.update(&[0]);
-        h.update(o.hash.as_bytes());
+        h.update(hash.as_bytes());
         h.update(b"\n");
     }
     h.finalize().to_hex().to_string()
@@ -103,7 +105,7 @@ pub fn outs_digest(outs: &[OutRecord]) -> String {
 
 /// An out of a record that the workspace no longer holds as recorded.
 pub struct StaleOut<'a> {
-    pub out: &'a OutRecord,
+    pub path: &'a str,
     /// Gone (or unreadable), rather than changed.
     pub missing: bool,
 }
@@ -115,25 +117,40 @@ impl StaleOut<'_> {
         } else {
             "was modified"
         };
-        format!("out `{}` {what}", self.out.path)
+        format!("out `{}` {what}", self.path)
     }
 }
 
-/// Outs of `record` that are missing from the workspace or differ from what was recorded.
-pub fn stale_outs<'a>(ws: &Workspace, record: &'a Record) -> Vec<StaleOut<'a>> {
+/// Outs, as `(path, content hash)`, that are missing from the workspace or differ from what
+/// was recorded.
+pub fn stale_outs<'a>(
+    ws: &Workspace,
+    outs: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<StaleOut<'a>> {
     let hasher = ws.hasher();
-    record
-        .outs
-        .iter()
-        .filter_map(|out| match hasher.hash(&out.path) {
-            Ok(Some(h)) if h.to_hex().as_str() == out.hash => None,
+    outs.into_iter()
+        .filter_map(|(path, hash)| match hasher.hash(path) {
+            Ok(Some(h)) if h.to_hex().as_str() == hash => None,
             Ok(Some(_)) => Some(StaleOut {
-                out,
+                path,
                 missing: false,
             }),
-            _ => Some(StaleOut { out, missing: true }),
+            _ => Some(StaleOut {
+                path,
+                missing: true,
+            }),
         })
         .collect()
+}
+
+/// The `(path, hash)` of each out a state entry lists.
+pub fn ids(outs: &[OutId]) -> impl Iterator<Item = (&str, &str)> {
+    outs.iter().map(|o| (o.path.as_str(), o.hash.as_str()))
+}
+
+/// The `(path, hash)` of each out a record lists.
+pub fn record_ids(outs: &[OutRecord]) -> impl Iterator<Item = (&str, &str)> {
+    outs.iter().map(|o| (o.path.as_str(), o.hash.as_str()))
 }
 
 pub struct Plan {
@@ -175,9 +192,9 @@ pub fn plan(
     let n = pipeline.stages.len();
     let mut decisions = vec![Decision::Excluded; n];
     let mut parts = vec![None; n];
-    // What each settled stage's outs will be: its last record if skipped, the cached record if
-    // restored. Stages below a restore can then be decided now too.
-    let mut expected: Vec<Option<Record>> = vec![None; n];
+    // What each settled stage's outs will be: its last record's if skipped, the cached record's
+    // if restored. Stages below a restore can then be decided now too.
+    let mut expected: Vec<Option<Cow<[OutId]>>> = vec![None; n];
     for i in 0..n {
         if !selected[i] {
             continue;
@@ -216,24 +233,26 @@ pub fn plan(
         }
         let from_upstream = |d: &str| {
             ups.iter()
-                .filter_map(|&u| expected[u].as_ref())
-                .flat_map(|r| r.outs.iter())
+                .filter_map(|&u| expected[u].as_deref())
+                .flatten()
                 .find(|o| o.path == d)
                 .map(|o| o.hash.clone())
         };
         let dep_hash = |d: &str| Ok(from_upstream(d).or_else(|| hashes.get(d).cloned().flatten()));
-        let upstream = |u: usize| expected[u].clone();
+        let upstream = |u: usize| expected[u].as_deref().map(|outs| outs_digest(ids(outs)));
         let p = key_parts(pipeline, i, kinds, &dep_hash, &upstream)?;
         let key = p.key();
-        let last = state.stages.get(&stage.name);
         decisions[i] = if forced[i] {
             Decision::Run(vec!["forced".into()])
         } else {
-            decide(ws, &p, &key, last)
+            decide(ws, &p, &key, state, &stage.name)
         };
         expected[i] = match &decisions[i] {
-            Decision::Skip => last.cloned(),
-            Decision::Restore(_) => ws.store.record(&key),
+            Decision::Skip => state.get(&stage.name).map(|e| Cow::Borrowed(&e.outs[..])),
+            Decision::Restore(_) => ws
+                .store
+                .record(&key)
+                .map(|r| Cow::Owned(r.outs.iter().map(OutId::from).collect())),
             _ => None,
         };
         parts[i] = Some(p);
@@ -241,10 +260,14 @@ pub fn plan(
     Ok(Plan { decisions, parts })
 }
 
-/// The decision for a stage whose key is known.
-pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, last: Option<&Record>) -> Decision {
-    if let Some(last) = last.filter(|r| r.key == key) {
-        let mut why: Vec<String> = stale_outs(ws, last).iter().map(StaleOut::reason).collect();
+/// The decision for a stage whose key is known, given the state of its pipeline.
+pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, state: &State, stage: &str) -> Decision {
+    let last = state.get(stage);
+    if let Some(last) = last.filter(|e| e.key == key) {
+        let mut why: Vec<String> = stale_outs(ws, ids(&last.outs))
+            .iter()
+            .map(StaleOut::reason)
+            .collect();
         if why.is_empty() {
             return Decision::Skip;
         }
@@ -257,8 +280,9 @@ pub fn decide(ws: &Workspace, parts: &KeyParts, key: &str, last: Option<&Record>
             }
         };
     }
-    let mut why = match last {
+    let mut why = match state.record(stage) {
         Some(last) => parts.changes_since(&last.parts),
+        None if last.is_some() => vec!["its inputs changed (its last record is unreadable)".into()],
         None => vec!["never run in this workspace".into()],
     };
     match ws.store.read_record(key) {
@@ -287,6 +311,7 @@ fn unreadable_record(e: &crate::cache::store::UnreadableRecord) -> String {
 mod tests {
     use super::*;
     use crate::cache::store::OutKind;
+    use crate::cache::Record;
     use crate::pipeline::Kinds;
     use serde_json::{Map, Value};
     use std::path::Path;
@@ -334,7 +359,7 @@ mod tests {
         let t = pipeline.index_of("t").unwrap();
         let s = pipeline.index_of("s").unwrap();
         let no_deps = |d: &str| -> Result<Option<String>> { panic!("no deps here, asked {d}") };
-        let no_upstream = |u: usize| -> Option<Record> { panic!("no upstream here, asked {u}") };
+        let no_upstream = |u: usize| -> Option<String> { panic!("no upstream here, asked {u}") };
         let parts = |i: usize, v: &'static str| {
             key_parts(&pipeline, i, &Version(v), &no_deps, &no_upstream).unwrap()
         };
@@ -378,8 +403,7 @@ mod tests {
                 .decisions[t]
                 .clone()
         };
-        let mut state = State::default();
-        state.stages.insert("t".into(), record(&v1));
+        let state = State::from_records([&record(&v1)]);
         assert_eq!(decide_t(&state, "1"), Decision::Skip);
         assert_eq!(
             decide_t(&state, "2"),
@@ -388,7 +412,7 @@ mod tests {
 
         // Once version 2 has run, going back to version 1 restores its stored result.
         ws.store.put_record(&record(&v1)).unwrap();
-        state.stages.insert("t".into(), record(&v2));
+        let state = State::from_records([&record(&v1), &record(&v2)]);
         assert_eq!(
             decide_t(&state, "1"),
             Decision::Restore(vec![
@@ -425,7 +449,7 @@ mod tests {
             )
             .unwrap();
             let none = |_: &str| -> Result<Option<String>> { Ok(None) };
-            let no_up = |_: usize| -> Option<Record> { None };
+            let no_up = |_: usize| -> Option<String> { None };
             key_parts(&p, 0, &LimitIgnored, &none, &no_up)
                 .unwrap()
                 .key()

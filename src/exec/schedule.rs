@@ -6,7 +6,7 @@ use super::report::Reporter;
 use super::stage::{Outcome, Shared};
 use super::{default_capacity, runner, signals, Executor, RunOptions, Summary};
 use crate::cache::Record;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,10 +53,10 @@ impl Executor<'_> {
         }
         let state_was_bad = loaded.problem.is_some();
         let state = loaded.state;
-        let mut finished: Vec<(String, Record)> = Vec::new();
         let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
         let mut summary = Summary::default();
-        let mut records = vec![None; n];
+        // Results of this run; an up-to-date stage's stays in the state, read when asked for.
+        let records: Vec<Option<Record>> = vec![None; n];
         let mut status = vec![Status::Pending; n];
         for (i, decision) in plan.decisions.iter().enumerate() {
             match decision {
@@ -64,7 +64,6 @@ impl Executor<'_> {
                 Decision::Skip => {
                     status[i] = Status::Done;
                     summary.skipped += 1;
-                    records[i] = state.stages.get(&p.stages[i].name).cloned();
                     if opts.verbose {
                         reporter.finished(&p.stages[i].name, "up to date", None, "");
                     }
@@ -81,6 +80,7 @@ impl Executor<'_> {
         let shared = Shared {
             records: Mutex::new(records),
         };
+        let mut log = self.ws.state_log(&p.file, &state, loaded.fresh)?;
 
         // Stages whose upstreams are all done, in pipeline order: the only ones the loop scans,
         // so a turn costs what is ready, not what is in the pipeline.
@@ -171,9 +171,11 @@ impl Executor<'_> {
                                 summary.restored += 1;
                                 ("restored", r)
                             }
-                            Outcome::Skipped(r) => {
+                            Outcome::Skipped => {
                                 summary.skipped += 1;
-                                ("unchanged", r)
+                                reporter.finished(name, "unchanged", Some(elapsed), "");
+                                self.settle(i, &mut status, &mut waiting_on, &mut ready);
+                                continue;
                             }
                             Outcome::Failed { why, log } => {
                                 let label = if interrupted_at.is_some() {
@@ -195,15 +197,10 @@ impl Executor<'_> {
                             }
                         };
                         reporter.finished(name, label, Some(elapsed), "");
-                        finished.push((name.clone(), rec.clone()));
+                        log.append(&rec, state.get(name).is_none())
+                            .with_context(|| format!("cannot record stage `{name}`"))?;
                         shared.records.lock().expect("records")[i] = Some(rec);
-                        status[i] = Status::Done;
-                        for &d in &p.dag.downstream[i] {
-                            waiting_on[d] -= 1;
-                            if waiting_on[d] == 0 && status[d] == Status::Pending {
-                                ready.insert(d);
-                            }
-                        }
+                        self.settle(i, &mut status, &mut waiting_on, &mut ready);
                     }
                     Err(e) => {
                         reporter.finished(name, "failed", Some(elapsed), &format!("{e:#}"));
@@ -224,15 +221,27 @@ impl Executor<'_> {
                 ));
             }
         }
-        if finished.is_empty() && !state_was_bad {
-            self.ws.save_stats()?;
-        } else {
-            let mut state = state;
-            state.stages.extend(finished);
-            self.ws.save_state(&p.file, &state)?;
-        }
+        log.close().context("cannot write the state")?;
+        self.ws.save_stats()?;
         self.end_run();
         Ok(summary)
+    }
+
+    /// Stage `i` is done: its downstreams wait on one stage fewer.
+    fn settle(
+        &self,
+        i: usize,
+        status: &mut [Status],
+        waiting_on: &mut [usize],
+        ready: &mut BTreeSet<usize>,
+    ) {
+        status[i] = Status::Done;
+        for &d in &self.pipeline.dag.downstream[i] {
+            waiting_on[d] -= 1;
+            if waiting_on[d] == 0 && status[d] == Status::Pending {
+                ready.insert(d);
+            }
+        }
     }
 
     /// A failed stage's descendants can no longer run.

@@ -19,7 +19,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub(super) enum Outcome {
     Ran(Record),
     Restored(Record),
-    Skipped(Record),
+    /// Up to date: its record is the one in the state.
+    Skipped,
     /// Why, and the log whose last lines say more.
     Failed {
         why: String,
@@ -53,12 +54,18 @@ impl Executor<'_> {
                 .with_context(|| format!("cannot hash `{d}`"))?
                 .map(|h| h.to_hex().to_string()))
         };
-        let upstream = |u: usize| shared.records.lock().expect("records")[u].clone();
+        // An upstream that was up to date has its record in the state, not in `records`.
+        let upstream = |u: usize| match &shared.records.lock().expect("records")[u] {
+            Some(r) => Some(plan::outs_digest(plan::record_ids(&r.outs))),
+            None => state
+                .get(&p.stages[u].name)
+                .map(|e| plan::outs_digest(plan::ids(&e.outs))),
+        };
         let parts = plan::key_parts(p, i, self.kinds, &dep_hash, &upstream)?;
         let key = parts.key();
         if !forced {
-            match plan::decide(self.ws, &parts, &key, state.stages.get(&stage.name)) {
-                Decision::Skip => return Ok(Outcome::Skipped(state.stages[&stage.name].clone())),
+            match plan::decide(self.ws, &parts, &key, state, &stage.name) {
+                Decision::Skip => return Ok(Outcome::Skipped),
                 Decision::Restore(_) => match self.restore(&key) {
                     Ok(rec) => return Ok(Outcome::Restored(rec)),
                     Err(e) if e.downcast_ref::<BadObject>().is_some() => {}
@@ -67,7 +74,7 @@ impl Executor<'_> {
                 _ => {}
             }
         }
-        self.run_stage(i, key, parts, shared, token)
+        self.run_stage(i, key, parts, state, shared, token)
     }
 
     /// Puts a recorded result back in the workspace (only the outs that differ).
@@ -78,11 +85,19 @@ impl Executor<'_> {
                 problem: "missing"
             })
         })?;
-        for stale in plan::stale_outs(self.ws, &record) {
-            if let Some(why) = self.pipeline.own.refuse_out(&stale.out.path) {
-                bail!("will not restore `{}`: {why}", stale.out.path);
+        let stale: Vec<&str> = plan::stale_outs(self.ws, plan::record_ids(&record.outs))
+            .iter()
+            .map(|s| s.path)
+            .collect();
+        for out in record
+            .outs
+            .iter()
+            .filter(|o| stale.contains(&o.path.as_str()))
+        {
+            if let Some(why) = self.pipeline.own.refuse_out(&out.path) {
+                bail!("will not restore `{}`: {why}", out.path);
             }
-            self.ws.store.restore_out(&self.ws.root, stale.out)?;
+            self.ws.store.restore_out(&self.ws.root, out)?;
         }
         Ok(record)
     }
@@ -94,6 +109,7 @@ impl Executor<'_> {
         i: usize,
         key: String,
         parts: crate::cache::KeyParts,
+        state: &State,
         shared: &Shared,
         token: &str,
     ) -> Result<Outcome> {
@@ -105,7 +121,7 @@ impl Executor<'_> {
             }
         }
         let outcome = self
-            .run_and_store(i, key, parts, shared, token)
+            .run_and_store(i, key, parts, state, shared, token)
             .unwrap_or_else(|e| Outcome::Failed {
                 why: format!("{e:#}"),
                 log: None,
@@ -158,6 +174,7 @@ impl Executor<'_> {
         i: usize,
         key: String,
         parts: crate::cache::KeyParts,
+        state: &State,
         shared: &Shared,
         token: &str,
     ) -> Result<Outcome> {
@@ -191,7 +208,7 @@ impl Executor<'_> {
         let argv = match &stage.action {
             Action::Cmd { resolved, .. } => vec!["sh".into(), "-c".into(), resolved.clone()],
             Action::Uses { kind, with } => {
-                let context = self.stage_context(i, kind, with, shared);
+                let context = self.stage_context(i, kind, with, state, shared);
                 let file = scratch.join("context.json");
                 std::fs::write(&file, serde_json::to_vec_pretty(&context)?)?;
                 let mut argv = self.stage_program.clone();
@@ -290,6 +307,7 @@ impl Executor<'_> {
         i: usize,
         kind: &str,
         with: &serde_json::Map<String, serde_json::Value>,
+        state: &State,
         shared: &Shared,
     ) -> serde_json::Value {
         let p = self.pipeline;
@@ -299,11 +317,15 @@ impl Executor<'_> {
             .iter()
             .map(|&u| {
                 let up = &p.stages[u];
+                let metrics = match &records[u] {
+                    Some(r) => r.metrics.clone(),
+                    None => state.record(&up.name).and_then(|r| r.metrics),
+                };
                 json!({
                     "name": up.name,
                     "base": up.base,
                     "params": stage_params(up),
-                    "metrics": records[u].as_ref().and_then(|r| r.metrics.clone()),
+                    "metrics": metrics,
                     "outs": up.outs,
                 })
             })
