@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
-.venv/bin/pip install -q dvc torch numpy
+.venv/bin/pip install -q dvc snakemake torch numpy
 .venv/bin/dvc --version
+.venv/bin/snakemake --version
 .venv/bin/python -c "import torch; print(\"torch\", torch.__version__)"
