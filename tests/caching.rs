@@ -383,3 +383,20 @@ fn the_compiled_plan_is_reused_until_anything_it_was_made_from_changes() {
     );
     assert!(ws.calls().is_empty());
 }
+
+#[test]
+fn stages_sharing_a_key_each_keep_their_own_state() {
+    // Same command, no deps or outs: one key, so one runs and the other is restored from it.
+    let ws = Ws::new(
+        "stages:\n  a: {cmd: 'echo run >> \"$CALLS\"'}\n  b: {cmd: 'echo run >> \"$CALLS\"'}\n",
+    );
+    assert_eq!(ws.run_ok(&["-j", "1"]), ["run"]);
+    let out = ws.repro(&["run"]);
+    assert!(
+        stderr(&out).contains("0 ran, 0 restored, 2 up to date"),
+        "{}",
+        text(&out)
+    );
+    let s = text(&ws.repro(&["status"]));
+    assert!(s.contains("2 up to date"), "{s}");
+}

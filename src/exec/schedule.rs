@@ -197,7 +197,7 @@ impl Executor<'_> {
                             }
                         };
                         reporter.finished(name, label, Some(elapsed), "");
-                        log.append(&rec, state.get(name).is_none())
+                        log.append(name, &rec, state.get(name).is_none())
                             .with_context(|| format!("cannot record stage `{name}`"))?;
                         shared.records.lock().expect("records")[i] = Some(rec);
                         self.settle(i, &mut status, &mut waiting_on, &mut ready);

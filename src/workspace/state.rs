@@ -230,9 +230,17 @@ impl StateLog {
         })
     }
 
-    /// Records a finished stage (`new`: a stage the log did not hold before).
-    pub fn append(&mut self, record: &Record, new: bool) -> std::io::Result<()> {
-        let line = record_line(record);
+    /// Records how `stage` finished (`new`: a stage the log did not hold before). A restored
+    /// record may come from another stage of the same key: the line names this one.
+    pub fn append(&mut self, stage: &str, record: &Record, new: bool) -> std::io::Result<()> {
+        let line = if record.stage == stage {
+            record_line(record)
+        } else {
+            record_line(&Record {
+                stage: stage.to_string(),
+                ..record.clone()
+            })
+        };
         crate::exec::failpoint_torn("state-append", &mut self.file, line.as_bytes());
         self.file.write_all(line.as_bytes())?;
         self.lines += 1;
@@ -298,9 +306,9 @@ mod tests {
         let path = dir.path().join("p.jsonl");
         let (a1, b1, a2) = (record("a", "1"), record("b", "1"), record("a", "2"));
         let mut log = StateLog::open(&path, &State::default(), true).unwrap();
-        log.append(&a1, true).unwrap();
-        log.append(&b1, true).unwrap();
-        log.append(&a2, false).unwrap();
+        log.append("a", &a1, true).unwrap();
+        log.append("b", &b1, true).unwrap();
+        log.append("a", &a2, false).unwrap();
         log.close().unwrap();
         let state = State::read(&path).unwrap().unwrap();
         assert_eq!(state.len(), 2);
@@ -319,7 +327,7 @@ mod tests {
             assert_eq!(state.lines, whole_lines(cut) - 1, "cut at {cut}");
             // Appending after the torn tail gives a log whose every line is whole.
             let mut log = StateLog::open(&path, &state, false).unwrap();
-            log.append(&record("c", "9"), true).unwrap();
+            log.append("c", &record("c", "9"), true).unwrap();
             log.close().unwrap();
             let after = State::read(&path).unwrap().unwrap();
             assert_eq!(after.get("c").unwrap().key, "9", "cut at {cut}");
@@ -355,7 +363,7 @@ mod tests {
         let rounds = SLACK_LINES / 3 + 10;
         for round in 0..rounds {
             for s in ["a", "b", "c"] {
-                log.append(&record(s, &round.to_string()), round == 0)
+                log.append(s, &record(s, &round.to_string()), round == 0)
                     .unwrap();
             }
         }
