@@ -252,14 +252,24 @@ impl Executor<'_> {
         summary: &mut Summary,
         reporter: &mut Reporter,
     ) {
-        let reach = self.pipeline.dag.with_descendants(&[i]);
-        for (j, &hit) in reach.iter().enumerate() {
-            if hit && j != i && status[j] == Status::Pending {
-                status[j] = Status::Blocked;
-                summary.blocked += 1;
-                let why = format!("upstream `{}` failed", self.pipeline.stages[i].name);
-                reporter.finished(&self.pipeline.stages[j].name, "blocked", None, &why);
+        // Only the pending descendants are walked (a blocked one's are blocked already), so
+        // failures cost what they block, not the size of the pipeline.
+        let mut blocked = Vec::new();
+        let mut stack = vec![i];
+        while let Some(j) = stack.pop() {
+            for &d in &self.pipeline.dag.downstream[j] {
+                if status[d] == Status::Pending {
+                    status[d] = Status::Blocked;
+                    blocked.push(d);
+                    stack.push(d);
+                }
             }
+        }
+        blocked.sort_unstable();
+        summary.blocked += blocked.len();
+        let why = format!("upstream `{}` failed", self.pipeline.stages[i].name);
+        for j in blocked {
+            reporter.finished(&self.pipeline.stages[j].name, "blocked", None, &why);
         }
     }
 

@@ -19,11 +19,6 @@ impl Dag {
         self.closure(roots, &self.upstream)
     }
 
-    /// `roots` and everything that (transitively) depends on them.
-    pub fn with_descendants(&self, roots: &[usize]) -> Vec<bool> {
-        self.closure(roots, &self.downstream)
-    }
-
     fn closure(&self, roots: &[usize], edges: &[Vec<usize>]) -> Vec<bool> {
         let mut seen = vec![false; edges.len()];
         let mut stack = roots.to_vec();
