@@ -11,6 +11,53 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Stages whose upstreams are done, by what resources they need: choosing the next one to
+/// start looks at the first of each group, so it costs the number of distinct needs, not the
+/// number of stages waiting for a slot (a thousand GPU stages behind one GPU).
+#[derive(Default)]
+struct Ready<'p> {
+    by_needs: BTreeMap<&'p BTreeMap<String, u64>, BTreeSet<usize>>,
+}
+
+impl<'p> Ready<'p> {
+    fn insert(&mut self, stage: usize, needs: &'p BTreeMap<String, u64>) {
+        self.by_needs.entry(needs).or_default().insert(stage);
+    }
+
+    /// Takes the first stage, in pipeline order, whose needs `fits` says are free now.
+    fn take_first(&mut self, fits: impl Fn(&BTreeMap<String, u64>) -> bool) -> Option<usize> {
+        let (needs, first) = self
+            .by_needs
+            .iter()
+            .filter(|(needs, _)| fits(needs))
+            .filter_map(|(needs, set)| set.first().map(|&i| (*needs, i)))
+            .min_by_key(|&(_, i)| i)?;
+        let set = self.by_needs.get_mut(needs).expect("just seen");
+        set.remove(&first);
+        if set.is_empty() {
+            self.by_needs.remove(needs);
+        }
+        Some(first)
+    }
+}
+
+/// Stage `i` is done: its downstreams wait on one stage fewer.
+fn settle<'p>(
+    p: &'p crate::pipeline::Pipeline,
+    i: usize,
+    status: &mut [Status],
+    waiting_on: &mut [usize],
+    ready: &mut Ready<'p>,
+) {
+    status[i] = Status::Done;
+    for &d in &p.dag.downstream[i] {
+        waiting_on[d] -= 1;
+        if waiting_on[d] == 0 && status[d] == Status::Pending {
+            ready.insert(d, &p.stages[d].resources);
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Status {
     Pending,
@@ -82,8 +129,8 @@ impl Executor<'_> {
         };
         let mut log = self.ws.state_log(&p.file, &state, loaded.fresh)?;
 
-        // Stages whose upstreams are all done, in pipeline order: the only ones the loop scans,
-        // so a turn costs what is ready, not what is in the pipeline.
+        // Stages whose upstreams are all done: the only ones the loop looks at, so a turn costs
+        // what is ready, not what is in the pipeline.
         let mut waiting_on: Vec<usize> = (0..n)
             .map(|i| {
                 p.dag.upstream[i]
@@ -92,9 +139,10 @@ impl Executor<'_> {
                     .count()
             })
             .collect();
-        let mut ready: BTreeSet<usize> = (0..n)
-            .filter(|&i| status[i] == Status::Pending && waiting_on[i] == 0)
-            .collect();
+        let mut ready = Ready::default();
+        for i in (0..n).filter(|&i| status[i] == Status::Pending && waiting_on[i] == 0) {
+            ready.insert(i, &p.stages[i].resources);
+        }
 
         let token = self.begin_run(reporter)?;
         let (tx, rx) = mpsc::channel::<(usize, Result<Outcome>, Duration)>();
@@ -114,18 +162,15 @@ impl Executor<'_> {
                     self.runner.interrupt();
                 }
                 if !stopping {
-                    let mut started = Vec::new();
-                    for &i in &ready {
-                        if jobs_running >= opts.jobs {
+                    while jobs_running < opts.jobs {
+                        let fits = |needs: &BTreeMap<String, u64>| {
+                            needs.iter().all(|(r, &need)| {
+                                in_use.get(r).copied().unwrap_or(0) + need <= capacity(r)
+                            })
+                        };
+                        let Some(i) = ready.take_first(fits) else {
                             break;
-                        }
-                        let fits = p.stages[i].resources.iter().all(|(r, &need)| {
-                            in_use.get(r).copied().unwrap_or(0) + need <= capacity(r)
-                        });
-                        if status[i] != Status::Pending || !fits {
-                            continue;
-                        }
-                        started.push(i);
+                        };
                         status[i] = Status::Running;
                         jobs_running += 1;
                         for (r, &need) in &p.stages[i].resources {
@@ -143,9 +188,6 @@ impl Executor<'_> {
                             let outcome = self.execute(i, state, shared, token, forced);
                             let _ = tx.send((i, outcome, t0.elapsed()));
                         });
-                    }
-                    for i in started {
-                        ready.remove(&i);
                     }
                 }
                 if jobs_running == 0 {
@@ -174,7 +216,7 @@ impl Executor<'_> {
                             Outcome::Skipped => {
                                 summary.skipped += 1;
                                 reporter.finished(name, "unchanged", Some(elapsed), "");
-                                self.settle(i, &mut status, &mut waiting_on, &mut ready);
+                                settle(p, i, &mut status, &mut waiting_on, &mut ready);
                                 continue;
                             }
                             Outcome::Failed { why, log } => {
@@ -200,7 +242,7 @@ impl Executor<'_> {
                         log.append(name, &rec, state.get(name).is_none())
                             .with_context(|| format!("cannot record stage `{name}`"))?;
                         shared.records.lock().expect("records")[i] = Some(rec);
-                        self.settle(i, &mut status, &mut waiting_on, &mut ready);
+                        settle(p, i, &mut status, &mut waiting_on, &mut ready);
                     }
                     Err(e) => {
                         reporter.finished(name, "failed", Some(elapsed), &format!("{e:#}"));
@@ -225,23 +267,6 @@ impl Executor<'_> {
         self.ws.save_stats()?;
         self.end_run();
         Ok(summary)
-    }
-
-    /// Stage `i` is done: its downstreams wait on one stage fewer.
-    fn settle(
-        &self,
-        i: usize,
-        status: &mut [Status],
-        waiting_on: &mut [usize],
-        ready: &mut BTreeSet<usize>,
-    ) {
-        status[i] = Status::Done;
-        for &d in &self.pipeline.dag.downstream[i] {
-            waiting_on[d] -= 1;
-            if waiting_on[d] == 0 && status[d] == Status::Pending {
-                ready.insert(d);
-            }
-        }
     }
 
     /// A failed stage's descendants can no longer run.
@@ -299,5 +324,33 @@ impl Executor<'_> {
 
     fn end_run(&self) {
         let _ = std::fs::remove_file(self.ws.state_dir.join("running"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_stage_taken_is_the_first_in_pipeline_order_whose_needs_fit() {
+        let none = BTreeMap::new();
+        let gpu: BTreeMap<String, u64> = [("gpu".to_string(), 1)].into();
+        let mut ready = Ready::default();
+        for i in [5, 1, 3] {
+            ready.insert(i, &none);
+        }
+        for i in [0, 4] {
+            ready.insert(i, &gpu);
+        }
+        let any = |_: &BTreeMap<String, u64>| true;
+        let no_gpu = |needs: &BTreeMap<String, u64>| !needs.contains_key("gpu");
+        assert_eq!(ready.take_first(any), Some(0));
+        assert_eq!(ready.take_first(no_gpu), Some(1));
+        assert_eq!(ready.take_first(no_gpu), Some(3));
+        assert_eq!(ready.take_first(any), Some(4));
+        assert_eq!(ready.by_needs.len(), 1, "an empty group goes");
+        assert_eq!(ready.take_first(|_| false), None);
+        assert_eq!(ready.take_first(any), Some(5));
+        assert_eq!(ready.take_first(any), None);
     }
 }
