@@ -1,12 +1,13 @@
 //! Runners start a stage's process and wait for it. `LocalRunner` runs on this machine; a
 //! cluster runner (Slurm) implements the same trait.
 
+use super::spawn;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::AsFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,36 +54,22 @@ const GRACE: Duration = Duration::from_secs(3);
 impl Runner for LocalRunner {
     fn run(&self, job: &Job) -> io::Result<Exit> {
         let log = File::create(&job.log)?;
-        let mut cmd = Command::new(&job.argv[0]);
-        cmd.args(&job.argv[1..])
-            .current_dir(&job.cwd)
-            .envs(job.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill this child when
-        // the thread that spawned it (which waits on it) goes away.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = {
+        // Not std's Command: its pre_exec closure (for PR_SET_PDEATHSIG) makes it fork, whose
+        // cost grows with repro's memory; `spawn` clones without copying it and does the same.
+        // Prepared outside the lock; its errors count only if the run was not interrupted.
+        let prepared = spawn::prepare(&job.argv, &job.env, &job.cwd, log.as_fd());
+        drop(log);
+        let pid = {
             let mut groups = self.groups.lock().expect("runner lock");
             if self.interrupted.load(Ordering::SeqCst) {
                 return Ok(Exit::Interrupted);
             }
-            let child = cmd.spawn()?;
-            groups.insert(child.id() as i32);
-            child
+            let pid = prepared?.spawn()?;
+            groups.insert(pid);
+            pid
         };
-        let status = child.wait();
-        self.groups
-            .lock()
-            .expect("runner lock")
-            .remove(&(child.id() as i32));
+        let status = spawn::wait(pid);
+        self.groups.lock().expect("runner lock").remove(&pid);
         let status = status?;
         if self.interrupted.load(Ordering::SeqCst) && !status.success() {
             return Ok(Exit::Interrupted);
