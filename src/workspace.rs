@@ -36,6 +36,25 @@ pub struct LoadedState {
     pub problem: Option<StateProblem>,
     /// There is no log to append to yet (a new pipeline, or a state in the layout before it).
     pub fresh: bool,
+    /// The files it was read from, as they were just before: a state read before the workspace
+    /// lock was taken is read again if another run has written it since.
+    seen: Vec<(PathBuf, Option<FileId>)>,
+}
+
+/// (length, modification time, inode) of a file.
+type FileId = (u64, i64, i64, u64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.mtime(), m.mtime_nsec(), m.ino()))
+}
+
+impl LoadedState {
+    /// Whether the state files are still as they were when this was read.
+    pub fn unchanged(&self) -> bool {
+        self.seen.iter().all(|(path, id)| file_id(path) == *id)
+    }
 }
 
 /// A state file that exists but cannot be read or parsed.
@@ -91,43 +110,15 @@ impl Workspace {
         }
     }
 
-    /// One state log per pipeline file, however its path is spelt (`./p.yaml`, `x//p.yaml`).
-    fn state_path(&self, pipeline_file: &Path) -> PathBuf {
-        let given = pipeline_file.to_string_lossy();
-        let name = crate::pipeline::normalize(&given).unwrap_or_else(|_| given.into_owned());
-        self.state_dir
-            .join("state")
-            .join(format!("{}.jsonl", file_safe(&name)))
-    }
-
-    /// The state of a pipeline: empty if it has never run here; empty with the problem if its
-    /// file cannot be used (never silently: callers say so, and `repro run` sets it aside).
-    /// A state in the layout before the log (`PIPELINE.json`) is read if there is no log.
+    /// The state of a pipeline: see [`load_state`].
     pub fn load_state(&self, pipeline_file: &Path) -> LoadedState {
-        let log = self.state_path(pipeline_file);
-        let legacy = log.with_extension("json");
-        let (path, read) = match State::read(&log) {
-            Ok(None) => (legacy.clone(), State::read_legacy(&legacy)),
-            other => (log, other),
-        };
-        match read {
-            Ok(state) => LoadedState {
-                fresh: state.is_none() || path == legacy,
-                state: state.unwrap_or_default(),
-                problem: None,
-            },
-            Err(problem) => LoadedState {
-                state: State::default(),
-                problem: Some(StateProblem { path, problem }),
-                fresh: true,
-            },
-        }
+        load_state(&self.state_dir, pipeline_file)
     }
 
     /// The log that a run appends its finished stages to; `fresh` writes it whole first (and
     /// retires a state file of the layout before the log).
     pub fn state_log(&self, pipeline_file: &Path, state: &State, fresh: bool) -> Result<StateLog> {
-        let path = self.state_path(pipeline_file);
+        let path = state_path(&self.state_dir, pipeline_file);
         let log = StateLog::open(&path, state, fresh)
             .with_context(|| format!("cannot write {}", path.display()))?;
         if fresh {
@@ -232,6 +223,46 @@ impl Workspace {
 
     pub fn scratch_dir(&self, stage: &str) -> PathBuf {
         self.state_dir.join("scratch").join(file_safe(stage))
+    }
+}
+
+/// One state log per pipeline file, however its path is spelt (`./p.yaml`, `x//p.yaml`).
+fn state_path(state_dir: &Path, pipeline_file: &Path) -> PathBuf {
+    let given = pipeline_file.to_string_lossy();
+    let name = crate::pipeline::normalize(&given).unwrap_or_else(|_| given.into_owned());
+    state_dir
+        .join("state")
+        .join(format!("{}.jsonl", file_safe(&name)))
+}
+
+/// The state of a pipeline, from the workspace's `state_dir` (`.repro/`), which it only reads:
+/// empty if it has never run here; empty with the problem if its file cannot be used (never
+/// silently: callers say so, and `repro run` sets it aside). A state in the layout before the
+/// log (`PIPELINE.json`) is read if there is no log.
+pub fn load_state(state_dir: &Path, pipeline_file: &Path) -> LoadedState {
+    let log = state_path(state_dir, pipeline_file);
+    let legacy = log.with_extension("json");
+    let seen = [&log, &legacy]
+        .into_iter()
+        .map(|p| (p.clone(), file_id(p)))
+        .collect();
+    let (path, read) = match State::read(&log) {
+        Ok(None) => (legacy.clone(), State::read_legacy(&legacy)),
+        other => (log, other),
+    };
+    match read {
+        Ok(state) => LoadedState {
+            fresh: state.is_none() || path == legacy,
+            state: state.unwrap_or_default(),
+            problem: None,
+            seen,
+        },
+        Err(problem) => LoadedState {
+            state: State::default(),
+            problem: Some(StateProblem { path, problem }),
+            fresh: true,
+            seen,
+        },
     }
 }
 

@@ -310,3 +310,31 @@ fn one_writer_per_workspace() {
         text(&out)
     );
 }
+
+#[test]
+fn a_run_waiting_for_the_lock_sees_what_the_holder_recorded() {
+    // `slow` waits for a file, so the second run reads the state while the first still runs.
+    let ws = Ws::new(
+        "stages:\n  slow:\n    cmd: echo slow >> \"$CALLS\"; while [ ! -e \"$GO\" ]; do sleep 0.05; done; echo s > s.txt\n    outs: [s.txt]\n",
+    );
+    let go = ws.dir.path().join("go");
+    let first = ws.cmd(&["run"]).env("GO", &go).spawn().unwrap();
+    wait_for(&ws.calls);
+    let second = ws
+        .cmd(&["run"])
+        .env("GO", &go)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, "").unwrap();
+    assert!(first.wait_with_output().unwrap().status.success());
+    let out = second.wait_with_output().unwrap();
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(s.contains("waiting for the workspace lock"), "{s}");
+    assert!(s.contains("0 ran, 0 restored, 1 up to date"), "{s}");
+    assert_eq!(ws.calls(), ["slow"]);
+    let log = ws.read(".repro/state/repro.yaml.jsonl");
+    assert_eq!(log.lines().count(), 2, "header and one record: {log}");
+}

@@ -117,7 +117,8 @@ impl Hasher<'_> {
         if meta.is_dir() {
             return self.dir_snapshot(rel, &full).map(Some);
         }
-        self.file_snapshot(rel, &full).map(Some)
+        // Not a link: what lstat said is what stat would say.
+        self.file_snapshot_of(rel, &full, meta).map(Some)
     }
 
     /// The hash alone, as a dep contributes it to a key.
@@ -126,7 +127,16 @@ impl Hasher<'_> {
     }
 
     fn file_snapshot(&self, rel: &str, full: &Path) -> io::Result<Snapshot> {
-        let meta = std::fs::metadata(full)?;
+        self.file_snapshot_of(rel, full, std::fs::metadata(full)?)
+    }
+
+    /// [`Self::file_snapshot`] given the file's metadata.
+    fn file_snapshot_of(
+        &self,
+        rel: &str,
+        full: &Path,
+        meta: std::fs::Metadata,
+    ) -> io::Result<Snapshot> {
         if !meta.is_file() {
             // Opening a fifo would block for ever, and a device may never end.
             return Err(io::Error::new(

@@ -18,15 +18,17 @@ impl KeyParts {
 
     /// The stage key: hex blake3 of the length-prefixed parts in name order.
     pub fn key(&self) -> String {
-        let mut h = blake3::Hasher::new();
-        h.update(b"repro-stage-key-v1");
+        // One buffer, hashed at once: the same bytes as feeding the parts one by one, at a
+        // fraction of the cost of many small updates.
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(b"repro-stage-key-v1");
         for (k, v) in &self.0 {
             for s in [k, v] {
-                h.update(&(s.len() as u64).to_le_bytes());
-                h.update(s.as_bytes());
+                bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                bytes.extend_from_slice(s.as_bytes());
             }
         }
-        h.finalize().to_hex().to_string()
+        blake3::hash(&bytes).to_hex().to_string()
     }
 
     /// Why this key differs from `before`, most telling reasons first.

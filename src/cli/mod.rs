@@ -7,7 +7,7 @@ use crate::exec::plan::{self, Decision};
 use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
-use crate::workspace::{State, Workspace, STATE_LOST_CONSEQUENCE};
+use crate::workspace::{LoadedState, State, Workspace, STATE_LOST_CONSEQUENCE};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -182,13 +182,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run(args) => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root)?, &kinds, &args.p)?;
-            run(&open_for(&root, &pipeline)?, &kinds, &pipeline, args)
+            let (pipeline, state) = load_with_state(&root, &store(&root)?, &kinds, &args.p)?;
+            run(&open_for(&root, pipeline)?, &kinds, pipeline, state, args)
         }
         Command::Status(p) => {
             let root = root()?;
-            let pipeline = load(&root, &store(&root)?, &kinds, p)?;
-            status(&open_for(&root, &pipeline)?, &kinds, &pipeline, p)
+            let (pipeline, state) = load_with_state(&root, &store(&root)?, &kinds, p)?;
+            status(&open_for(&root, pipeline)?, &kinds, pipeline, state, p)
         }
         Command::Dag { p, dot, mermaid } => {
             let pipeline = {
@@ -273,6 +273,27 @@ fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result
     Pipeline::load(&file, root, &opts, kinds)
 }
 
+/// Loads the pipeline while another thread reads its state (both only read), and keeps both
+/// until the process ends, which is right after the command: freeing 100,000 stages one by one
+/// would cost a tenth of a no-op run.
+fn load_with_state(
+    root: &Path,
+    store: &Path,
+    kinds: &Registry,
+    p: &PipelineArgs,
+) -> Result<(&'static Pipeline, &'static LoadedState)> {
+    let file = pipeline_path(root, &p.pipeline)?;
+    let (pipeline, state) = std::thread::scope(|s| {
+        let state = s.spawn(|| crate::workspace::load_state(&root.join(".repro"), &file));
+        let pipeline = load(root, store, kinds, p);
+        (
+            pipeline,
+            state.join().expect("the state reader does not panic"),
+        )
+    });
+    Ok((Box::leak(Box::new(pipeline?)), Box::leak(Box::new(state))))
+}
+
 fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
     if only.is_empty() {
         return Ok(vec![true; pipeline.stages.len()]);
@@ -280,7 +301,13 @@ fn selection(pipeline: &Pipeline, only: &[String]) -> Result<Vec<bool>> {
     Ok(pipeline.dag.with_ancestors(&pipeline.select(only)?))
 }
 
-fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) -> Result<ExitCode> {
+fn run(
+    ws: &Workspace,
+    kinds: &Registry,
+    pipeline: &Pipeline,
+    loaded: &LoadedState,
+    args: &RunArgs,
+) -> Result<ExitCode> {
     let selected = selection(pipeline, &args.p.only)?;
     let mut forced = vec![args.force_all; pipeline.stages.len()];
     for i in pipeline.select(&args.force)? {
@@ -306,8 +333,14 @@ fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) ->
     let width = pipeline.longest_name();
 
     if args.dry_run {
-        let state = loaded_state(ws, pipeline);
-        let plan = plan::plan(ws, pipeline, &state, kinds, &selected, &forced)?;
+        let plan = plan::plan(
+            ws,
+            pipeline,
+            state_said(ws, loaded),
+            kinds,
+            &selected,
+            &forced,
+        )?;
         print_plan(pipeline, &plan.decisions, width)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -315,6 +348,14 @@ fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) ->
     let _lock = ws.lock(!args.no_wait, |holder| {
         reporter.note(&format!("waiting for the workspace lock: {holder}"))
     })?;
+    // Read before the lock, alongside the pipeline: again if a run wrote it meanwhile.
+    let reread;
+    let loaded = if loaded.unchanged() {
+        loaded
+    } else {
+        reread = ws.load_state(&pipeline.file);
+        &reread
+    };
     let exe = std::env::current_exe().context("cannot find the repro executable")?;
     let executor = Executor {
         ws,
@@ -332,7 +373,7 @@ fn run(ws: &Workspace, kinds: &Registry, pipeline: &Pipeline, args: &RunArgs) ->
         verbose: args.verbose,
         log_lines: args.log_lines,
     };
-    let s = executor.run(&opts, &mut reporter)?;
+    let s = executor.run(&opts, loaded, &mut reporter)?;
     let mut parts = vec![
         format!("{} ran", s.ran),
         format!("{} restored", s.restored),
@@ -358,14 +399,14 @@ fn status(
     ws: &Workspace,
     kinds: &Registry,
     pipeline: &Pipeline,
+    loaded: &LoadedState,
     p: &PipelineArgs,
 ) -> Result<ExitCode> {
     let selected = selection(pipeline, &p.only)?;
-    let state = loaded_state(ws, pipeline);
     let plan = plan::plan(
         ws,
         pipeline,
-        &state,
+        state_said(ws, loaded),
         kinds,
         &selected,
         &vec![false; pipeline.stages.len()],
@@ -378,8 +419,7 @@ fn status(
 
 /// The pipeline's state for a command that only reads it; a state file that cannot be used
 /// is said on stderr (`repro run` sets it aside).
-fn loaded_state(ws: &Workspace, pipeline: &Pipeline) -> State {
-    let loaded = ws.load_state(&pipeline.file);
+fn state_said<'a>(ws: &Workspace, loaded: &'a LoadedState) -> &'a State {
     if let Some(bad) = &loaded.problem {
         eprintln!(
             "warning: {}; {} (`repro run` moves the file aside)",
@@ -387,7 +427,7 @@ fn loaded_state(ws: &Workspace, pipeline: &Pipeline) -> State {
             STATE_LOST_CONSEQUENCE
         );
     }
-    loaded.state
+    &loaded.state
 }
 
 fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) -> Result<()> {

@@ -155,8 +155,6 @@ pub fn record_ids(outs: &[OutRecord]) -> impl Iterator<Item = (&str, &str)> {
 
 pub struct Plan {
     pub decisions: Vec<Decision>,
-    /// Key parts, for stages whose key could be computed now.
-    pub parts: Vec<Option<KeyParts>>,
 }
 
 /// Plans every stage in `selected`; `forced` stages run whatever their key.
@@ -168,13 +166,20 @@ pub fn plan(
     selected: &[bool],
     forced: &[bool],
 ) -> Result<Plan> {
-    // Hash every dep once, in parallel; the stat cache makes unchanged files free.
+    // Hash every dep once, in parallel; the stat cache makes unchanged files free. A dep that
+    // is a stage's out gets its hash from that stage's record instead (or waits for it).
+    let outs: std::collections::HashSet<&str> = pipeline
+        .stages
+        .iter()
+        .flat_map(|s| s.outs.iter().map(String::as_str))
+        .collect();
     let mut deps: Vec<&str> = pipeline
         .stages
         .iter()
         .enumerate()
         .filter(|(i, _)| selected[*i])
         .flat_map(|(_, s)| s.deps.iter().map(String::as_str))
+        .filter(|d| !outs.contains(d))
         .collect();
     deps.sort_unstable();
     deps.dedup();
@@ -191,7 +196,6 @@ pub fn plan(
 
     let n = pipeline.stages.len();
     let mut decisions = vec![Decision::Excluded; n];
-    let mut parts = vec![None; n];
     // What each settled stage's outs will be: its last record's if skipped, the cached record's
     // if restored. Stages below a restore can then be decided now too.
     let mut expected: Vec<Option<Cow<[OutId]>>> = vec![None; n];
@@ -255,9 +259,8 @@ pub fn plan(
                 .map(|r| Cow::Owned(r.outs.iter().map(OutId::from).collect())),
             _ => None,
         };
-        parts[i] = Some(p);
     }
-    Ok(Plan { decisions, parts })
+    Ok(Plan { decisions })
 }
 
 /// The decision for a stage whose key is known, given the state of its pipeline.

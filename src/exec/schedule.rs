@@ -6,6 +6,7 @@ use super::report::Reporter;
 use super::stage::{Outcome, Shared};
 use super::{default_capacity, runner, signals, Executor, RunOptions, Summary};
 use crate::cache::Record;
+use crate::workspace::LoadedState;
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Mutex};
@@ -68,7 +69,13 @@ enum Status {
 }
 
 impl Executor<'_> {
-    pub fn run(&self, opts: &RunOptions, reporter: &mut Reporter) -> Result<Summary> {
+    /// Runs the pipeline from `loaded`, its state as read before the run.
+    pub fn run(
+        &self,
+        opts: &RunOptions,
+        loaded: &LoadedState,
+        reporter: &mut Reporter,
+    ) -> Result<Summary> {
         let p = self.pipeline;
         let n = p.stages.len();
         // Sized once: the scheduling loop asks for them at every turn, for every stage.
@@ -88,7 +95,6 @@ impl Executor<'_> {
         }
         let capacity = |r: &str| capacities[r];
         // A state file that cannot be used is set aside (never overwritten) and said.
-        let loaded = self.ws.load_state(&p.file);
         if let Some(bad) = &loaded.problem {
             let dest = self.ws.set_aside_state(bad)?;
             reporter.note(&format!(
@@ -99,8 +105,8 @@ impl Executor<'_> {
             ));
         }
         let state_was_bad = loaded.problem.is_some();
-        let state = loaded.state;
-        let plan = plan::plan(self.ws, p, &state, self.kinds, &opts.selected, &opts.forced)?;
+        let state = &loaded.state;
+        let plan = plan::plan(self.ws, p, state, self.kinds, &opts.selected, &opts.forced)?;
         let mut summary = Summary::default();
         // Results of this run; an up-to-date stage's stays in the state, read when asked for.
         let records: Vec<Option<Record>> = vec![None; n];
@@ -127,7 +133,7 @@ impl Executor<'_> {
         let shared = Shared {
             records: Mutex::new(records),
         };
-        let mut log = self.ws.state_log(&p.file, &state, loaded.fresh)?;
+        let mut log = self.ws.state_log(&p.file, state, loaded.fresh)?;
 
         // Stages whose upstreams are all done: the only ones the loop looks at, so a turn costs
         // what is ready, not what is in the pipeline.
@@ -182,7 +188,6 @@ impl Executor<'_> {
                         );
                         let (tx, shared, token, forced) =
                             (tx.clone(), &shared, &token, opts.forced[i]);
-                        let state = &state;
                         scope.spawn(move || {
                             let t0 = Instant::now();
                             let outcome = self.execute(i, state, shared, token, forced);

@@ -211,15 +211,9 @@ impl StateLog {
         // What a compaction cut short left (the log itself is whole either way).
         let _ = std::fs::remove_file(compacting(path));
         let mut file = OpenOptions::new().read(true).append(true).open(path)?;
-        let len = file.metadata()?.len();
-        if len > 0 {
-            let mut last = [0u8];
-            file.seek(std::io::SeekFrom::Start(len - 1))?;
-            file.read_exact(&mut last)?;
-            if last[0] != b'\n' {
-                let keep = state.entries.values().map(|e| e.line.end + 1).max();
-                file.set_len(keep.unwrap_or(HEADER.len() + 1) as u64)?;
-            }
+        let whole = whole_lines(&mut file)?;
+        if whole < file.metadata()?.len() {
+            file.set_len(whole)?;
         }
         Ok(StateLog {
             path: path.to_path_buf(),
@@ -269,6 +263,23 @@ impl StateLog {
         }
         Ok(())
     }
+}
+
+/// The length of `file` up to the end of its last whole line (read from the end backwards).
+fn whole_lines(file: &mut File) -> std::io::Result<u64> {
+    let mut end = file.metadata()?.len();
+    let mut chunk = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(end - start) as usize];
+        file.seek(std::io::SeekFrom::Start(start))?;
+        file.read_exact(buf)?;
+        if let Some(at) = buf.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// The temp file a compaction writes before renaming it over the log.
