@@ -333,16 +333,7 @@ fn run(
     let width = pipeline.longest_name();
 
     if args.dry_run {
-        let plan = plan::plan(
-            ws,
-            pipeline,
-            state_said(ws, loaded),
-            kinds,
-            &selected,
-            &forced,
-        )?;
-        print_plan(pipeline, &plan.decisions, width)?;
-        return Ok(ExitCode::SUCCESS);
+        return show_plan(ws, kinds, pipeline, loaded, &selected, &forced);
     }
     let mut reporter = Reporter::new(width);
     let _lock = ws.lock(!args.no_wait, |holder| {
@@ -403,17 +394,23 @@ fn status(
     p: &PipelineArgs,
 ) -> Result<ExitCode> {
     let selected = selection(pipeline, &p.only)?;
-    let plan = plan::plan(
-        ws,
-        pipeline,
-        state_said(ws, loaded),
-        kinds,
-        &selected,
-        &vec![false; pipeline.stages.len()],
-    )?;
-    let width = pipeline.longest_name();
+    let unforced = vec![false; pipeline.stages.len()];
+    show_plan(ws, kinds, pipeline, loaded, &selected, &unforced)
+}
+
+/// Prints what a run would do with each stage, and why (`status`, `run --dry-run`).
+fn show_plan(
+    ws: &Workspace,
+    kinds: &Registry,
+    pipeline: &Pipeline,
+    loaded: &LoadedState,
+    selected: &[bool],
+    forced: &[bool],
+) -> Result<ExitCode> {
+    let state = state_said(ws, loaded);
+    let plan = plan::plan(ws, pipeline, state, kinds, selected, forced)?;
     let _ = ws.stats.save(&ws.state_dir.join("statcache"));
-    print_plan(pipeline, &plan.decisions, width)?;
+    print_plan(pipeline, &plan.decisions, pipeline.longest_name())?;
     Ok(ExitCode::SUCCESS)
 }
 
