@@ -48,6 +48,10 @@ fn isoflop_smoke_pipeline_end_to_end() {
             "steps fill the budget: {r:?}"
         );
         assert!(real > counted, "real FLOPs include the unembedding: {r:?}");
+        // The metric: tokens trained on, steps × batch × sequence (not the input path).
+        let tokens: f64 = r[col("tokens")].parse().unwrap();
+        let steps: f64 = r[col("steps")].parse().unwrap();
+        assert!(tokens > 0.0 && tokens % steps == 0.0, "{r:?}");
         if r[col("ffn")] == "sgatlin" {
             let used: f64 = r[col("experts_used")].parse().unwrap();
             assert!(used > 0.0 && used <= 1.0, "{r:?}");

@@ -100,15 +100,22 @@ pub(crate) fn failpoint_torn(name: &str, file: &mut std::fs::File, bytes: &[u8])
 }
 
 /// The parameters that describe a stage in tables: its matrix values, its `with` scalars and
-/// the params it references.
+/// the params it references. A `with` value that names one of its inputs (`tokens:
+/// data/tokens`) is left out: an input is described by its content, which is in the key, and
+/// its name would hide a metric of the same name (a train stage's `tokens` count).
 pub fn stage_params(stage: &Stage) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     for (k, v) in &stage.used_params {
         out.insert(k.clone(), v.clone());
     }
     if let Action::Uses { with, .. } = &stage.action {
+        let is_input = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|p| crate::pipeline::normalize(p).ok())
+                .is_some_and(|p| stage.deps.contains(&p))
+        };
         for (k, v) in with {
-            if !v.is_object() && !v.is_array() {
+            if !v.is_object() && !v.is_array() && !is_input(v) {
                 out.insert(k.clone(), v.clone());
             }
         }
@@ -117,4 +124,49 @@ pub fn stage_params(stage: &Stage) -> serde_json::Map<String, serde_json::Value>
         out.insert(k.clone(), v.clone());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{Kinds, Pipeline};
+    use serde_json::{json, Map, Value};
+
+    /// A kind whose `tokens` parameter is an input path.
+    struct ReadsTokens;
+
+    impl Kinds for ReadsTokens {
+        fn inputs(&self, _: &str, with: &Map<String, Value>) -> Result<Vec<String>, String> {
+            Ok(with
+                .get("tokens")
+                .and_then(Value::as_str)
+                .map(String::from)
+                .into_iter()
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_stages_input_paths_are_not_among_its_table_params() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data/tokens")).unwrap();
+        let source =
+            "params: {lr: 0.1}\nstages:\n  t:\n    uses: train\n    matrix: {s: [1]}\n    \
+                      with: {tokens: ./data/tokens, lr: '${params.lr}', steps: 5, label: data}\n";
+        let p = Pipeline::parse(
+            source,
+            std::path::Path::new("repro.yaml"),
+            dir.path(),
+            &Default::default(),
+            &ReadsTokens,
+        )
+        .unwrap();
+        let params = stage_params(&p.stages[0]);
+        assert_eq!(p.stages[0].deps, ["data/tokens"]);
+        assert_eq!(
+            Value::Object(params),
+            json!({"lr": 0.1, "steps": 5, "label": "data", "s": 1}),
+            "every scalar but the input path"
+        );
+    }
 }
