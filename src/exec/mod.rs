@@ -10,6 +10,7 @@ pub mod report;
 pub mod runner;
 mod schedule;
 pub mod signals;
+pub mod slurm;
 pub mod spawn;
 mod stage;
 

@@ -1,0 +1,327 @@
+//! The pieces of the Slurm runner that do not need a cluster: the job script a stage runs as,
+//! the `sbatch` arguments its resources map to, and how a job's end is judged from the batched
+//! `squeue` listing and the exit-code file the script writes.
+//!
+//! A job is judged by its state AND by that file, never by Slurm's exit code alone: a job that
+//! hit its time limit shows `ExitCode=0:0` with state TIMEOUT (../shared/SLURM.md).
+
+use super::runner::Job;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Cluster settings from the pipeline's `runner:` section or the command line.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlurmOptions {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    /// A default time limit for every job (`--time`), e.g. `2:00:00`.
+    pub time: Option<String>,
+    /// Further `sbatch` flags, passed as given.
+    pub extra: Vec<String>,
+}
+
+/// `text` as one shell word: single-quoted, with each `'` written `'\''`.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// The batch script of a stage: it runs the stage's command in its folder with its
+/// environment, then writes the command's exit code to `exit_file` through a temp name and a
+/// rename, so that the file is whole or absent, and exits with that code. Fails for a variable
+/// whose name the shell cannot export.
+pub fn job_script(job: &Job, exit_file: &Path) -> Result<String, String> {
+    let exit = exit_file.display().to_string();
+    let mut s = String::from("#!/bin/sh\n");
+    s += &format!("# repro stage {}\n", job.stage.escape_debug());
+    s += &format!("cd {} || exit 111\n", quote(&job.cwd.display().to_string()));
+    for (k, v) in &job.env {
+        let exportable = k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !exportable {
+            return Err(format!(
+                "`{}` is not a name a Slurm job script can export",
+                k.escape_debug()
+            ));
+        }
+        s += &format!("export {k}={}\n", quote(v));
+    }
+    let argv: Vec<String> = job.argv.iter().map(|a| quote(a)).collect();
+    s += &argv.join(" ");
+    s += "\ncode=$?\n";
+    s += &format!(
+        "printf '%s\\n' \"$code\" > {tmp} && mv -f {tmp} {exit}\nexit \"$code\"\n",
+        tmp = quote(&format!("{exit}.tmp")),
+        exit = quote(&exit)
+    );
+    Ok(s)
+}
+
+/// `sbatch` arguments for a stage: one job name for every job of the run (so that one
+/// `squeue --name` lists them all), its log, its folder, the cluster settings, and its
+/// resources (`gpu` → `--gres=gpu:N`, `cores` → `--cpus-per-task`, `memory` in MiB → `--mem`,
+/// `time` as given to `--time`, which the stage's own setting overrides).
+pub fn sbatch_args(
+    run_name: &str,
+    job: &Job,
+    resources: &BTreeMap<String, u64>,
+    opts: &SlurmOptions,
+) -> Vec<String> {
+    let mut args = vec![
+        "--parsable".to_string(),
+        format!("--job-name={run_name}"),
+        format!("--output={}", job.log.display()),
+        format!("--chdir={}", job.cwd.display()),
+    ];
+    if let Some(p) = &opts.partition {
+        args.push(format!("--partition={p}"));
+    }
+    if let Some(a) = &opts.account {
+        args.push(format!("--account={a}"));
+    }
+    if let Some(t) = &opts.time {
+        args.push(format!("--time={t}"));
+    }
+    for (r, &n) in resources {
+        match r.as_str() {
+            "gpu" if n > 0 => args.push(format!("--gres=gpu:{n}")),
+            "cores" => args.push(format!("--cpus-per-task={n}")),
+            "memory" => args.push(format!("--mem={n}M")),
+            _ => {}
+        }
+    }
+    args.extend(opts.extra.iter().cloned());
+    args
+}
+
+/// The job id `sbatch --parsable` printed (`ID` or `ID;CLUSTER`).
+pub fn parse_job_id(stdout: &str) -> Option<u64> {
+    stdout.trim().split(';').next()?.trim().parse().ok()
+}
+
+/// Every job of a run as one `squeue --states=all --name RUN --noheader --format='%i|%T|%r'`
+/// lists it: id → (state, reason).
+pub fn parse_squeue(stdout: &str) -> HashMap<u64, (String, String)> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.trim().splitn(3, '|');
+            let id = f.next()?.trim().parse().ok()?;
+            let state = f.next()?.trim().to_string();
+            let reason = f.next().unwrap_or("").trim().to_string();
+            Some((id, (state, reason)))
+        })
+        .collect()
+}
+
+/// Where a job stands, from its Slurm state and the exit-code file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Queued or running: ask again later.
+    Active,
+    /// Done, with the command's exit code from the file.
+    Exited(i32),
+    /// Ended without a usable exit code: the state (TIMEOUT, OUT_OF_MEMORY, …) and why.
+    Failed(String),
+}
+
+/// States in which a job may still run (or run again).
+const ACTIVE: [&str; 9] = [
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+];
+
+/// Judges a job: `listed` is its `(state, reason)` in the last listing, or `None` if it has
+/// left the listing; `exit_code` is the content of its exit-code file, if it is there.
+pub fn verdict(listed: Option<(&str, &str)>, exit_code: Option<&str>) -> Verdict {
+    let code = exit_code.and_then(|c| c.trim().parse::<i32>().ok());
+    match listed {
+        Some((state, _)) if ACTIVE.contains(&state) => Verdict::Active,
+        // The only state in which the file is the whole truth.
+        Some(("COMPLETED", _)) | None if code.is_some() => Verdict::Exited(code.unwrap_or(0)),
+        Some(("COMPLETED", _)) => Verdict::Failed(
+            "COMPLETED, but its exit-code file is missing: the job script did not finish".into(),
+        ),
+        Some((state, reason)) => {
+            let what = match state {
+                "TIMEOUT" => "TIMEOUT: it ran past its time limit",
+                "OUT_OF_MEMORY" => "OUT_OF_MEMORY: it used more memory than it asked for",
+                "NODE_FAIL" => "NODE_FAIL: its node failed",
+                "PREEMPTED" => "PREEMPTED: a job of higher priority took its place",
+                "CANCELLED" => "CANCELLED",
+                "BOOT_FAIL" => "BOOT_FAIL: its node did not boot",
+                "DEADLINE" => "DEADLINE: it could not finish by its deadline",
+                "FAILED" => match code {
+                    Some(c) => return Verdict::Exited(c),
+                    None => "FAILED before its command ran",
+                },
+                _ => state,
+            };
+            let reason = match reason {
+                "" | "None" => String::new(),
+                r => format!(" ({r})"),
+            };
+            Verdict::Failed(format!("{what}{reason}"))
+        }
+        None => Verdict::Failed(
+            "left the queue without an exit-code file (cancelled outside repro, or its node lost)"
+                .into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn job() -> Job {
+        Job {
+            stage: "train@ffn=moe,scale=1".into(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo 'it''s' \"$X\" > out.txt".into(),
+            ],
+            env: vec![
+                ("REPRO_STAGE".into(), "train@ffn=moe,scale=1".into()),
+                ("X".into(), "a 'quoted' $value\nwith a line".into()),
+            ],
+            cwd: PathBuf::from("/work space/ws"),
+            log: PathBuf::from("/work space/ws/.repro/logs/t.log"),
+        }
+    }
+
+    #[test]
+    fn the_job_script_runs_the_command_as_given_and_writes_its_exit_code_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("work space");
+        std::fs::create_dir_all(&ws).unwrap();
+        let exit_file = dir.path().join("exit code");
+        for (cmd, want) in [("exit 0", 0), ("exit 3", 3)] {
+            let mut j = job();
+            j.cwd = ws.clone();
+            j.argv[2] = format!("printf '%s|%s' \"$X\" \"$(pwd)\" > out.txt; {cmd}");
+            let script = dir.path().join("job.sh");
+            std::fs::write(&script, job_script(&j, &exit_file).unwrap()).unwrap();
+            let status = std::process::Command::new("sh")
+                .arg(&script)
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .status()
+                .unwrap();
+            assert_eq!(status.code(), Some(want));
+            assert_eq!(
+                std::fs::read_to_string(ws.join("out.txt")).unwrap(),
+                format!("a 'quoted' $value\nwith a line|{}", ws.display()),
+                "the environment and folder reach the command unchanged"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&exit_file).unwrap(),
+                format!("{want}\n")
+            );
+            assert!(!dir.path().join("exit code.tmp").exists());
+        }
+        for bad in ["a;b", "1x", "a-b", "", "$(x)"] {
+            let mut j = job();
+            j.env.push((bad.into(), "v".into()));
+            let err = job_script(&j, &exit_file).unwrap_err();
+            assert!(err.contains("can export"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn resources_and_settings_map_to_sbatch_flags() {
+        let resources: BTreeMap<String, u64> = [
+            ("gpu".to_string(), 1),
+            ("cores".to_string(), 4),
+            ("memory".to_string(), 8192),
+            ("licence".to_string(), 1),
+        ]
+        .into();
+        let opts = SlurmOptions {
+            partition: Some("gpu".into()),
+            account: Some("lab".into()),
+            time: Some("2:00:00".into()),
+            extra: vec!["--qos=short".into()],
+        };
+        let args = sbatch_args("repro-123", &job(), &resources, &opts);
+        assert_eq!(
+            args,
+            [
+                "--parsable",
+                "--job-name=repro-123",
+                "--output=/work space/ws/.repro/logs/t.log",
+                "--chdir=/work space/ws",
+                "--partition=gpu",
+                "--account=lab",
+                "--time=2:00:00",
+                "--cpus-per-task=4",
+                "--gres=gpu:1",
+                "--mem=8192M",
+                "--qos=short",
+            ]
+        );
+        let none = sbatch_args("r", &job(), &BTreeMap::new(), &SlurmOptions::default());
+        assert_eq!(none.len(), 4, "{none:?}");
+    }
+
+    #[test]
+    fn job_ids_and_listings_parse_as_slurm_prints_them() {
+        assert_eq!(parse_job_id("1234\n"), Some(1234));
+        assert_eq!(parse_job_id("1234;cluster\n"), Some(1234));
+        assert_eq!(parse_job_id("sbatch: error: x"), None);
+        let listed = parse_squeue(
+            "101|RUNNING|None\n102|PENDING|Resources\n\n103|TIMEOUT|TimeLimit\nnoise\n",
+        );
+        assert_eq!(listed.len(), 3);
+        assert_eq!(listed[&102], ("PENDING".into(), "Resources".into()));
+        assert_eq!(listed[&103].0, "TIMEOUT");
+    }
+
+    #[test]
+    fn a_job_is_judged_by_its_state_and_its_exit_code_file() {
+        use Verdict::*;
+        for state in ACTIVE {
+            assert_eq!(verdict(Some((state, "")), None), Active, "{state}");
+            assert_eq!(verdict(Some((state, "")), Some("0\n")), Active, "{state}");
+        }
+        assert_eq!(verdict(Some(("COMPLETED", "None")), Some("0\n")), Exited(0));
+        assert_eq!(
+            verdict(Some(("FAILED", "NonZeroExitCode")), Some("3\n")),
+            Exited(3)
+        );
+        assert_eq!(verdict(None, Some("0\n")), Exited(0), "gone from squeue");
+        // TIMEOUT shows exit code 0 in Slurm: never a success, even with a file.
+        let Failed(why) = verdict(Some(("TIMEOUT", "TimeLimit")), Some("0\n")) else {
+            panic!("TIMEOUT passed")
+        };
+        assert!(
+            why.starts_with("TIMEOUT") && why.contains("(TimeLimit)"),
+            "{why}"
+        );
+        for state in [
+            "OUT_OF_MEMORY",
+            "NODE_FAIL",
+            "PREEMPTED",
+            "CANCELLED",
+            "BOOT_FAIL",
+            "DEADLINE",
+        ] {
+            let Failed(why) = verdict(Some((state, "None")), None) else {
+                panic!("{state} passed")
+            };
+            assert!(why.starts_with(state) && !why.contains("None"), "{why}");
+        }
+        assert!(matches!(verdict(Some(("COMPLETED", "")), None), Failed(_)));
+        assert!(matches!(verdict(Some(("FAILED", "")), None), Failed(_)));
+        assert!(matches!(verdict(None, None), Failed(_)));
+        assert!(matches!(verdict(None, Some("garbage")), Failed(_)));
+    }
+}
