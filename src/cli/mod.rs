@@ -4,7 +4,9 @@
 mod inspect;
 
 use crate::exec::plan::{self, Decision};
-use crate::exec::{report::Reporter, runner::LocalRunner, Executor, RunOptions};
+use crate::exec::runner::{LocalRunner, Runner};
+use crate::exec::slurm::{SlurmOptions, SlurmRunner};
+use crate::exec::{report::Reporter, Executor, RunOptions};
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
 use crate::workspace::{LoadedState, State, Workspace, STATE_LOST_CONSEQUENCE};
@@ -111,6 +113,8 @@ struct RunArgs {
     /// Capacity of a resource: --resources gpu=2 (repeatable).
     #[arg(long, value_name = "NAME=N")]
     resources: Vec<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Say what would run, and why, without running anything.
     #[arg(short = 'n', long)]
     dry_run: bool,
@@ -132,6 +136,36 @@ struct RunArgs {
     /// Lines of a failed stage's log to show under it (0: none).
     #[arg(long, value_name = "N", default_value_t = 20)]
     log_lines: usize,
+}
+
+/// Jobs a Slurm run keeps in the queue at once, unless `--jobs` says otherwise.
+const SLURM_JOBS: usize = 100;
+
+/// Where stages run.
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// `local`: processes on this machine; `slurm`: one batch job per stage (the workspace and
+    /// the store must be on a filesystem the nodes share).
+    #[arg(long, value_enum, default_value_t = RunnerKind::Local)]
+    runner: RunnerKind,
+    /// Slurm partition.
+    #[arg(long)]
+    partition: Option<String>,
+    /// Slurm account.
+    #[arg(long)]
+    account: Option<String>,
+    /// Slurm time limit of every job, e.g. 2:00:00.
+    #[arg(long, value_name = "TIME")]
+    time_limit: Option<String>,
+    /// A further sbatch flag, e.g. --sbatch-flag=--qos=short (repeatable).
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    sbatch_flag: Vec<String>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum RunnerKind {
+    Local,
+    Slurm,
 }
 
 /// Exit codes: 0 done, 1 a stage failed, 2 bad input, 130 interrupted.
@@ -322,12 +356,22 @@ fn run(
             .map_err(anyhow::Error::msg)?;
         resources.insert(k.trim().to_string(), amount);
     }
+    let slurm = args.cluster.runner == RunnerKind::Slurm;
+    if slurm {
+        // The cluster sizes jobs; here a resource only limits what the user sized.
+        for s in &pipeline.stages {
+            for r in s.resources.keys() {
+                resources.entry(r.clone()).or_insert(u64::MAX);
+            }
+        }
+    }
     let jobs = args
         .jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
+        .unwrap_or_else(|| match slurm {
+            true => SLURM_JOBS,
+            false => std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(1)
+                .unwrap_or(1),
         })
         .max(1);
     let width = pipeline.longest_name();
@@ -348,11 +392,27 @@ fn run(
         &reread
     };
     let exe = std::env::current_exe().context("cannot find the repro executable")?;
+    let local = LocalRunner::default();
+    let cluster;
+    let runner: &dyn Runner = if slurm {
+        let c = &args.cluster;
+        let opts = SlurmOptions {
+            partition: c.partition.clone(),
+            account: c.account.clone(),
+            time: c.time_limit.clone(),
+            extra: c.sbatch_flag.clone(),
+        };
+        let name = format!("repro-{}", std::process::id());
+        cluster = SlurmRunner::new(name, opts, ws.state_dir.join("slurm"))?;
+        &cluster
+    } else {
+        &local
+    };
     let executor = Executor {
         ws,
         pipeline,
         kinds,
-        runner: &LocalRunner::default(),
+        runner,
         stage_program: vec![exe.display().to_string(), "__stage".into()],
     };
     let opts = RunOptions {

@@ -21,13 +21,18 @@ pub struct Job {
     pub cwd: PathBuf,
     /// stdout and stderr go here.
     pub log: PathBuf,
+    /// What the stage asked for (`gpu`, `cores`, `memory` in MiB, …): a cluster runner asks
+    /// the cluster for it.
+    pub resources: std::collections::BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     Success,
     Code(i32),
     Signal(i32),
+    /// Ended without an exit code, for the reason given (a cluster job's TIMEOUT, …).
+    Failed(String),
     /// Stopped because the run was interrupted.
     Interrupted,
 }

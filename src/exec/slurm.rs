@@ -5,9 +5,14 @@
 //! A job is judged by its state AND by that file, never by Slurm's exit code alone: a job that
 //! hit its time limit shows `ExitCode=0:0` with state TIMEOUT (../shared/SLURM.md).
 
-use super::runner::Job;
+use super::runner::{Exit, Job, Runner};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Cluster settings from the pipeline's `runner:` section or the command line.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -176,6 +181,168 @@ pub fn verdict(listed: Option<(&str, &str)>, exit_code: Option<&str>) -> Verdict
     }
 }
 
+/// Runs each stage as a Slurm batch job, on a filesystem the cluster's nodes share with this
+/// machine. The DAG stays in repro: a stage is submitted when its upstreams are done. Every job
+/// of a run carries one job name, and ONE `squeue` per interval lists them all for every
+/// waiting stage (the per-job polling that cluster admins ban never happens).
+pub struct SlurmRunner {
+    shared: Arc<Shared>,
+    opts: SlurmOptions,
+    /// Job scripts and exit-code files (`.repro/slurm/`).
+    dir: PathBuf,
+}
+
+struct Shared {
+    run_name: String,
+    jobs: Mutex<HashMap<u64, Watched>>,
+    /// Signalled after every listing, and when a job is submitted (to list soon).
+    changed: Condvar,
+    interrupted: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// A submitted job as the listings have shown it.
+#[derive(Default)]
+struct Watched {
+    listed: Option<(String, String)>,
+    seen: bool,
+    /// Listings since it was last in one (a job appears in `squeue` a moment after `sbatch`).
+    missing: u32,
+}
+
+/// Listings a job may be absent from, before it was ever listed, and still be on its way.
+const GRACE_LISTINGS: u32 = 3;
+/// Time between listings.
+const POLL: Duration = Duration::from_secs(1);
+
+impl SlurmRunner {
+    /// A runner for one run, named `run_name` in the queue; scripts go to `dir`.
+    pub fn new(run_name: String, opts: SlurmOptions, dir: PathBuf) -> io::Result<SlurmRunner> {
+        std::fs::create_dir_all(&dir)?;
+        let shared = Arc::new(Shared {
+            run_name,
+            jobs: Mutex::new(HashMap::new()),
+            changed: Condvar::new(),
+            interrupted: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        });
+        let poller = Arc::clone(&shared);
+        std::thread::spawn(move || poller.poll_until_stopped());
+        Ok(SlurmRunner { shared, opts, dir })
+    }
+
+    fn submit(&self, job: &Job) -> io::Result<(u64, PathBuf)> {
+        let name = crate::workspace::file_safe(&job.stage);
+        let script = self.dir.join(format!("{name}.sh"));
+        let exit_file = self.dir.join(format!("{name}.exit"));
+        let _ = std::fs::remove_file(&exit_file);
+        let text = job_script(job, &exit_file).map_err(io::Error::other)?;
+        crate::atomic::write(&script, text.as_bytes(), false)?;
+        let out = Command::new("sbatch")
+            .args(sbatch_args(
+                &self.shared.run_name,
+                job,
+                &job.resources,
+                &self.opts,
+            ))
+            .arg(&script)
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run sbatch: {e}")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match parse_job_id(&stdout) {
+            Some(id) if out.status.success() => Ok((id, exit_file)),
+            _ => Err(io::Error::other(format!(
+                "sbatch failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))),
+        }
+    }
+}
+
+impl Shared {
+    fn poll_until_stopped(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let ids: Vec<u64> = self.jobs.lock().expect("jobs").keys().copied().collect();
+            if !ids.is_empty() {
+                let listing = Command::new("squeue")
+                    .args(["--states=all", "--noheader", "--format=%i|%T|%r"])
+                    .arg(format!("--name={}", self.run_name))
+                    .output();
+                // A failed listing changes nothing: the jobs are as last seen.
+                if let Some(out) = listing.ok().filter(|o| o.status.success()) {
+                    let listed = parse_squeue(&String::from_utf8_lossy(&out.stdout));
+                    let mut jobs = self.jobs.lock().expect("jobs");
+                    for (id, w) in jobs.iter_mut() {
+                        w.listed = listed.get(id).cloned();
+                        if w.listed.is_some() {
+                            w.seen = true;
+                            w.missing = 0;
+                        } else {
+                            w.missing += 1;
+                        }
+                    }
+                    self.changed.notify_all();
+                }
+            }
+            let jobs = self.jobs.lock().expect("jobs");
+            let _ = self.changed.wait_timeout(jobs, POLL);
+        }
+    }
+}
+
+impl Runner for SlurmRunner {
+    fn run(&self, job: &Job) -> io::Result<Exit> {
+        if self.shared.interrupted.load(Ordering::SeqCst) {
+            return Ok(Exit::Interrupted);
+        }
+        let (id, exit_file) = self.submit(job)?;
+        let mut jobs = self.shared.jobs.lock().expect("jobs");
+        jobs.insert(id, Watched::default());
+        self.shared.changed.notify_all();
+        let judged = loop {
+            let w = &jobs[&id];
+            let code = std::fs::read_to_string(&exit_file).ok();
+            let listed = w.listed.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
+            let on_its_way = !w.seen && w.missing < GRACE_LISTINGS;
+            match verdict(listed, code.as_deref()) {
+                Verdict::Failed(_) if listed.is_none() && on_its_way => {}
+                Verdict::Active => {}
+                done => break done,
+            }
+            jobs = self.shared.changed.wait(jobs).expect("jobs");
+        };
+        jobs.remove(&id);
+        drop(jobs);
+        if self.shared.interrupted.load(Ordering::SeqCst) && judged != Verdict::Exited(0) {
+            return Ok(Exit::Interrupted);
+        }
+        Ok(match judged {
+            Verdict::Exited(0) => Exit::Success,
+            Verdict::Exited(c) => Exit::Code(c),
+            Verdict::Failed(why) => Exit::Failed(format!("Slurm job {id}: {why}")),
+            Verdict::Active => unreachable!("the loop ends on a final verdict"),
+        })
+    }
+
+    fn interrupt(&self) {
+        self.shared.interrupted.store(true, Ordering::SeqCst);
+        let ids: Vec<String> = {
+            let jobs = self.shared.jobs.lock().expect("jobs");
+            jobs.keys().map(u64::to_string).collect()
+        };
+        if !ids.is_empty() {
+            let _ = Command::new("scancel").args(&ids).status();
+        }
+    }
+}
+
+impl Drop for SlurmRunner {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +362,7 @@ mod tests {
             ],
             cwd: PathBuf::from("/work space/ws"),
             log: PathBuf::from("/work space/ws/.repro/logs/t.log"),
+            resources: BTreeMap::new(),
         }
     }
 

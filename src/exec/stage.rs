@@ -223,6 +223,7 @@ impl Executor<'_> {
             env,
             cwd: root.clone(),
             log: log.clone(),
+            resources: stage.resources.clone(),
         };
         let t0 = Instant::now();
         let exit = self
@@ -240,6 +241,7 @@ impl Executor<'_> {
             Exit::Success => {}
             Exit::Code(c) => return failed(format!("exit code {c}")),
             Exit::Signal(s) => return failed(format!("killed by signal {s}")),
+            Exit::Failed(why) => return failed(why),
             Exit::Interrupted => {
                 return Ok(Outcome::Failed {
                     why: "interrupted".into(),

@@ -1,0 +1,85 @@
+//! Stages through a real single-node Slurm (`tests/slurm/setup.sh` brings one up on this
+//! machine, or says in one line why it cannot, and then these tests skip, saying so).
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::sync::OnceLock;
+
+/// Whether Slurm is up here; says once, past the test harness's capture, whether these tests
+/// run or why they skip.
+fn slurm() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    *READY.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slurm/setup.sh");
+        let out = std::process::Command::new("bash").arg(script).output();
+        let (ready, said) = match out {
+            Ok(o) if o.status.success() => (true, String::from_utf8_lossy(&o.stdout).into()),
+            Ok(o) => (false, String::from_utf8_lossy(&o.stderr).into()),
+            Err(e) => (false, format!("slurm unavailable: cannot run bash: {e}")),
+        };
+        let verdict = if ready { "run" } else { "SKIPPED" };
+        let _ = writeln!(std::io::stderr(), "slurm tests {verdict}: {}", said.trim());
+        ready
+    })
+}
+
+/// The diamond's files after a run with `args`, and what the run said.
+fn diamond_run(args: &[&str]) -> (Vec<(String, String)>, String) {
+    let ws = diamond();
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    let out = ws.repro(&all);
+    assert!(out.status.success(), "{}", text(&out));
+    let files = ["top.txt", "left.txt", "right.txt", "bottom.txt"]
+        .iter()
+        .map(|f| (f.to_string(), ws.read(f)))
+        .collect();
+    (files, text(&out))
+}
+
+#[test]
+fn a_pipeline_through_slurm_equals_the_local_run() {
+    if !slurm() {
+        return;
+    }
+    let (local, _) = diamond_run(&[]);
+    let (cluster, said) = diamond_run(&["--runner", "slurm"]);
+    assert_eq!(cluster, local, "{said}");
+    assert!(said.contains("4 ran"), "{said}");
+}
+
+#[test]
+fn independent_stages_run_at_the_same_time_as_jobs() {
+    if !slurm() {
+        return;
+    }
+    // Each stage notes when it starts and ends; both must be running at once.
+    let ws = Ws::new(
+        "stages:\n  a:\n    cmd: date +%s.%N > a.txt; sleep 3; date +%s.%N >> a.txt\n    outs: [a.txt]\n    resources: {cores: 1, memory: 100M}\n  b:\n    cmd: date +%s.%N > b.txt; sleep 3; date +%s.%N >> b.txt\n    outs: [b.txt]\n    resources: {cores: 1, memory: 100M}\n",
+    );
+    let out = ws.repro(&["run", "--runner", "slurm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let span = |f: &str| -> (f64, f64) {
+        let t: Vec<f64> = ws.read(f).lines().map(|l| l.parse().unwrap()).collect();
+        (t[0], t[1])
+    };
+    let ((a0, a1), (b0, b1)) = (span("a.txt"), span("b.txt"));
+    assert!(
+        a0 < b1 && b0 < a1,
+        "a ran {a0}..{a1}, b ran {b0}..{b1}: one after the other"
+    );
+}
+
+#[test]
+fn a_failing_job_fails_its_stage_with_its_log() {
+    if !slurm() {
+        return;
+    }
+    let ws = Ws::new("stages:\n  bad:\n    cmd: echo oops; exit 3\n    outs: [x.txt]\n");
+    let out = ws.repro(&["run", "--runner", "slurm"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let s = text(&out);
+    assert!(s.contains("exit code 3") && s.contains("oops"), "{s}");
+    assert_eq!(ws.records(), 0);
+}
