@@ -4,11 +4,17 @@
 mod common;
 use common::*;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
-/// Whether Slurm is up here; says once, past the test harness's capture, whether these tests
-/// run or why they skip.
-fn slurm() -> bool {
+/// The single-node cluster, one test at a time (a test's jobs would otherwise take the CPUs
+/// another test's jobs need at once), or `None` if Slurm cannot be had here. Says once, past the
+/// test harness's capture, whether these tests run or why they skip.
+fn slurm() -> Option<MutexGuard<'static, ()>> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    ready().then(|| ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/slurm/setup.sh");
@@ -40,9 +46,9 @@ fn diamond_run(args: &[&str]) -> (Vec<(String, String)>, String) {
 
 #[test]
 fn a_pipeline_through_slurm_equals_the_local_run() {
-    if !slurm() {
+    let Some(_cluster) = slurm() else {
         return;
-    }
+    };
     let (local, _) = diamond_run(&[]);
     let (cluster, said) = diamond_run(&["--runner", "slurm"]);
     assert_eq!(cluster, local, "{said}");
@@ -51,9 +57,9 @@ fn a_pipeline_through_slurm_equals_the_local_run() {
 
 #[test]
 fn independent_stages_run_at_the_same_time_as_jobs() {
-    if !slurm() {
+    let Some(_cluster) = slurm() else {
         return;
-    }
+    };
     // Each stage notes when it starts and ends; both must be running at once.
     let ws = Ws::new(
         "stages:\n  a:\n    cmd: date +%s.%N > a.txt; sleep 3; date +%s.%N >> a.txt\n    outs: [a.txt]\n    resources: {cores: 1, memory: 100M}\n  b:\n    cmd: date +%s.%N > b.txt; sleep 3; date +%s.%N >> b.txt\n    outs: [b.txt]\n    resources: {cores: 1, memory: 100M}\n",
@@ -73,13 +79,65 @@ fn independent_stages_run_at_the_same_time_as_jobs() {
 
 #[test]
 fn a_failing_job_fails_its_stage_with_its_log() {
-    if !slurm() {
+    let Some(_cluster) = slurm() else {
         return;
-    }
+    };
     let ws = Ws::new("stages:\n  bad:\n    cmd: echo oops; exit 3\n    outs: [x.txt]\n");
     let out = ws.repro(&["run", "--runner", "slurm"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let s = text(&out);
     assert!(s.contains("exit code 3") && s.contains("oops"), "{s}");
     assert_eq!(ws.records(), 0);
+}
+
+/// Submits `sleep SECS` under the job name a killed earlier run in `ws` would have left.
+fn orphan(ws: &Ws, secs: u32) -> String {
+    let root = ws.root().canonicalize().unwrap();
+    let name = format!("{}999999", repro::exec::slurm::run_prefix(&root));
+    let out = std::process::Command::new("sbatch")
+        .args([
+            "--parsable",
+            &format!("--job-name={name}"),
+            "--output=/dev/null",
+        ])
+        .args(["--cpus-per-task=1", "--mem=50M"])
+        .arg(format!("--wrap=sleep {secs}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn job_state(id: &str) -> String {
+    let out = std::process::Command::new("squeue")
+        .args(["--states=all", "--noheader", "--format=%T", "--jobs", id])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn jobs_a_killed_run_left_are_refused_cancelled_or_waited_for() {
+    let Some(_cluster) = slurm() else {
+        return;
+    };
+    let ws = Ws::new("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let id = orphan(&ws, 60);
+    let out = ws.repro(&["run", "--runner", "slurm"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        stderr(&out).contains("still in the queue") && stderr(&out).contains(&id),
+        "{}",
+        text(&out)
+    );
+    let out = ws.repro(&["run", "--runner", "slurm", "--cancel-orphans"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("cancelled jobs of an earlier run"));
+    assert_eq!(job_state(&id), "CANCELLED");
+
+    let id = orphan(&ws, 3);
+    let out = ws.repro(&["run", "--runner", "slurm", "--adopt", "--force-all"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("waiting for jobs of an earlier run"));
+    assert_eq!(job_state(&id), "COMPLETED");
 }

@@ -160,6 +160,12 @@ struct ClusterArgs {
     /// A further sbatch flag, e.g. --sbatch-flag=--qos=short (repeatable).
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     sbatch_flag: Vec<String>,
+    /// Jobs that a killed earlier run left in the queue: wait for them to end first.
+    #[arg(long, conflicts_with = "cancel_orphans")]
+    adopt: bool,
+    /// Jobs that a killed earlier run left in the queue: cancel them first.
+    #[arg(long)]
+    cancel_orphans: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -307,6 +313,44 @@ fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result
     Pipeline::load(&file, root, &opts, kinds)
 }
 
+/// Jobs a killed earlier run left in the queue would write the same outs as this run: wait for
+/// them (`--adopt`), cancel them (`--cancel-orphans`), or stop and say which.
+fn settle_orphans(ws: &Workspace, c: &ClusterArgs, reporter: &Reporter) -> Result<()> {
+    use crate::exec::slurm::{list_queue, orphans};
+    let found = orphans(&ws.root, &list_queue()?);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = found
+        .iter()
+        .map(|(id, name, state)| format!("{id} ({name}, {state})"))
+        .collect();
+    if c.cancel_orphans {
+        let ids: Vec<String> = found.iter().map(|o| o.0.to_string()).collect();
+        std::process::Command::new("scancel").args(&ids).status()?;
+        reporter.note(&format!(
+            "cancelled jobs of an earlier run: {}",
+            named.join(", ")
+        ));
+        return Ok(());
+    }
+    if !c.adopt {
+        bail!(
+            "jobs of an earlier run in this workspace are still in the queue: {}; pass --adopt to \
+             wait for them or --cancel-orphans to cancel them",
+            named.join(", ")
+        );
+    }
+    reporter.note(&format!(
+        "waiting for jobs of an earlier run: {}",
+        named.join(", ")
+    ));
+    while !orphans(&ws.root, &list_queue()?).is_empty() {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    Ok(())
+}
+
 /// Loads the pipeline while another thread reads its state (both only read), and keeps both
 /// until the process ends, which is right after the command: freeing 100,000 stages one by one
 /// would cost a tenth of a no-op run.
@@ -402,7 +446,8 @@ fn run(
             time: c.time_limit.clone(),
             extra: c.sbatch_flag.clone(),
         };
-        let name = format!("repro-{}", std::process::id());
+        settle_orphans(ws, c, &reporter)?;
+        let name = crate::exec::slurm::run_name(&ws.root);
         cluster = SlurmRunner::new(name, opts, ws.state_dir.join("slurm"))?;
         &cluster
     } else {

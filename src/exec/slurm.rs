@@ -142,6 +142,51 @@ const ACTIVE: [&str; 9] = [
     "RESIZING",
 ];
 
+/// The job-name prefix of every run in the workspace at `root`: `repro-` and 8 hex digits of
+/// its path, so that a later run finds the jobs a killed run left in the queue.
+pub fn run_prefix(root: &Path) -> String {
+    let hash = blake3::hash(root.as_os_str().as_encoded_bytes()).to_hex();
+    format!("repro-{}-", &hash[..8])
+}
+
+/// The job name of a run by this process in the workspace at `root`.
+pub fn run_name(root: &Path) -> String {
+    format!("{}{}", run_prefix(root), std::process::id())
+}
+
+/// Jobs of earlier runs in the workspace at `root` that are still queued or running, as
+/// `squeue --noheader --format=%i|%j|%T` lists them: (id, job name, state).
+pub fn orphans(root: &Path, listing: &str) -> Vec<(u64, String, String)> {
+    let prefix = run_prefix(root);
+    let own = run_name(root);
+    listing
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.trim().splitn(3, '|');
+            let id = f.next()?.trim().parse().ok()?;
+            let name = f.next()?.trim().to_string();
+            let state = f.next()?.trim().to_string();
+            let active = ACTIVE.contains(&state.as_str());
+            (active && name.starts_with(&prefix) && name != own).then_some((id, name, state))
+        })
+        .collect()
+}
+
+/// The queue as `orphans` reads it.
+pub fn list_queue() -> io::Result<String> {
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%i|%j|%T"])
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run squeue: {e}")))?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "squeue failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Judges a job: `listed` is its `(state, reason)` in the last listing, or `None` if it has
 /// left the listing; `exit_code` is the content of its exit-code file, if it is there.
 pub fn verdict(listed: Option<(&str, &str)>, exit_code: Option<&str>) -> Verdict {
@@ -438,6 +483,19 @@ mod tests {
         );
         let none = sbatch_args("r", &job(), &BTreeMap::new(), &SlurmOptions::default());
         assert_eq!(none.len(), 4, "{none:?}");
+    }
+
+    #[test]
+    fn orphans_are_the_active_jobs_of_other_runs_in_this_workspace() {
+        let root = Path::new("/work/ws");
+        let (prefix, own) = (run_prefix(root), run_name(root));
+        assert_ne!(prefix, run_prefix(Path::new("/work/other")));
+        let listing = format!(
+            "1|{prefix}77|RUNNING\n2|{prefix}78|PENDING\n3|{own}|RUNNING\n\
+             4|{prefix}79|COMPLETED\n5|repro-00000000-1|RUNNING\n6|someone|RUNNING\n"
+        );
+        let found: Vec<u64> = orphans(root, &listing).iter().map(|o| o.0).collect();
+        assert_eq!(found, [1, 2]);
     }
 
     #[test]
