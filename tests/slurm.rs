@@ -141,3 +141,32 @@ fn jobs_a_killed_run_left_are_refused_cancelled_or_waited_for() {
     assert!(text(&out).contains("waiting for jobs of an earlier run"));
     assert_eq!(job_state(&id), "COMPLETED");
 }
+
+#[test]
+fn a_stages_progress_line_names_its_job_and_state() {
+    let Some(_cluster) = slurm() else {
+        return;
+    };
+    let ws = Ws::new(
+        "stages:\n  wait:\n    cmd: while [ ! -e \"$GO\" ]; do sleep 0.1; done; echo w > w.txt\n    outs: [w.txt]\n",
+    );
+    let go = ws.dir.path().join("go");
+    let run = ws
+        .cmd(&["run", "--runner", "slurm"])
+        .env("GO", &go)
+        .spawn()
+        .unwrap();
+    let progress = ws.root().join(".repro/scratch/wait/progress");
+    let t0 = std::time::Instant::now();
+    let mut seen = String::new();
+    while !seen.contains(": RUNNING") && t0.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seen = std::fs::read_to_string(&progress).unwrap_or_default();
+    }
+    std::fs::write(&go, "").unwrap();
+    assert!(run.wait_with_output().unwrap().status.success());
+    assert!(
+        seen.starts_with("Slurm job ") && seen.ends_with(": RUNNING"),
+        "{seen:?}"
+    );
+}

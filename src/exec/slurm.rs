@@ -341,6 +341,16 @@ impl Runner for SlurmRunner {
             return Ok(Exit::Interrupted);
         }
         let (id, exit_file) = self.submit(job)?;
+        // The stage's progress line says where its job stands until the stage writes its own.
+        let progress = job
+            .env
+            .iter()
+            .find(|(k, _)| k == "REPRO_PROGRESS")
+            .map(|(_, v)| PathBuf::from(v));
+        let mut said = format!("Slurm job {id}: submitted");
+        if let Some(p) = &progress {
+            let _ = std::fs::write(p, &said);
+        }
         let mut jobs = self.shared.jobs.lock().expect("jobs");
         jobs.insert(id, Watched::default());
         self.shared.changed.notify_all();
@@ -348,6 +358,17 @@ impl Runner for SlurmRunner {
             let w = &jobs[&id];
             let code = std::fs::read_to_string(&exit_file).ok();
             let listed = w.listed.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
+            if let (Some(p), Some((state, reason))) = (&progress, listed) {
+                let now = match reason {
+                    "" | "None" => format!("Slurm job {id}: {state}"),
+                    r => format!("Slurm job {id}: {state} ({r})"),
+                };
+                let ours = std::fs::read_to_string(p).map_or(true, |t| t == said);
+                if now != said && ours {
+                    let _ = std::fs::write(p, &now);
+                    said = now;
+                }
+            }
             let on_its_way = !w.seen && w.missing < GRACE_LISTINGS;
             match verdict(listed, code.as_deref()) {
                 Verdict::Failed(_) if listed.is_none() && on_its_way => {}
