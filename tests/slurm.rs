@@ -154,6 +154,8 @@ fn a_stages_progress_line_names_its_job_and_state() {
     let run = ws
         .cmd(&["run", "--runner", "slurm"])
         .env("GO", &go)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let progress = ws.root().join(".repro/scratch/wait/progress");
@@ -164,7 +166,8 @@ fn a_stages_progress_line_names_its_job_and_state() {
         seen = std::fs::read_to_string(&progress).unwrap_or_default();
     }
     std::fs::write(&go, "").unwrap();
-    assert!(run.wait_with_output().unwrap().status.success());
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
     assert!(
         seen.starts_with("Slurm job ") && seen.ends_with(": RUNNING"),
         "{seen:?}"
