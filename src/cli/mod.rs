@@ -326,8 +326,8 @@ fn settle_orphans(ws: &Workspace, c: &ClusterArgs, reporter: &Reporter) -> Resul
         .map(|(id, name, state)| format!("{id} ({name}, {state})"))
         .collect();
     if c.cancel_orphans {
-        let ids: Vec<String> = found.iter().map(|o| o.0.to_string()).collect();
-        std::process::Command::new("scancel").args(&ids).status()?;
+        let ids: Vec<u64> = found.iter().map(|o| o.0).collect();
+        crate::exec::slurm::scancel(&ids)?;
         reporter.note(&format!(
             "cancelled jobs of an earlier run: {}",
             named.join(", ")

@@ -106,16 +106,20 @@ pub fn parse_job_id(stdout: &str) -> Option<u64> {
 /// Every job of a run as one `squeue --states=all --name RUN --noheader --format='%i|%T|%r'`
 /// lists it: id → (state, reason).
 pub fn parse_squeue(stdout: &str) -> HashMap<u64, (String, String)> {
-    stdout
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.trim().splitn(3, '|');
-            let id = f.next()?.trim().parse().ok()?;
-            let state = f.next()?.trim().to_string();
-            let reason = f.next().unwrap_or("").trim().to_string();
-            Some((id, (state, reason)))
-        })
+    rows(stdout)
+        .map(|(id, state, reason)| (id, (state.to_string(), reason.to_string())))
         .collect()
+}
+
+/// The rows of a `squeue --format=%i|A|B` listing: (job id, A, B); lines that are not such a
+/// row are skipped.
+fn rows(listing: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+    listing.lines().filter_map(|line| {
+        let mut f = line.trim().splitn(3, '|');
+        let id = f.next()?.trim().parse().ok()?;
+        let a = f.next()?.trim();
+        Some((id, a, f.next().unwrap_or("").trim()))
+    })
 }
 
 /// Where a job stands, from its Slurm state and the exit-code file.
@@ -159,23 +163,23 @@ pub fn run_name(root: &Path) -> String {
 pub fn orphans(root: &Path, listing: &str) -> Vec<(u64, String, String)> {
     let prefix = run_prefix(root);
     let own = run_name(root);
-    listing
-        .lines()
-        .filter_map(|line| {
-            let mut f = line.trim().splitn(3, '|');
-            let id = f.next()?.trim().parse().ok()?;
-            let name = f.next()?.trim().to_string();
-            let state = f.next()?.trim().to_string();
-            let active = ACTIVE.contains(&state.as_str());
-            (active && name.starts_with(&prefix) && name != own).then_some((id, name, state))
+    rows(listing)
+        .filter(|&(_, name, state)| {
+            ACTIVE.contains(&state) && name.starts_with(&prefix) && name != own
         })
+        .map(|(id, name, state)| (id, name.to_string(), state.to_string()))
         .collect()
 }
 
 /// The queue as `orphans` reads it.
 pub fn list_queue() -> io::Result<String> {
+    squeue(&["--noheader".into(), "--format=%i|%j|%T".into()])
+}
+
+/// What `squeue ARGS` prints, or why it could not.
+fn squeue(args: &[String]) -> io::Result<String> {
     let out = Command::new("squeue")
-        .args(["--noheader", "--format=%i|%j|%T"])
+        .args(args)
         .output()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot run squeue: {e}")))?;
     if !out.status.success() {
@@ -185,6 +189,19 @@ pub fn list_queue() -> io::Result<String> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Cancels the jobs `ids`.
+pub fn scancel(ids: &[u64]) -> io::Result<()> {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let status = Command::new("scancel").args(&ids).status()?;
+    if !status.success() {
+        return Err(io::Error::other(format!(
+            "scancel {} failed",
+            ids.join(" ")
+        )));
+    }
+    Ok(())
 }
 
 /// Judges a job: `listed` is its `(state, reason)` in the last listing, or `None` if it has
@@ -309,13 +326,15 @@ impl Shared {
         while !self.stop.load(Ordering::SeqCst) {
             let ids: Vec<u64> = self.jobs.lock().expect("jobs").keys().copied().collect();
             if !ids.is_empty() {
-                let listing = Command::new("squeue")
-                    .args(["--states=all", "--noheader", "--format=%i|%T|%r"])
-                    .arg(format!("--name={}", self.run_name))
-                    .output();
+                let listing = squeue(&[
+                    "--states=all".into(),
+                    "--noheader".into(),
+                    "--format=%i|%T|%r".into(),
+                    format!("--name={}", self.run_name),
+                ]);
                 // A failed listing changes nothing: the jobs are as last seen.
-                if let Some(out) = listing.ok().filter(|o| o.status.success()) {
-                    let listed = parse_squeue(&String::from_utf8_lossy(&out.stdout));
+                if let Ok(listing) = listing {
+                    let listed = parse_squeue(&listing);
                     let mut jobs = self.jobs.lock().expect("jobs");
                     for (id, w) in jobs.iter_mut() {
                         w.listed = listed.get(id).cloned();
@@ -392,12 +411,12 @@ impl Runner for SlurmRunner {
 
     fn interrupt(&self) {
         self.shared.interrupted.store(true, Ordering::SeqCst);
-        let ids: Vec<String> = {
+        let ids: Vec<u64> = {
             let jobs = self.shared.jobs.lock().expect("jobs");
-            jobs.keys().map(u64::to_string).collect()
+            jobs.keys().copied().collect()
         };
         if !ids.is_empty() {
-            let _ = Command::new("scancel").args(&ids).status();
+            let _ = scancel(&ids);
         }
     }
 }
