@@ -353,7 +353,7 @@ fn settle_orphans(ws: &Workspace, c: &ClusterArgs, reporter: &Reporter) -> Resul
 
 /// Loads the pipeline while another thread reads its state (both only read), and keeps both
 /// until the process ends, which is right after the command: freeing 100,000 stages one by one
-/// would cost a tenth of a no-op run.
+/// would cost 7.5% of a no-op run's instructions.
 fn load_with_state(
     root: &Path,
     store: &Path,
