@@ -12,6 +12,7 @@ set -Eeuo pipefail
 
 LOG=${REPRO_SLURM_SETUP_LOG:-/tmp/repro-slurm-setup.log}
 CONF=/etc/slurm/slurm.conf
+GRES_CONF=/etc/slurm/gres.conf
 MARK='# written by repro tests/slurm/setup.sh (delete this line to keep your own edits)'
 MUNGE_KEY=/etc/munge/munge.key
 { : >>"$LOG"; } 2>/dev/null || LOG=/dev/null # e.g. not root and the log belongs to root
@@ -54,6 +55,8 @@ new_conf=$(
 $MARK
 ClusterName=localtest
 SlurmctldHost=$HOST
+# one pretend GPU (gres.conf binds it to /dev/null), so that --gres=gpu:1 jobs can run
+GresTypes=gpu
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
@@ -78,7 +81,7 @@ ReturnToService=2
 # quiet harmless errors in the logs (no PMIx library, no mail program)
 MpiDefault=none
 MailProg=/bin/true
-NodeName=$HOST CPUs=$cpus RealMemory=$real_mem State=UNKNOWN
+NodeName=$HOST CPUs=$cpus RealMemory=$real_mem Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 )
@@ -98,6 +101,7 @@ log "setup starting on $HOST"
 [ "$(id -u)" = 0 ] || die "setting up Slurm needs root (uid $(id -u)) and it is not running here"
 
 # One setup at a time (test harnesses may call this in parallel); the others wait, then re-check.
+# Daemons started below get `9>&-`: one that kept this fd would hold the lock for ever.
 exec 9>/run/repro-slurm-setup.lock
 if command -v flock >/dev/null 2>&1; then
     flock -w 180 9 || die "another tests/slurm/setup.sh holds /run/repro-slurm-setup.lock for over 180 s"
@@ -141,7 +145,7 @@ chmod 0400 "$MUNGE_KEY"
 
 if ! pgrep -x munged >/dev/null; then
     log "starting munged"
-    su munge -s /bin/sh -c munged >>"$LOG" 2>&1 || die "munged does not start (see $LOG, /var/log/munge/munged.log)"
+    su munge -s /bin/sh -c munged 9>&- >>"$LOG" 2>&1 || die "munged does not start (see $LOG, /var/log/munge/munged.log)"
 fi
 for _ in $(seq 1 20); do
     munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break
@@ -158,6 +162,15 @@ if ours_conf; then
         printf '%s\n' "$new_conf" >"$CONF.tmp.$$"
         chmod 0644 "$CONF.tmp.$$"
         mv -f "$CONF.tmp.$$" "$CONF"
+        conf_changed=yes
+    fi
+    new_gres="$MARK
+NodeName=$HOST Name=gpu File=/dev/null"
+    if [ "$(cat "$GRES_CONF" 2>/dev/null)" != "$new_gres" ]; then
+        log "writing $GRES_CONF"
+        printf '%s\n' "$new_gres" >"$GRES_CONF.tmp.$$"
+        chmod 0644 "$GRES_CONF.tmp.$$"
+        mv -f "$GRES_CONF.tmp.$$" "$GRES_CONF"
         conf_changed=yes
     fi
 else
@@ -189,7 +202,7 @@ fi
 
 if ! pgrep -x slurmctld >/dev/null; then
     log "starting slurmctld"
-    slurmctld >>"$LOG" 2>&1 || die "slurmctld does not start (see $LOG, /var/log/slurm/slurmctld.log)"
+    slurmctld 9>&- >>"$LOG" 2>&1 || die "slurmctld does not start (see $LOG, /var/log/slurm/slurmctld.log)"
 fi
 for _ in $(seq 1 20); do
     timeout 5 scontrol ping 2>>"$LOG" | grep -q 'is UP' && break
@@ -200,7 +213,7 @@ timeout 5 scontrol ping 2>>"$LOG" | grep -q 'is UP' ||
 
 if ! pgrep -x slurmd >/dev/null; then
     log "starting slurmd"
-    slurmd >>"$LOG" 2>&1 || die "slurmd does not start (see $LOG, /var/log/slurm/slurmd.log)"
+    slurmd 9>&- >>"$LOG" 2>&1 || die "slurmd does not start (see $LOG, /var/log/slurm/slurmd.log)"
 fi
 
 # ---- wait for the node (bounded) ---------------------------------------------------------
@@ -210,7 +223,7 @@ while [ "$SECONDS" -lt "$deadline" ]; do
     state=$(node_state)
     healthy "$state" && break
     case "$state" in
-    down* | drain* | fail*)
+    down* | drain* | fail* | inval*)
         log "node is $state: resuming"
         timeout 5 scontrol update nodename="$HOST" state=resume >>"$LOG" 2>&1 || true
         ;;
