@@ -136,3 +136,62 @@ fn failing_command_is_one_clear_line() {
     );
     assert_eq!(ws.records(), 0);
 }
+
+#[test]
+fn bad_runner_sections_and_time_limits() {
+    let stage = "stages:\n  a: {cmd: 'true', outs: [a.txt]}\n";
+    for (runner, expect) in [
+        (
+            "runner: {kind: pbs}\n",
+            &["repro.yaml:1", "unknown variant `pbs`"][..],
+        ),
+        (
+            "runner:\n  partiton: gpu\n",
+            &["repro.yaml:2", "unknown field `partiton`"],
+        ),
+        (
+            "runner:\n  time: soon\n",
+            &["repro.yaml:2: runner.time:", "not a time limit"],
+        ),
+        (
+            "runner:\n  time: 0\n",
+            &["repro.yaml:2: runner.time:", "lets nothing run"],
+        ),
+        (
+            "runner:\n  partition: a b\n",
+            &["repro.yaml:2: runner.partition:"],
+        ),
+        (
+            "runner:\n  sbatch:\n    - --qos=a\n    - --output=cache/objects/x\n",
+            &[
+                "repro.yaml:4: runner.sbatch.1:",
+                "--output",
+                "repro sets itself",
+            ],
+        ),
+        (
+            "runner:\n  sbatch: [-J, x]\n",
+            &["repro.yaml:2: runner.sbatch.0:", "--job-name"],
+        ),
+    ] {
+        refused(&format!("{runner}{stage}"), expect);
+    }
+    refused(
+        "stages:\n  a:\n    cmd: 'true'\n    resources:\n      time: 2 weeks\n",
+        &["repro.yaml:5: stage `a`", "not a time limit"],
+    );
+    // The same checks hold for the flags, which win over the file.
+    let ws = Ws::new(stage);
+    for (flags, expect) in [
+        (&["--time-limit=-1"][..], "--time-limit:"),
+        (&["--sbatch-flag=--chdir=/"], "--sbatch-flag:"),
+        (&["--sbatch-flag", "qos"], "--sbatch-flag:"),
+    ] {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        let out = ws.repro(&args);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {}", text(&out));
+        assert!(stderr(&out).contains(expect), "{flags:?}: {}", text(&out));
+        assert_eq!(ws.records(), 0);
+    }
+}

@@ -5,8 +5,9 @@ mod inspect;
 
 use crate::exec::plan::{self, Decision};
 use crate::exec::runner::{LocalRunner, Runner};
-use crate::exec::slurm::{SlurmOptions, SlurmRunner};
+use crate::exec::slurm::{SlurmRunner, SlurmSettings};
 use crate::exec::{report::Reporter, Executor, RunOptions};
+use crate::pipeline::runner::RunnerKind;
 use crate::pipeline::{LoadOptions, Pipeline};
 use crate::stages::Registry;
 use crate::workspace::{LoadedState, State, Workspace, STATE_LOST_CONSEQUENCE};
@@ -141,26 +142,30 @@ struct RunArgs {
 /// Jobs a Slurm run keeps in the queue at once, unless `--jobs` says otherwise.
 const SLURM_JOBS: usize = 100;
 
-/// Where stages run.
+/// Where stages run: these flags win over the pipeline's `runner:` section, and `--sbatch-flag`
+/// adds to its `sbatch:` list.
 #[derive(Args, Debug)]
 struct ClusterArgs {
     /// `local`: processes on this machine; `slurm`: one batch job per stage (the workspace and
-    /// the store must be on a filesystem the nodes share).
-    #[arg(long, value_enum, default_value_t = RunnerKind::Local)]
-    runner: RunnerKind,
+    /// the store must be on a filesystem the nodes share). Default: the pipeline's
+    /// `runner.kind`, else local.
+    #[arg(long, value_enum)]
+    runner: Option<RunnerKind>,
     /// Slurm partition.
     #[arg(long)]
     partition: Option<String>,
     /// Slurm account.
     #[arg(long)]
     account: Option<String>,
-    /// Slurm time limit of every job, e.g. 2:00:00.
+    /// Slurm time limit of every job without its own `resources: {time: …}`: minutes, 30m,
+    /// 2h, or D-HH:MM:SS.
     #[arg(long, value_name = "TIME")]
     time_limit: Option<String>,
     /// A further sbatch flag, e.g. --sbatch-flag=--qos=short (repeatable).
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     sbatch_flag: Vec<String>,
-    /// Jobs that a killed earlier run left in the queue: wait for them to end first.
+    /// Jobs that a killed earlier run left in the queue: wait for them to end first, and keep
+    /// the results of those that succeeded.
     #[arg(long, conflicts_with = "cancel_orphans")]
     adopt: bool,
     /// Jobs that a killed earlier run left in the queue: cancel them first.
@@ -168,10 +173,26 @@ struct ClusterArgs {
     cancel_orphans: bool,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
-enum RunnerKind {
-    Local,
-    Slurm,
+impl ClusterArgs {
+    /// The runner and the cluster settings: the pipeline's, overridden by the flags.
+    fn settings(&self, pipeline: &Pipeline) -> Result<(RunnerKind, SlurmSettings)> {
+        use crate::pipeline::runner::{check_sbatch_flag, minutes};
+        let file = &pipeline.runner;
+        let mut slurm = file.slurm.clone();
+        let kind = self.runner.unwrap_or(file.kind);
+        slurm.partition = self.partition.clone().or(slurm.partition);
+        slurm.account = self.account.clone().or(slurm.account);
+        if let Some(t) = &self.time_limit {
+            let t = minutes(&serde_json::Value::String(t.clone()))
+                .map_err(|e| anyhow::anyhow!("--time-limit: {e}"))?;
+            slurm.time = Some(t);
+        }
+        for flag in &self.sbatch_flag {
+            check_sbatch_flag(flag).map_err(|e| anyhow::anyhow!("--sbatch-flag: {e}"))?;
+            slurm.extra.push(flag.clone());
+        }
+        Ok((kind, slurm))
+    }
 }
 
 /// Exit codes: 0 done, 1 a stage failed, 2 bad input, 130 interrupted.
@@ -314,41 +335,46 @@ fn load(root: &Path, store: &Path, kinds: &Registry, p: &PipelineArgs) -> Result
 }
 
 /// Jobs a killed earlier run left in the queue would write the same outs as this run: wait for
-/// them (`--adopt`), cancel them (`--cancel-orphans`), or stop and say which.
-fn settle_orphans(ws: &Workspace, c: &ClusterArgs, reporter: &Reporter) -> Result<()> {
-    use crate::exec::slurm::{list_queue, orphans};
-    let found = orphans(&ws.root, &list_queue()?);
-    if found.is_empty() {
-        return Ok(());
-    }
+/// them and keep what those that succeeded wrote (`--adopt`), cancel them (`--cancel-orphans`),
+/// or stop and say which. Either way none of them runs any more when this run starts. Returns
+/// the adopted stages (stage → key).
+fn settle_orphans(
+    ws: &Workspace,
+    c: &ClusterArgs,
+    reporter: &Reporter,
+) -> Result<std::collections::HashMap<String, String>> {
+    use crate::exec::slurm::{list_queue, orphans, scancel, settle};
+    let listing = list_queue().context("the runner is slurm, and Slurm does not answer here")?;
+    let found = orphans(&ws.root, &listing);
     let named: Vec<String> = found
         .iter()
         .map(|(id, name, state)| format!("{id} ({name}, {state})"))
         .collect();
-    if c.cancel_orphans {
-        let ids: Vec<u64> = found.iter().map(|o| o.0).collect();
-        crate::exec::slurm::scancel(&ids)?;
-        reporter.note(&format!(
-            "cancelled jobs of an earlier run: {}",
-            named.join(", ")
-        ));
-        return Ok(());
-    }
-    if !c.adopt {
+    let ids: Vec<u64> = found.iter().map(|o| o.0).collect();
+    let named = named.join(", ");
+    if found.is_empty() {
+        // Job files of jobs that ended are cleared below.
+    } else if c.cancel_orphans {
+        scancel(&ids)?;
+        reporter.note(&format!("cancelled jobs of an earlier run: {named}"));
+    } else if c.adopt {
+        reporter.note(&format!("waiting for jobs of an earlier run: {named}"));
+    } else {
         bail!(
-            "jobs of an earlier run in this workspace are still in the queue: {}; pass --adopt to \
-             wait for them or --cancel-orphans to cancel them",
-            named.join(", ")
+            "jobs of an earlier run in this workspace are still in the queue: {named}; pass --adopt to \
+             wait for them and keep their results, or --cancel-orphans to cancel them"
         );
     }
-    reporter.note(&format!(
-        "waiting for jobs of an earlier run: {}",
-        named.join(", ")
-    ));
-    while !orphans(&ws.root, &list_queue()?).is_empty() {
-        std::thread::sleep(std::time::Duration::from_secs(2));
+    // Also after a cancel: a cancelled job may still be writing for a moment.
+    let settled = settle(
+        &ids,
+        &ws.state_dir.join("slurm"),
+        std::time::Duration::from_secs(1),
+    )?;
+    for note in &settled.notes {
+        reporter.note(note);
     }
-    Ok(())
+    Ok(settled.adopted)
 }
 
 /// Loads the pipeline while another thread reads its state (both only read), and keeps both
@@ -400,7 +426,8 @@ fn run(
             .map_err(anyhow::Error::msg)?;
         resources.insert(k.trim().to_string(), amount);
     }
-    let slurm = args.cluster.runner == RunnerKind::Slurm;
+    let (runner_kind, slurm_settings) = args.cluster.settings(pipeline)?;
+    let slurm = runner_kind == RunnerKind::Slurm;
     if slurm {
         // The cluster sizes jobs; here a resource only limits what the user sized.
         for s in &pipeline.stages {
@@ -439,16 +466,10 @@ fn run(
     let local = LocalRunner::default();
     let cluster;
     let runner: &dyn Runner = if slurm {
-        let c = &args.cluster;
-        let opts = SlurmOptions {
-            partition: c.partition.clone(),
-            account: c.account.clone(),
-            time: c.time_limit.clone(),
-            extra: c.sbatch_flag.clone(),
-        };
-        settle_orphans(ws, c, &reporter)?;
+        let adopted = settle_orphans(ws, &args.cluster, &reporter)?;
         let name = crate::exec::slurm::run_name(&ws.root);
-        cluster = SlurmRunner::new(name, opts, ws.state_dir.join("slurm"))?;
+        let dir = ws.state_dir.join("slurm");
+        cluster = SlurmRunner::new(name, slurm_settings, dir, adopted)?;
         &cluster
     } else {
         &local
@@ -515,7 +536,9 @@ fn show_plan(
     let state = state_said(ws, loaded);
     let plan = plan::plan(ws, pipeline, state, kinds, selected, forced)?;
     let _ = ws.stats.save(&ws.state_dir.join("statcache"));
-    print_plan(pipeline, &plan.decisions, pipeline.longest_name())?;
+    // Stages with a Slurm job of a run under way (or of a killed one) say where it stands.
+    let jobs = crate::exec::slurm::job_lines(&ws.state_dir.join("slurm"));
+    print_plan(pipeline, &plan.decisions, &jobs)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -532,7 +555,12 @@ fn state_said<'a>(ws: &Workspace, loaded: &'a LoadedState) -> &'a State {
     &loaded.state
 }
 
-fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) -> Result<()> {
+fn print_plan(
+    pipeline: &Pipeline,
+    decisions: &[Decision],
+    jobs: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let width = pipeline.longest_name();
     use std::fmt::Write;
     let mut out = String::new();
     let mut counts = [0usize; 4];
@@ -559,6 +587,11 @@ fn print_plan(pipeline: &Pipeline, decisions: &[Decision], width: usize) -> Resu
             Decision::Wait(_) => 3,
             _ => 2,
         }] += 1;
+        let why = match jobs.get(&s.name) {
+            Some(job) if why.is_empty() => job.clone(),
+            Some(job) => format!("{why}; {job}"),
+            None => why,
+        };
         writeln!(out, "{:<width$}  {label:<10}  {why}", s.name)?;
     }
     writeln!(

@@ -45,7 +45,7 @@ pub struct Summary {
 }
 
 /// Default capacity of a resource the user did not size: GPUs are counted, memory and cores
-/// are the machine's, anything else is one at a time.
+/// are the machine's, a time limit is no slot, anything else is one at a time.
 pub fn default_capacity(resource: &str) -> u64 {
     match resource {
         "gpu" => std::fs::read_dir("/proc/driver/nvidia/gpus")
@@ -53,6 +53,8 @@ pub fn default_capacity(resource: &str) -> u64 {
             .unwrap_or(0)
             .max(1),
         "memory" => physical_memory_mib(),
+        // A time limit, which every stage may have.
+        "time" => u64::MAX,
         "cores" => std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1),

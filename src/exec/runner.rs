@@ -16,6 +16,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Job {
     pub stage: String,
+    /// The stage key the job computes the outs of.
+    pub key: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
@@ -42,6 +44,12 @@ pub trait Runner: Send + Sync {
     fn run(&self, job: &Job) -> io::Result<Exit>;
     /// Stops every job of this run (Ctrl-C): nothing they did will be recorded.
     fn interrupt(&self);
+    /// Whether the stage already ran to success with this key outside this run, its outs left
+    /// in place to be stored as they are (a Slurm job of a killed run, waited for with
+    /// `--adopt`).
+    fn adopted(&self, _stage: &str, _key: &str) -> bool {
+        false
+    }
 }
 
 /// Runs each job in its own process group, so that stopping a stage stops everything it

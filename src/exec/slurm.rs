@@ -6,24 +6,14 @@
 //! hit its time limit shows `ExitCode=0:0` with state TIMEOUT (../shared/SLURM.md).
 
 use super::runner::{Exit, Job, Runner};
+pub use crate::pipeline::runner::SlurmSettings;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
-
-/// Cluster settings from the pipeline's `runner:` section or the command line.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SlurmOptions {
-    pub partition: Option<String>,
-    pub account: Option<String>,
-    /// A default time limit for every job (`--time`), e.g. `2:00:00`.
-    pub time: Option<String>,
-    /// Further `sbatch` flags, passed as given.
-    pub extra: Vec<String>,
-}
+use std::time::{Duration, Instant};
 
 /// `text` as one shell word: single-quoted, with each `'` written `'\''`.
 fn quote(text: &str) -> String {
@@ -64,12 +54,12 @@ pub fn job_script(job: &Job, exit_file: &Path) -> Result<String, String> {
 /// `sbatch` arguments for a stage: one job name for every job of the run (so that one
 /// `squeue --name` lists them all), its log, its folder, the cluster settings, and its
 /// resources (`gpu` → `--gres=gpu:N`, `cores` → `--cpus-per-task`, `memory` in MiB → `--mem`,
-/// `time` as given to `--time`, which the stage's own setting overrides).
+/// `time` in minutes → `--time`, in place of the run's time limit).
 pub fn sbatch_args(
     run_name: &str,
     job: &Job,
     resources: &BTreeMap<String, u64>,
-    opts: &SlurmOptions,
+    opts: &SlurmSettings,
 ) -> Vec<String> {
     let mut args = vec![
         "--parsable".to_string(),
@@ -83,7 +73,7 @@ pub fn sbatch_args(
     if let Some(a) = &opts.account {
         args.push(format!("--account={a}"));
     }
-    if let Some(t) = &opts.time {
+    if let Some(t) = resources.get("time").or(opts.time.as_ref()) {
         args.push(format!("--time={t}"));
     }
     for (r, &n) in resources {
@@ -171,9 +161,148 @@ pub fn orphans(root: &Path, listing: &str) -> Vec<(u64, String, String)> {
         .collect()
 }
 
-/// The queue as `orphans` reads it.
+/// The user's jobs as `orphans` reads them.
 pub fn list_queue() -> io::Result<String> {
-    squeue(&["--noheader".into(), "--format=%i|%j|%T".into()])
+    squeue(&[
+        "--me".into(),
+        "--noheader".into(),
+        "--format=%i|%j|%T".into(),
+    ])
+}
+
+/// The user's jobs, ended ones too, as `parse_squeue` reads them.
+fn list_states() -> io::Result<HashMap<u64, (String, String)>> {
+    let args = ["--me", "--states=all", "--noheader", "--format=%i|%T|%r"];
+    Ok(parse_squeue(&squeue(&args.map(String::from))?))
+}
+
+/// A submitted job, as the file `.repro/slurm/STAGE.job` keeps it until the job's end is
+/// judged: what `repro status` shows and what `--adopt` takes over from a killed run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JobFile {
+    pub id: u64,
+    pub stage: String,
+    /// The stage key the job computes the outs of.
+    pub key: String,
+}
+
+impl JobFile {
+    fn path(dir: &Path, stage: &str) -> PathBuf {
+        dir.join(format!("{}.job", crate::workspace::file_safe(stage)))
+    }
+
+    fn exit_path(dir: &Path, stage: &str) -> PathBuf {
+        dir.join(format!("{}.exit", crate::workspace::file_safe(stage)))
+    }
+
+    /// Every job file in `dir` (none if it does not exist); unreadable ones are skipped.
+    pub fn all(dir: &Path) -> Vec<JobFile> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().as_encoded_bytes().ends_with(b".job"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect()
+    }
+}
+
+/// For each stage with a job file in `dir`, a line saying where its job stands
+/// (`Slurm job 42: RUNNING`), from one listing of the queue; empty if there are none.
+pub fn job_lines(dir: &Path) -> HashMap<String, String> {
+    let files = JobFile::all(dir);
+    if files.is_empty() {
+        return HashMap::new();
+    }
+    let listed = list_states();
+    files
+        .into_iter()
+        .map(|f| {
+            let state = match &listed {
+                Err(e) => format!("state unknown ({e})"),
+                Ok(l) => match l.get(&f.id) {
+                    None => "no longer in the queue".to_string(),
+                    Some((state, reason)) => state_line(state, reason),
+                },
+            };
+            (f.stage, format!("Slurm job {}: {state}", f.id))
+        })
+        .collect()
+}
+
+/// `STATE` or `STATE (reason)`.
+fn state_line(state: &str, reason: &str) -> String {
+    match reason {
+        "" | "None" => state.to_string(),
+        r => format!("{state} ({r})"),
+    }
+}
+
+/// What became of the jobs a killed earlier run left in the queue, once none of them runs.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Stages whose job succeeded and whose outs this run stores as they are: stage → key.
+    pub adopted: HashMap<String, String>,
+    /// What happened, one line per job that had a job file.
+    pub notes: Vec<String>,
+}
+
+/// Waits until none of the jobs `ids` is queued or running (listing the queue every `poll`),
+/// then judges those of them that have a job file in `dir`: a job that succeeded is adopted,
+/// every other job file is removed (the stage simply runs again).
+pub fn settle(ids: &[u64], dir: &Path, poll: Duration) -> io::Result<Settled> {
+    let mut last: HashMap<u64, (String, String)> = HashMap::new();
+    loop {
+        let listed = list_states()?;
+        let active = ids.iter().filter(|id| match listed.get(id) {
+            Some((state, _)) => ACTIVE.contains(&state.as_str()),
+            None => false,
+        });
+        let still = active.count();
+        for id in ids {
+            match listed.get(id) {
+                Some(l) => last.insert(*id, l.clone()),
+                None => last.remove(id),
+            };
+        }
+        if still == 0 {
+            break;
+        }
+        std::thread::sleep(poll);
+    }
+    let mut settled = Settled::default();
+    for f in JobFile::all(dir) {
+        let _ = std::fs::remove_file(JobFile::path(dir, &f.stage));
+        if !ids.contains(&f.id) {
+            continue;
+        }
+        let code = std::fs::read_to_string(JobFile::exit_path(dir, &f.stage)).ok();
+        let listed = last.get(&f.id).map(|(s, r)| (s.as_str(), r.as_str()));
+        let stage = f.stage.escape_debug().to_string();
+        match verdict(listed, code.as_deref()) {
+            Verdict::Exited(0) => {
+                settled.notes.push(format!(
+                    "stage `{stage}`: keeping what Slurm job {} of the earlier run wrote",
+                    f.id
+                ));
+                settled.adopted.insert(f.stage, f.key);
+            }
+            Verdict::Exited(c) => settled.notes.push(format!(
+                "stage `{stage}`: Slurm job {} of the earlier run exited {c}; it runs again",
+                f.id
+            )),
+            Verdict::Failed(why) => settled.notes.push(format!(
+                "stage `{stage}`: Slurm job {} of the earlier run: {why}; it runs again",
+                f.id
+            )),
+            Verdict::Active => settled.notes.push(format!(
+                "stage `{stage}`: Slurm job {} of the earlier run is queued again; it runs again",
+                f.id
+            )),
+        }
+    }
+    Ok(settled)
 }
 
 /// What `squeue ARGS` prints, or why it could not.
@@ -249,9 +378,11 @@ pub fn verdict(listed: Option<(&str, &str)>, exit_code: Option<&str>) -> Verdict
 /// waiting stage (the per-job polling that cluster admins ban never happens).
 pub struct SlurmRunner {
     shared: Arc<Shared>,
-    opts: SlurmOptions,
-    /// Job scripts and exit-code files (`.repro/slurm/`).
+    opts: SlurmSettings,
+    /// Job scripts, job files and exit-code files (`.repro/slurm/`).
     dir: PathBuf,
+    /// Stages whose outs a killed run's job wrote, to be stored as they are: stage → key.
+    adopted: HashMap<String, String>,
 }
 
 struct Shared {
@@ -264,22 +395,37 @@ struct Shared {
 }
 
 /// A submitted job as the listings have shown it.
-#[derive(Default)]
 struct Watched {
     listed: Option<(String, String)>,
+    /// Whether a listing has shown it yet, and when it was submitted (a job may appear in
+    /// `squeue` a moment after `sbatch` returns).
     seen: bool,
-    /// Listings since it was last in one (a job appears in `squeue` a moment after `sbatch`).
-    missing: u32,
+    submitted: Instant,
+    /// The file its script writes its exit code to, and whether it was there at last look.
+    exit_file: PathBuf,
+    exited: bool,
 }
 
-/// Listings a job may be absent from, before it was ever listed, and still be on its way.
-const GRACE_LISTINGS: u32 = 3;
-/// Time between listings.
-const POLL: Duration = Duration::from_secs(1);
+/// How long a job may be absent from the listings before it was ever listed, and still be on
+/// its way.
+const GRACE: Duration = Duration::from_secs(10);
+/// Time between listings: short after a job was submitted, its state changed or its script
+/// ended; then doubled while nothing changes, up to the longest.
+const LIST_SOONEST: Duration = Duration::from_millis(250);
+const LIST_LATEST: Duration = Duration::from_secs(5);
+/// Time between looks at the exit-code files (a stat each, no load on the cluster), so that a
+/// job's end is seen at once.
+const LOOK: Duration = Duration::from_millis(100);
 
 impl SlurmRunner {
-    /// A runner for one run, named `run_name` in the queue; scripts go to `dir`.
-    pub fn new(run_name: String, opts: SlurmOptions, dir: PathBuf) -> io::Result<SlurmRunner> {
+    /// A runner for one run, named `run_name` in the queue; scripts go to `dir`. `adopted`:
+    /// stages whose outs jobs of a killed run wrote (see `settle`).
+    pub fn new(
+        run_name: String,
+        opts: SlurmSettings,
+        dir: PathBuf,
+        adopted: HashMap<String, String>,
+    ) -> io::Result<SlurmRunner> {
         std::fs::create_dir_all(&dir)?;
         let shared = Arc::new(Shared {
             run_name,
@@ -290,13 +436,19 @@ impl SlurmRunner {
         });
         let poller = Arc::clone(&shared);
         std::thread::spawn(move || poller.poll_until_stopped());
-        Ok(SlurmRunner { shared, opts, dir })
+        Ok(SlurmRunner {
+            shared,
+            opts,
+            dir,
+            adopted,
+        })
     }
 
+    /// Submits the job and writes its job file; returns its id and exit-code file.
     fn submit(&self, job: &Job) -> io::Result<(u64, PathBuf)> {
         let name = crate::workspace::file_safe(&job.stage);
         let script = self.dir.join(format!("{name}.sh"));
-        let exit_file = self.dir.join(format!("{name}.exit"));
+        let exit_file = JobFile::exit_path(&self.dir, &job.stage);
         let _ = std::fs::remove_file(&exit_file);
         let text = job_script(job, &exit_file).map_err(io::Error::other)?;
         crate::atomic::write(&script, text.as_bytes(), false)?;
@@ -312,7 +464,16 @@ impl SlurmRunner {
             .map_err(|e| io::Error::new(e.kind(), format!("cannot run sbatch: {e}")))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         match parse_job_id(&stdout) {
-            Some(id) if out.status.success() => Ok((id, exit_file)),
+            Some(id) if out.status.success() => {
+                let file = JobFile {
+                    id,
+                    stage: job.stage.clone(),
+                    key: job.key.clone(),
+                };
+                let text = serde_json::to_vec(&file).map_err(io::Error::other)?;
+                crate::atomic::write(&JobFile::path(&self.dir, &job.stage), &text, false)?;
+                Ok((id, exit_file))
+            }
             _ => Err(io::Error::other(format!(
                 "sbatch failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -323,9 +484,27 @@ impl SlurmRunner {
 
 impl Shared {
     fn poll_until_stopped(&self) {
+        let mut interval = LIST_SOONEST;
+        let mut listed_at: Option<Instant> = None;
         while !self.stop.load(Ordering::SeqCst) {
-            let ids: Vec<u64> = self.jobs.lock().expect("jobs").keys().copied().collect();
-            if !ids.is_empty() {
+            let (any, fresh) = {
+                let mut jobs = self.jobs.lock().expect("jobs");
+                let mut fresh = false;
+                for w in jobs.values_mut() {
+                    fresh |= !w.seen && listed_at.is_none_or(|t| t < w.submitted);
+                    if !w.exited && w.exit_file.exists() {
+                        w.exited = true;
+                        fresh = true;
+                    }
+                }
+                (!jobs.is_empty(), fresh)
+            };
+            if fresh {
+                interval = LIST_SOONEST;
+            }
+            let due = listed_at.is_none_or(|t| fresh || t.elapsed() >= interval);
+            if any && due {
+                listed_at = Some(Instant::now());
                 let listing = squeue(&[
                     "--states=all".into(),
                     "--noheader".into(),
@@ -336,20 +515,22 @@ impl Shared {
                 if let Ok(listing) = listing {
                     let listed = parse_squeue(&listing);
                     let mut jobs = self.jobs.lock().expect("jobs");
+                    let mut changed = false;
                     for (id, w) in jobs.iter_mut() {
-                        w.listed = listed.get(id).cloned();
-                        if w.listed.is_some() {
-                            w.seen = true;
-                            w.missing = 0;
-                        } else {
-                            w.missing += 1;
-                        }
+                        let now = listed.get(id).cloned();
+                        changed |= now != w.listed;
+                        w.seen |= now.is_some();
+                        w.listed = now;
                     }
+                    interval = match changed {
+                        true => LIST_SOONEST,
+                        false => (interval * 2).min(LIST_LATEST),
+                    };
                     self.changed.notify_all();
                 }
             }
             let jobs = self.jobs.lock().expect("jobs");
-            let _ = self.changed.wait_timeout(jobs, POLL);
+            let _ = self.changed.wait_timeout(jobs, LOOK);
         }
     }
 }
@@ -371,24 +552,30 @@ impl Runner for SlurmRunner {
             let _ = std::fs::write(p, &said);
         }
         let mut jobs = self.shared.jobs.lock().expect("jobs");
-        jobs.insert(id, Watched::default());
+        jobs.insert(
+            id,
+            Watched {
+                listed: None,
+                seen: false,
+                submitted: Instant::now(),
+                exit_file: exit_file.clone(),
+                exited: false,
+            },
+        );
         self.shared.changed.notify_all();
         let judged = loop {
             let w = &jobs[&id];
             let code = std::fs::read_to_string(&exit_file).ok();
             let listed = w.listed.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
             if let (Some(p), Some((state, reason))) = (&progress, listed) {
-                let now = match reason {
-                    "" | "None" => format!("Slurm job {id}: {state}"),
-                    r => format!("Slurm job {id}: {state} ({r})"),
-                };
+                let now = format!("Slurm job {id}: {}", state_line(state, reason));
                 let ours = std::fs::read_to_string(p).map_or(true, |t| t == said);
                 if now != said && ours {
                     let _ = std::fs::write(p, &now);
                     said = now;
                 }
             }
-            let on_its_way = !w.seen && w.missing < GRACE_LISTINGS;
+            let on_its_way = !w.seen && w.submitted.elapsed() < GRACE;
             match verdict(listed, code.as_deref()) {
                 Verdict::Failed(_) if listed.is_none() && on_its_way => {}
                 Verdict::Active => {}
@@ -398,6 +585,7 @@ impl Runner for SlurmRunner {
         };
         jobs.remove(&id);
         drop(jobs);
+        let _ = std::fs::remove_file(JobFile::path(&self.dir, &job.stage));
         if self.shared.interrupted.load(Ordering::SeqCst) && judged != Verdict::Exited(0) {
             return Ok(Exit::Interrupted);
         }
@@ -407,6 +595,10 @@ impl Runner for SlurmRunner {
             Verdict::Failed(why) => Exit::Failed(format!("Slurm job {id}: {why}")),
             Verdict::Active => unreachable!("the loop ends on a final verdict"),
         })
+    }
+
+    fn adopted(&self, stage: &str, key: &str) -> bool {
+        self.adopted.get(stage).is_some_and(|k| k == key)
     }
 
     fn interrupt(&self) {
@@ -436,6 +628,7 @@ mod tests {
     fn job() -> Job {
         Job {
             stage: "train@ffn=moe,scale=1".into(),
+            key: "k".into(),
             argv: vec![
                 "sh".into(),
                 "-c".into(),
@@ -498,10 +691,10 @@ mod tests {
             ("licence".to_string(), 1),
         ]
         .into();
-        let opts = SlurmOptions {
+        let opts = SlurmSettings {
             partition: Some("gpu".into()),
             account: Some("lab".into()),
-            time: Some("2:00:00".into()),
+            time: Some(120),
             extra: vec!["--qos=short".into()],
         };
         let args = sbatch_args("repro-123", &job(), &resources, &opts);
@@ -514,14 +707,21 @@ mod tests {
                 "--chdir=/work space/ws",
                 "--partition=gpu",
                 "--account=lab",
-                "--time=2:00:00",
+                "--time=120",
                 "--cpus-per-task=4",
                 "--gres=gpu:1",
                 "--mem=8192M",
                 "--qos=short",
             ]
         );
-        let none = sbatch_args("r", &job(), &BTreeMap::new(), &SlurmOptions::default());
+        let own_time: BTreeMap<String, u64> = [("time".to_string(), 15)].into();
+        let args = sbatch_args("r", &job(), &own_time, &opts);
+        assert!(
+            args.contains(&"--time=15".to_string()),
+            "the stage's limit wins: {args:?}"
+        );
+        assert!(!args.contains(&"--time=120".to_string()), "{args:?}");
+        let none = sbatch_args("r", &job(), &BTreeMap::new(), &SlurmSettings::default());
         assert_eq!(none.len(), 4, "{none:?}");
     }
 

@@ -180,8 +180,9 @@ impl Executor<'_> {
     ) -> Result<Outcome> {
         let stage = &self.pipeline.stages[i];
         let root = &self.ws.root;
+        let adopted = self.runner.adopted(&stage.name, &key);
         // Outs are cleared first, so nothing stale or partial can pass for this run's output.
-        for out in &stage.outs {
+        for out in stage.outs.iter().filter(|_| !adopted) {
             let path = root.join(out);
             remove_path(&path).with_context(|| format!("cannot clear out `{out}`"))?;
             if let Some(parent) = path.parent() {
@@ -219,6 +220,7 @@ impl Executor<'_> {
         let log = self.ws.log_path(&stage.name);
         let job = Job {
             stage: stage.name.clone(),
+            key: key.clone(),
             argv,
             env,
             cwd: root.clone(),
@@ -226,10 +228,13 @@ impl Executor<'_> {
             resources: stage.resources.clone(),
         };
         let t0 = Instant::now();
-        let exit = self
-            .runner
-            .run(&job)
-            .with_context(|| format!("cannot start stage `{}`", stage.name))?;
+        let exit = match adopted {
+            true => Exit::Success,
+            false => self
+                .runner
+                .run(&job)
+                .with_context(|| format!("cannot start stage `{}`", stage.name))?,
+        };
         let shown_log = log.strip_prefix(root).unwrap_or(&log).display().to_string();
         let failed = |why: String| {
             Ok(Outcome::Failed {

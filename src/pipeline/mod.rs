@@ -6,6 +6,7 @@
 pub mod compiled;
 pub mod dag;
 pub mod own_files;
+pub mod runner;
 pub mod schema;
 pub mod spans;
 pub mod template;
@@ -119,6 +120,8 @@ pub struct Pipeline {
     pub own: OwnFiles,
     /// What loading read besides the file and the options.
     pub read: LoadFacts,
+    /// The `runner:` section (where stages run, and the cluster settings).
+    pub runner: runner::RunnerSettings,
     /// Where to save this pipeline as a compiled plan, and under what key, if it was parsed.
     #[serde(skip)]
     unsaved_plan: Option<(PathBuf, String)>,
@@ -261,6 +264,15 @@ impl Pipeline {
             })?;
         }
         let stages_line = spans.line(&["stages"]).unwrap_or(1);
+        let runner = match parsed.runner {
+            None => runner::RunnerSettings::default(),
+            Some(spec) => spec.check().map_err(|(at, e)| {
+                let mut path = vec!["runner"];
+                path.extend(at.iter().map(String::as_str));
+                let line = spans.line(&path).unwrap_or(1);
+                anyhow!("{shown}:{line}: runner.{}: {}", at.join("."), one_line(&e))
+            })?,
+        };
 
         let own = OwnFiles::new(workspace, &opts.store, file);
         let ex = Expander {
@@ -329,6 +341,7 @@ impl Pipeline {
             dag,
             own,
             read,
+            runner,
             unsaved_plan: None,
         })
     }
@@ -747,9 +760,14 @@ impl Expander<'_> {
         for (k, v) in &spec.resources {
             let v = template::resolve(v, &scope, &mut used)
                 .map_err(|e| ctx(&["resources", k], &format!("resources.{k}"), e))?;
+            // `time` is a limit in minutes, not a slot: a Slurm job's `--time`.
+            let amount = match k.as_str() {
+                "time" => runner::minutes(&v),
+                _ => parse_quantity(k, &v),
+            };
             resources.insert(
                 k.clone(),
-                parse_quantity(k, &v).map_err(|e| ctx(&["resources", k], "resources", e))?,
+                amount.map_err(|e| ctx(&["resources", k], "resources", e))?,
             );
         }
         let env = match &spec.env {

@@ -12,6 +12,8 @@ pub struct PipelineFile {
     #[serde(default)]
     pub params: IndexMap<String, Value>,
     pub stages: IndexMap<String, StageSpec>,
+    /// Where the stages run (`local` or `slurm`) and the cluster's settings.
+    pub runner: Option<super::runner::RunnerSpec>,
 }
 
 #[derive(Debug, Deserialize)]
