@@ -320,6 +320,68 @@ fn the_runner_section_chooses_slurm_and_sizes_its_jobs() {
     );
 }
 
+/// `scontrol show job` of each job Slurm still lists for a run in `ws` (ended ones stay listed
+/// for MinJobAge, 300 s here).
+fn jobs_shown(ws: &Ws) -> Vec<String> {
+    let root = ws.root().canonicalize().unwrap();
+    let prefix = repro::exec::slurm::run_prefix(&root);
+    let out = std::process::Command::new("squeue")
+        .args(["--states=all", "--noheader", "--format=%i|%j"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&prefix))
+        .map(|l| {
+            let id = l.split('|').next().unwrap().trim();
+            let shown = std::process::Command::new("scontrol")
+                .args(["show", "job", id])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&shown.stdout).into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn a_built_in_train_stage_asks_slurm_for_its_gpu() {
+    let Some(_cluster) = slurm() else {
+        return;
+    };
+    let ws = Ws::new(
+        "stages:
+  corpus:
+    uses: corpus
+    with: {text_file: stories.txt, heldout_fraction: 0.1}
+    outs: [data/prose]
+  tokenise:
+    uses: tokenise
+    with: {input: data/prose, vocab: 300}
+    outs: [data/tokens]
+  train:
+    uses: train
+    with: {tokens: data/tokens, ffn: sgatlin, d_model: 16, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, seq_len: 16, batch: 4, steps: 20, seed: 1}
+    outs: [models/tiny]
+    resources: {gpu: 1, cores: 1}
+",
+    );
+    let story = "Tom had a red ball. The ball was big. Tom was happy.\n<|endoftext|>\n";
+    ws.write("stories.txt", &story.repeat(200));
+    let out = ws.repro(&["run", "--runner", "slurm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(ws.root().join("models/tiny").is_dir());
+    let jobs = jobs_shown(&ws);
+    assert_eq!(jobs.len(), 3, "one job per stage: {jobs:?}");
+    for job in jobs {
+        let train = job.contains("/.repro/slurm/train.sh");
+        assert_eq!(
+            job.contains("gres:gpu:1"),
+            train,
+            "only train asks for a GPU: {job}"
+        );
+    }
+}
+
 #[test]
 fn the_isoflop_smoke_pipeline_through_slurm_equals_the_local_run() {
     let Some(_cluster) = slurm() else {
