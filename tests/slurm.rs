@@ -90,6 +90,42 @@ fn a_failing_job_fails_its_stage_with_its_log() {
     assert_eq!(ws.records(), 0);
 }
 
+#[test]
+fn a_failure_cancels_the_other_jobs_unless_told_to_keep_going() {
+    let Some(_cluster) = slurm() else {
+        return;
+    };
+    let pipeline = |secs: u32| {
+        format!(
+            "stages:\n  bad:\n    cmd: sleep 2; exit 3\n    resources: {{cores: 1, memory: 100M}}\n  \
+             long:\n    cmd: echo begun > long.txt; sleep {secs}; echo done >> long.txt\n    \
+             outs: [long.txt]\n    resources: {{cores: 1, memory: 100M}}\n"
+        )
+    };
+    let ws = Ws::new(&pipeline(600));
+    let t0 = std::time::Instant::now();
+    let out = ws.repro(&["run", "--runner", "slurm"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        t0.elapsed().as_secs() < 60,
+        "it waited for the long job: {said}"
+    );
+    assert!(said.contains("cancelled: another stage failed"), "{said}");
+    assert!(live_jobs(&ws).is_empty(), "{:?}", live_jobs(&ws));
+    assert_eq!(ws.records(), 0);
+    assert!(
+        !ws.root().join("long.txt").exists(),
+        "a cancelled job's out is no result"
+    );
+
+    let ws = Ws::new(&pipeline(3));
+    let out = ws.repro(&["run", "--runner", "slurm", "--keep-going"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(ws.read("long.txt"), "begun\ndone\n");
+    assert_eq!(ws.records(), 1);
+}
+
 /// Waits up to `secs` for `done`, checking every 100 ms; panics saying `what`.
 fn wait_until(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();

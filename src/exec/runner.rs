@@ -37,6 +37,8 @@ pub enum Exit {
     Failed(String),
     /// Stopped because the run was interrupted.
     Interrupted,
+    /// Cancelled because another stage failed and the run stops (no `--keep-going`).
+    Cancelled,
 }
 
 pub trait Runner: Send + Sync {
@@ -44,6 +46,10 @@ pub trait Runner: Send + Sync {
     fn run(&self, job: &Job) -> io::Result<Exit>;
     /// Stops every job of this run (Ctrl-C): nothing they did will be recorded.
     fn interrupt(&self);
+    /// Another stage failed and the run stops (no `--keep-going`). A cluster runner cancels
+    /// the jobs it submitted, which could otherwise hold the queue for hours; stages running
+    /// here finish, and what they make is kept.
+    fn stop_after_failure(&self) {}
     /// Whether the stage already ran to success with this key outside this run, its outs left
     /// in place to be stored as they are (a Slurm job of a killed run, waited for with
     /// `--adopt`).

@@ -69,6 +69,15 @@ enum Status {
 }
 
 impl Executor<'_> {
+    /// After a failure: without `--keep-going`, nothing more starts, and the runner cancels
+    /// what it queued.
+    fn stop_after_failure(&self, opts: &RunOptions, stopping: &mut bool) {
+        if !opts.keep_going && !*stopping {
+            *stopping = true;
+            self.runner.stop_after_failure();
+        }
+    }
+
     /// Runs the pipeline from `loaded`, its state as read before the run.
     pub fn run(
         &self,
@@ -238,7 +247,7 @@ impl Executor<'_> {
                                 if interrupted_at.is_none() {
                                     summary.failed.push(name.clone());
                                     self.block_descendants(i, &mut status, &mut summary, reporter);
-                                    stopping |= !opts.keep_going;
+                                    self.stop_after_failure(opts, &mut stopping);
                                 }
                                 continue;
                             }
@@ -254,7 +263,7 @@ impl Executor<'_> {
                         status[i] = Status::Failed;
                         summary.failed.push(name.clone());
                         self.block_descendants(i, &mut status, &mut summary, reporter);
-                        stopping |= !opts.keep_going;
+                        self.stop_after_failure(opts, &mut stopping);
                     }
                 }
             }

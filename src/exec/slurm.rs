@@ -391,6 +391,8 @@ struct Shared {
     /// Signalled after every listing, and when a job is submitted (to list soon).
     changed: Condvar,
     interrupted: AtomicBool,
+    /// Another stage failed and the run stops: its jobs were cancelled.
+    cancelled: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -432,6 +434,7 @@ impl SlurmRunner {
             jobs: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
             interrupted: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let poller = Arc::clone(&shared);
@@ -483,6 +486,25 @@ impl SlurmRunner {
 }
 
 impl Shared {
+    /// How the run's jobs end if it is stopping: interrupted, or cancelled after a failure.
+    fn stopped(&self) -> Option<Exit> {
+        if self.interrupted.load(Ordering::SeqCst) {
+            Some(Exit::Interrupted)
+        } else if self.cancelled.load(Ordering::SeqCst) {
+            Some(Exit::Cancelled)
+        } else {
+            None
+        }
+    }
+
+    /// Cancels every job of the run still being followed.
+    fn cancel_all(&self) {
+        let ids: Vec<u64> = self.jobs.lock().expect("jobs").keys().copied().collect();
+        if !ids.is_empty() {
+            let _ = scancel(&ids);
+        }
+    }
+
     fn poll_until_stopped(&self) {
         let mut interval = LIST_SOONEST;
         let mut listed_at: Option<Instant> = None;
@@ -537,8 +559,8 @@ impl Shared {
 
 impl Runner for SlurmRunner {
     fn run(&self, job: &Job) -> io::Result<Exit> {
-        if self.shared.interrupted.load(Ordering::SeqCst) {
-            return Ok(Exit::Interrupted);
+        if let Some(stopped) = self.shared.stopped() {
+            return Ok(stopped);
         }
         let (id, exit_file) = self.submit(job)?;
         // The stage's progress line says where its job stands until the stage writes its own.
@@ -563,6 +585,10 @@ impl Runner for SlurmRunner {
             },
         );
         self.shared.changed.notify_all();
+        // A stop that came while this job was being submitted did not see it.
+        if self.shared.stopped().is_some() {
+            let _ = scancel(&[id]);
+        }
         let judged = loop {
             let w = &jobs[&id];
             let code = std::fs::read_to_string(&exit_file).ok();
@@ -586,8 +612,8 @@ impl Runner for SlurmRunner {
         jobs.remove(&id);
         drop(jobs);
         let _ = std::fs::remove_file(JobFile::path(&self.dir, &job.stage));
-        if self.shared.interrupted.load(Ordering::SeqCst) && judged != Verdict::Exited(0) {
-            return Ok(Exit::Interrupted);
+        if let (Some(stopped), false) = (self.shared.stopped(), judged == Verdict::Exited(0)) {
+            return Ok(stopped);
         }
         Ok(match judged {
             Verdict::Exited(0) => Exit::Success,
@@ -603,13 +629,12 @@ impl Runner for SlurmRunner {
 
     fn interrupt(&self) {
         self.shared.interrupted.store(true, Ordering::SeqCst);
-        let ids: Vec<u64> = {
-            let jobs = self.shared.jobs.lock().expect("jobs");
-            jobs.keys().copied().collect()
-        };
-        if !ids.is_empty() {
-            let _ = scancel(&ids);
-        }
+        self.shared.cancel_all();
+    }
+
+    fn stop_after_failure(&self) {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        self.shared.cancel_all();
     }
 }
 

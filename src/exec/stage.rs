@@ -253,6 +253,13 @@ impl Executor<'_> {
                     log: None,
                 })
             }
+            Exit::Cancelled => {
+                return Ok(Outcome::Failed {
+                    why: "cancelled: another stage failed (--keep-going lets the others run)"
+                        .into(),
+                    log: None,
+                })
+            }
         }
         let duration_s = t0.elapsed().as_secs_f64();
 
