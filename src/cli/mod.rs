@@ -344,7 +344,7 @@ fn settle_orphans(
     reporter: &Reporter,
 ) -> Result<std::collections::HashMap<String, String>> {
     use crate::exec::slurm::{list_queue, orphans, scancel, settle};
-    let listing = list_queue().context("the runner is slurm, and Slurm does not answer here")?;
+    let listing = list_queue().context("the runner is slurm and Slurm does not answer here (`--runner local` runs the stages on this machine)")?;
     let found = orphans(&ws.root, &listing);
     let named: Vec<String> = found
         .iter()
