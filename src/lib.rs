@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod exec;
+pub mod interp;
 pub mod nn;
 pub mod pipeline;
 pub mod stages;

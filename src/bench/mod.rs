@@ -3,6 +3,7 @@
 
 mod engine;
 mod kernels;
+mod neighbours;
 mod train;
 
 use anyhow::Result;
@@ -20,6 +21,8 @@ enum Bench {
     Engine(engine::EngineArgs),
     /// Each CPU kernel on every instruction set this CPU supports, side by side.
     Kernels(kernels::KernelsArgs),
+    /// Nearest neighbours between circuits: the inverted index against the dense scan.
+    Neighbours(neighbours::NeighboursArgs),
     /// Training throughput and memory of every feedforward kind; PyTorch side by side.
     Train(train::TrainArgs),
     /// One training measurement in a process of its own (used by `bench train`).
@@ -31,6 +34,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.what {
         Bench::Engine(a) => engine::run(a)?,
         Bench::Kernels(a) => kernels::run(a)?,
+        Bench::Neighbours(a) => neighbours::run(a)?,
         Bench::Train(a) => train::run(a)?,
         Bench::TrainOne(a) => train::one(a)?,
     }

@@ -1,0 +1,4 @@
+//! Interpretability analyses of trained models, free of stage plumbing: nearest neighbours
+//! between feedforward circuits (and, to come, their 2-D map, gating patching and ablation).
+
+pub mod neighbours;
