@@ -415,9 +415,11 @@ const GRACE: Duration = Duration::from_secs(10);
 /// ended; then doubled while nothing changes, up to the longest.
 const LIST_SOONEST: Duration = Duration::from_millis(250);
 const LIST_LATEST: Duration = Duration::from_secs(5);
-/// Time between looks at the exit-code files (a stat each, no load on the cluster), so that a
-/// job's end is seen at once.
+/// Time between looks at the exit-code files, so that a job's end is seen at once: a stat
+/// each, no load on slurmctld, but on the shared filesystem's metadata server, so that with
+/// many jobs the looks are spread out to about 50 stats a second.
 const LOOK: Duration = Duration::from_millis(100);
+const LOOK_PER_JOB: Duration = Duration::from_millis(20);
 
 impl SlurmRunner {
     /// A runner for one run, named `run_name` in the queue; scripts go to `dir`. `adopted`:
@@ -508,13 +510,18 @@ impl Shared {
     fn poll_until_stopped(&self) {
         let mut interval = LIST_SOONEST;
         let mut listed_at: Option<Instant> = None;
+        let mut looked_at = Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
             let (any, fresh) = {
                 let mut jobs = self.jobs.lock().expect("jobs");
                 let mut fresh = false;
+                let look = looked_at.elapsed() >= LOOK.max(LOOK_PER_JOB * jobs.len() as u32);
+                if look {
+                    looked_at = Instant::now();
+                }
                 for w in jobs.values_mut() {
                     fresh |= !w.seen && listed_at.is_none_or(|t| t < w.submitted);
-                    if !w.exited && w.exit_file.exists() {
+                    if look && !w.exited && w.exit_file.exists() {
                         w.exited = true;
                         fresh = true;
                     }
