@@ -68,35 +68,16 @@ pub fn nearest_2d(points: &[[f32; 2]], k: usize) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::interp::neighbours::{Circuits, InvertedIndex};
+    use crate::interp::neighbours::InvertedIndex;
+    use crate::interp::testing::{fresh_seed, planted};
 
     #[test]
     fn planted_clusters_agree_far_above_the_shuffled_baseline() {
         // Five groups of 40 circuits; each group draws its 4 experts from its own 8.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
+        let seed = fresh_seed();
         let mut rng = Rng::new(seed);
-        let (groups, per, k) = (5usize, 40usize, 4usize);
-        let mut experts = Vec::new();
-        let mut labels = Vec::new();
-        for g in 0..groups {
-            for _ in 0..per {
-                let start = experts.len();
-                while experts.len() - start < k {
-                    let e = (g * 8) as u32 + (rng.next_u64() % 8) as u32;
-                    if !experts[start..].contains(&e) {
-                        experts.push(e);
-                    }
-                }
-                labels.push(g as u32);
-            }
-        }
-        let scores = (0..experts.len())
-            .map(|_| 0.5 + rng.uniform() as f32)
-            .collect();
-        let circuits = Circuits { k, experts, scores };
+        let groups = 5;
+        let (circuits, labels) = planted(&mut rng, groups, 40, 4, 8);
         let index = InvertedIndex::new(&circuits, groups * 8).unwrap();
         let found: Vec<Vec<usize>> = index
             .nearest(&circuits, 10, Some)

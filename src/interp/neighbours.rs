@@ -250,10 +250,7 @@ mod tests {
 
     #[test]
     fn the_index_finds_exactly_what_brute_force_finds() {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
+        let seed = crate::interp::testing::fresh_seed();
         let mut rng = Rng::new(seed);
         for (m, k, n, top) in [(500, 4, 64, 20), (300, 8, 1024, 20), (200, 2, 16, 50)] {
             let refs = random_circuits(&mut rng, m, k, n);

@@ -214,7 +214,8 @@ pub fn embed(n: usize, k: usize, neighbours: &[u32], dist: &[f32], p: &Params) -
 mod tests {
     use super::*;
     use crate::interp::cluster::{agreement, nearest_2d};
-    use crate::interp::neighbours::{Circuits, InvertedIndex};
+    use crate::interp::neighbours::InvertedIndex;
+    use crate::interp::testing;
 
     #[test]
     fn the_curve_is_umap_learns() {
@@ -229,24 +230,7 @@ mod tests {
     /// `groups` clusters of `per` circuits, each drawing 8 of 1024 experts from its own 64,
     /// and their 15 nearest neighbours by cosine.
     fn planted(seed: u64, groups: usize, per: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
-        let mut rng = Rng::new(seed);
-        let (k, mut experts, mut labels) = (8, Vec::new(), Vec::new());
-        for g in 0..groups {
-            for _ in 0..per {
-                let start = experts.len();
-                while experts.len() - start < k {
-                    let e = (g * 64) as u32 + (rng.next_u64() % 64) as u32;
-                    if !experts[start..].contains(&e) {
-                        experts.push(e);
-                    }
-                }
-                labels.push(g as u32);
-            }
-        }
-        let scores = (0..experts.len())
-            .map(|_| 0.5 + rng.uniform() as f32)
-            .collect();
-        let circuits = Circuits { k, experts, scores };
+        let (circuits, labels) = testing::planted(&mut Rng::new(seed), groups, per, 8, 64);
         let found = InvertedIndex::new(&circuits, 1024)
             .unwrap()
             .nearest(&circuits, 15, Some);
@@ -261,10 +245,7 @@ mod tests {
 
     #[test]
     fn planted_clusters_stay_apart_and_a_seed_gives_the_same_map() {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
+        let seed = testing::fresh_seed();
         let (labels, idx, dist) = planted(seed, 5, 120);
         let n = labels.len();
         let p = Params {
