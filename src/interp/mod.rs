@@ -1,9 +1,10 @@
 //! Interpretability analyses of trained models, free of stage plumbing: nearest neighbours
-//! between feedforward circuits, their 2-D map and how well they cluster (gating patching and
-//! ablation to come).
+//! between feedforward circuits, their 2-D map and how well they cluster, and the measures of
+//! recall under gating patching.
 
 pub mod cluster;
 pub mod neighbours;
+pub mod patching;
 pub mod umap;
 
 /// Inputs with known structure, for the analyses' tests.
