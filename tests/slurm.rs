@@ -384,25 +384,12 @@ fn a_built_in_train_stage_asks_slurm_for_its_gpu() {
     let Some(_cluster) = slurm() else {
         return;
     };
-    let ws = Ws::new(
-        "stages:
-  corpus:
-    uses: corpus
-    with: {text_file: stories.txt, heldout_fraction: 0.1}
-    outs: [data/prose]
-  tokenise:
-    uses: tokenise
-    with: {input: data/prose, vocab: 300}
-    outs: [data/tokens]
-  train:
-    uses: train
-    with: {tokens: data/tokens, ffn: sgatlin, d_model: 16, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, seq_len: 16, batch: 4, steps: 20, seed: 1}
-    outs: [models/tiny]
-    resources: {gpu: 1, cores: 1}
-",
-    );
-    let story = "Tom had a red ball. The ball was big. Tom was happy.\n<|endoftext|>\n";
-    ws.write("stories.txt", &story.repeat(200));
+    let ws = Ws::new(&corpus_and_train(
+        "ffn: sgatlin, d_model: 16, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, \
+         seq_len: 16, batch: 4, steps: 20, seed: 1",
+        "    resources: {gpu: 1, cores: 1}\n",
+    ));
+    ws.write("stories.txt", &stories());
     let out = ws.repro(&["run", "--runner", "slurm"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(ws.root().join("models/tiny").is_dir());

@@ -96,43 +96,23 @@ fn full_isoflop_pipelines_are_valid() {
     }
 }
 
-const CORPUS_TRAIN: &str = r#"
-stages:
-  corpus:
-    uses: corpus
-    with: {text_file: stories.txt, heldout_fraction: 0.1}
-    outs: [data/prose]
-  tokenise:
-    uses: tokenise
-    with: {input: data/prose, vocab: 300}
-    outs: [data/tokens]
-  train:
-    uses: train
-    with: {tokens: data/tokens, ffn: sgatlin, d_model: 32, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, seq_len: 16, batch: 4, steps: 3000, checkpoint_s: 0, seed: 3}
-    outs: [models/tiny]
-"#;
-
-fn stories() -> String {
-    let names = ["Tom", "Lily", "Ben", "Mia"];
-    let things = ["ball", "cat", "tree", "boat", "cake"];
-    let mut text = String::new();
-    for i in 0..200 {
-        let (n, t) = (names[i % 4], things[(i * 7) % 5]);
-        text.push_str(&format!(
-            "{n} had a {t}. The {t} was big. {n} was happy with the {t}.\n<|endoftext|>\n"
-        ));
-    }
-    text
+/// A tiny sgatlin model trained for long enough to be killed mid-way.
+fn corpus_train() -> String {
+    corpus_and_train(
+        "ffn: sgatlin, d_model: 32, layers: 1, channels: 2, experts: 16, topk: 2, d_key: 8, \
+         seq_len: 16, batch: 4, steps: 3000, checkpoint_s: 0, seed: 3",
+        "",
+    )
 }
 
 #[test]
 fn killed_training_resumes_to_identical_weights() {
-    let reference = Ws::new(CORPUS_TRAIN);
+    let reference = Ws::new(&corpus_train());
     reference.write("stories.txt", &stories());
     let out = reference.repro(&["run"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let ws = Ws::new(CORPUS_TRAIN);
+    let ws = Ws::new(&corpus_train());
     ws.write("stories.txt", &stories());
     let mut child = ws
         .cmd(&["run"])

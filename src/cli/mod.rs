@@ -353,7 +353,7 @@ fn settle_orphans(
     let ids: Vec<u64> = found.iter().map(|o| o.0).collect();
     let named = named.join(", ");
     if found.is_empty() {
-        // Job files of jobs that ended are cleared below.
+        // Nothing to wait for; `settle` still clears the job files of jobs that ended.
     } else if c.cancel_orphans {
         scancel(&ids)?;
         reporter.note(&format!("cancelled jobs of an earlier run: {named}"));

@@ -1,6 +1,6 @@
-//! The pieces of the Slurm runner that do not need a cluster: the job script a stage runs as,
-//! the `sbatch` arguments its resources map to, and how a job's end is judged from the batched
-//! `squeue` listing and the exit-code file the script writes.
+//! The Slurm runner: the job script a stage runs as, the `sbatch` arguments its resources map
+//! to, how a job's end is judged from the batched `squeue` listing and the exit-code file the
+//! script writes, the jobs a killed run left behind, and the runner that follows a run's jobs.
 //!
 //! A job is judged by its state AND by that file, never by Slurm's exit code alone: a job that
 //! hit its time limit shows `ExitCode=0:0` with state TIMEOUT (../shared/SLURM.md).
@@ -170,14 +170,16 @@ pub fn list_queue() -> io::Result<String> {
     ])
 }
 
-/// The user's jobs, ended ones too, as `parse_squeue` reads them.
-fn list_states() -> io::Result<HashMap<u64, (String, String)>> {
-    let args = ["--me", "--states=all", "--noheader", "--format=%i|%T|%r"];
+/// The jobs `which` selects (`--me`, `--name=RUN`), ended ones too: id → (state, reason).
+fn list_states(which: &str) -> io::Result<HashMap<u64, (String, String)>> {
+    let args = [which, "--states=all", "--noheader", "--format=%i|%T|%r"];
     Ok(parse_squeue(&squeue(&args.map(String::from))?))
 }
 
-/// A submitted job, as the file `.repro/slurm/STAGE.job` keeps it until the job's end is
-/// judged: what `repro status` shows and what `--adopt` takes over from a killed run.
+/// A submitted job, as the file `.repro/slurm/jobs/STAGE.job` keeps it until the job's end is
+/// judged: what `repro status` shows and what `--adopt` takes over from a killed run. Job
+/// files have a folder of their own, so that `repro status` reads only them, not the scripts
+/// and exit-code files of every stage ever submitted.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobFile {
     pub id: u64,
@@ -187,22 +189,26 @@ pub struct JobFile {
 }
 
 impl JobFile {
+    fn folder(dir: &Path) -> PathBuf {
+        dir.join("jobs")
+    }
+
     fn path(dir: &Path, stage: &str) -> PathBuf {
-        dir.join(format!("{}.job", crate::workspace::file_safe(stage)))
+        Self::folder(dir).join(format!("{}.job", crate::workspace::file_safe(stage)))
     }
 
     fn exit_path(dir: &Path, stage: &str) -> PathBuf {
         dir.join(format!("{}.exit", crate::workspace::file_safe(stage)))
     }
 
-    /// Every job file in `dir` (none if it does not exist); unreadable ones are skipped.
+    /// Every job file of the runner folder `dir` (none if there are none); unreadable ones are
+    /// skipped.
     pub fn all(dir: &Path) -> Vec<JobFile> {
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(entries) = std::fs::read_dir(Self::folder(dir)) else {
             return Vec::new();
         };
         entries
             .flatten()
-            .filter(|e| e.file_name().as_encoded_bytes().ends_with(b".job"))
             .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
             .collect()
     }
@@ -215,7 +221,7 @@ pub fn job_lines(dir: &Path) -> HashMap<String, String> {
     if files.is_empty() {
         return HashMap::new();
     }
-    let listed = list_states();
+    let listed = list_states("--me");
     files
         .into_iter()
         .map(|f| {
@@ -253,8 +259,8 @@ pub struct Settled {
 /// every other job file is removed (the stage simply runs again).
 pub fn settle(ids: &[u64], dir: &Path, poll: Duration) -> io::Result<Settled> {
     let mut last: HashMap<u64, (String, String)> = HashMap::new();
-    loop {
-        let listed = list_states()?;
+    while !ids.is_empty() {
+        let listed = list_states("--me")?;
         let active = ids.iter().filter(|id| match listed.get(id) {
             Some((state, _)) => ACTIVE.contains(&state.as_str()),
             None => false,
@@ -359,11 +365,7 @@ pub fn verdict(listed: Option<(&str, &str)>, exit_code: Option<&str>) -> Verdict
                 },
                 _ => state,
             };
-            let reason = match reason {
-                "" | "None" => String::new(),
-                r => format!(" ({r})"),
-            };
-            Verdict::Failed(format!("{what}{reason}"))
+            Verdict::Failed(state_line(what, reason))
         }
         None => Verdict::Failed(
             "left the queue without an exit-code file (cancelled outside repro, or its node lost)"
@@ -430,7 +432,7 @@ impl SlurmRunner {
         dir: PathBuf,
         adopted: HashMap<String, String>,
     ) -> io::Result<SlurmRunner> {
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(JobFile::folder(&dir))?;
         let shared = Arc::new(Shared {
             run_name,
             jobs: Mutex::new(HashMap::new()),
@@ -534,15 +536,8 @@ impl Shared {
             let due = listed_at.is_none_or(|t| fresh || t.elapsed() >= interval);
             if any && due {
                 listed_at = Some(Instant::now());
-                let listing = squeue(&[
-                    "--states=all".into(),
-                    "--noheader".into(),
-                    "--format=%i|%T|%r".into(),
-                    format!("--name={}", self.run_name),
-                ]);
                 // A failed listing changes nothing: the jobs are as last seen.
-                if let Ok(listing) = listing {
-                    let listed = parse_squeue(&listing);
+                if let Ok(listed) = list_states(&format!("--name={}", self.run_name)) {
                     let mut jobs = self.jobs.lock().expect("jobs");
                     let mut changed = false;
                     for (id, w) in jobs.iter_mut() {
@@ -598,12 +593,18 @@ impl Runner for SlurmRunner {
         }
         let judged = loop {
             let w = &jobs[&id];
-            let code = std::fs::read_to_string(&exit_file).ok();
             let listed = w.listed.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
+            // Files on the shared filesystem are read only when they can matter: the exit code
+            // once the job is no longer active, the progress line when the state changed.
+            let active = listed.is_some_and(|(state, _)| ACTIVE.contains(&state));
+            let code = match active {
+                true => None,
+                false => std::fs::read_to_string(&exit_file).ok(),
+            };
             if let (Some(p), Some((state, reason))) = (&progress, listed) {
                 let now = format!("Slurm job {id}: {}", state_line(state, reason));
-                let ours = std::fs::read_to_string(p).map_or(true, |t| t == said);
-                if now != said && ours {
+                let ours = || std::fs::read_to_string(p).map_or(true, |t| t == said);
+                if now != said && ours() {
                     let _ = std::fs::write(p, &now);
                     said = now;
                 }

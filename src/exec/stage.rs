@@ -180,13 +180,16 @@ impl Executor<'_> {
     ) -> Result<Outcome> {
         let stage = &self.pipeline.stages[i];
         let root = &self.ws.root;
+        // Outs are cleared first, so nothing stale or partial can pass for this run's output;
+        // an adopted job's outs are what it wrote, and stay.
         let adopted = self.runner.adopted(&stage.name, &key);
-        // Outs are cleared first, so nothing stale or partial can pass for this run's output.
-        for out in stage.outs.iter().filter(|_| !adopted) {
-            let path = root.join(out);
-            remove_path(&path).with_context(|| format!("cannot clear out `{out}`"))?;
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
+        if !adopted {
+            for out in &stage.outs {
+                let path = root.join(out);
+                remove_path(&path).with_context(|| format!("cannot clear out `{out}`"))?;
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
             }
         }
         let scratch = self.ws.scratch_dir(&stage.name);

@@ -10,7 +10,7 @@ pub mod umap;
 /// Inputs with known structure, for the analyses' tests.
 #[cfg(test)]
 pub(crate) mod testing {
-    use super::neighbours::Circuits;
+    use super::neighbours::{random_circuits, Circuits};
     use crate::nn::rng::Rng;
 
     /// A seed from the clock: each test run draws fresh inputs (and names the seed on failure).
@@ -31,22 +31,18 @@ pub(crate) mod testing {
         k: usize,
         pool: usize,
     ) -> (Circuits, Vec<u32>) {
-        let (mut experts, mut labels) = (Vec::new(), Vec::new());
+        let mut all = Circuits {
+            k,
+            experts: Vec::new(),
+            scores: Vec::new(),
+        };
         for g in 0..groups {
-            for _ in 0..per {
-                let start = experts.len();
-                while experts.len() - start < k {
-                    let e = (g * pool) as u32 + (rng.next_u64() % pool as u64) as u32;
-                    if !experts[start..].contains(&e) {
-                        experts.push(e);
-                    }
-                }
-                labels.push(g as u32);
-            }
+            let group = random_circuits(rng, per, k, pool);
+            all.experts
+                .extend(group.experts.iter().map(|e| e + (g * pool) as u32));
+            all.scores.extend(group.scores);
         }
-        let scores = (0..experts.len())
-            .map(|_| 0.5 + rng.uniform() as f32)
-            .collect();
-        (Circuits { k, experts, scores }, labels)
+        let labels = (0..groups * per).map(|i| (i / per) as u32).collect();
+        (all, labels)
     }
 }

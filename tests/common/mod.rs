@@ -332,3 +332,39 @@ pub fn diamond() -> Ws {
     ws.write("data/side.txt", "side\n");
     ws
 }
+
+/// A pipeline that makes a corpus of `stories.txt` (see [`stories`]), a 300-token BPE, and a
+/// model `models/tiny` trained with `train_with` (the `with:` entries after `tokens`); `extra`
+/// is added to the train stage as written (e.g. its `resources:` line).
+pub fn corpus_and_train(train_with: &str, extra: &str) -> String {
+    format!(
+        "stages:
+  corpus:
+    uses: corpus
+    with: {{text_file: stories.txt, heldout_fraction: 0.1}}
+    outs: [data/prose]
+  tokenise:
+    uses: tokenise
+    with: {{input: data/prose, vocab: 300}}
+    outs: [data/tokens]
+  train:
+    uses: train
+    with: {{tokens: data/tokens, {train_with}}}
+    outs: [models/tiny]
+{extra}"
+    )
+}
+
+/// 200 tiny stories, separated as TinyStories' files are.
+pub fn stories() -> String {
+    let names = ["Tom", "Lily", "Ben", "Mia"];
+    let things = ["ball", "cat", "tree", "boat", "cake"];
+    let mut text = String::new();
+    for i in 0..200 {
+        let (n, t) = (names[i % 4], things[(i * 7) % 5]);
+        text.push_str(&format!(
+            "{n} had a {t}. The {t} was big. {n} was happy with the {t}.\n<|endoftext|>\n"
+        ));
+    }
+    text
+}
