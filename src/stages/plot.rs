@@ -257,7 +257,7 @@ fn render(w: &With, data: &Panels) -> String {
 }
 
 /// The range of the values with a little room on each side (never empty).
-fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(super) fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
         (a.min(v), b.max(v))
     });
@@ -267,7 +267,7 @@ fn padded(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// About five round tick values inside [lo, hi]: the step among 1, 2, 2.5 and 5 times a power
 /// of ten that gives closest to five ticks.
-fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+pub(super) fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let range = hi - lo;
     let mag = 10f64.powf((range / 5.0).log10().floor());
     let step = [0.5, 1.0, 2.0, 2.5, 5.0, 10.0]
@@ -288,7 +288,7 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     out
 }
 
-fn short(v: f64) -> String {
+pub(super) fn short(v: f64) -> String {
     let s = format!("{v:.4}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
@@ -298,7 +298,7 @@ fn scientific(v: f64) -> String {
     format!("{v:.1e}").replace(".0e", "e")
 }
 
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
