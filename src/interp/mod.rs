@@ -3,8 +3,10 @@
 //! recall under gating patching.
 
 pub mod cluster;
+pub mod gating;
 pub mod neighbours;
 pub mod patching;
+pub mod recall;
 pub mod umap;
 
 /// Inputs with known structure, for the analyses' tests.

@@ -260,6 +260,27 @@ impl Model {
         b.ffn.set_routing_override(overrides)
     }
 
+    /// The dense MLP's hidden activations [tokens, d_ffw] of layer `layer` from the last
+    /// forward pass (`mlp` kind only).
+    pub fn last_activation(&self, layer: usize) -> Option<&[f32]> {
+        self.blocks.get(layer).and_then(|b| b.ffn.last_activation())
+    }
+
+    /// Replaces the MLP hidden activations of the given positions in `layer` on the following
+    /// forward passes (activation patching, the dense analogue of gating patching).
+    pub fn set_activation_override(
+        &mut self,
+        layer: usize,
+        overrides: Vec<crate::nn::ffn::ActivationOverride>,
+    ) -> Result<(), String> {
+        let n = self.blocks.len();
+        self.blocks
+            .get_mut(layer)
+            .ok_or_else(|| format!("layer {layer} does not exist ({n} layers)"))?
+            .ffn
+            .set_activation_override(overrides)
+    }
+
     /// Logits [batch * seq, vocab] of the last forward pass (before they are turned into
     /// gradients; valid after `forward_logits`).
     pub fn logits(&self) -> &[f32] {

@@ -14,6 +14,8 @@ pub struct Mlp {
     act: Vec<f32>,
     dact: Vec<f32>,
     dpre: Vec<f32>,
+    /// Hidden activations forced at chosen token positions (activation patching).
+    pub overrides: Vec<super::ActivationOverride>,
 }
 
 impl Mlp {
@@ -40,6 +42,7 @@ impl Mlp {
             act: vec![],
             dact: vec![],
             dpre: vec![],
+            overrides: Vec::new(),
         }
     }
 
@@ -59,6 +62,11 @@ impl Mlp {
             false,
         );
         be.gelu_forward(&self.pre, &mut self.act);
+        for o in &self.overrides {
+            if let Some(row) = self.act.get_mut(o.token * f..(o.token + 1) * f) {
+                row.copy_from_slice(&o.values);
+            }
+        }
         be.matmul(n, d, f, &self.act, false, self.w2.of(p), false, out, false);
     }
 
@@ -95,6 +103,15 @@ impl Mlp {
 }
 
 impl Mlp {
+    pub fn hidden(&self) -> usize {
+        self.f
+    }
+
+    /// The hidden activations gelu(h W1), [tokens, d_ffw], of the last forward pass.
+    pub fn last_activation(&self) -> &[f32] {
+        &self.act
+    }
+
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
         4 * (self.pre.capacity()

@@ -86,6 +86,14 @@ pub(crate) fn apply_overrides(
     }
 }
 
+/// A dense MLP's hidden activations forced at one token position (row of the batch).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationOverride {
+    pub token: usize,
+    /// [d_ffw] activations after the nonlinearity.
+    pub values: Vec<f32>,
+}
+
 pub enum FfnLayer {
     Mlp(mlp::Mlp),
     Swiglu(swiglu::Swiglu),
@@ -188,6 +196,34 @@ impl FfnLayer {
             }
         }
         Ok(())
+    }
+
+    /// Forces the hidden activations of a dense MLP at the given positions on the following
+    /// forward passes (the dense analogue of gating patching); an empty list clears it.
+    pub fn set_activation_override(
+        &mut self,
+        overrides: Vec<ActivationOverride>,
+    ) -> Result<(), String> {
+        let FfnLayer::Mlp(l) = self else {
+            return Err("activation overrides apply to the dense `mlp` kind".into());
+        };
+        if let Some(o) = overrides.iter().find(|o| o.values.len() != l.hidden()) {
+            return Err(format!(
+                "activation override has {} values, the MLP has {} hidden units",
+                o.values.len(),
+                l.hidden()
+            ));
+        }
+        l.overrides = overrides;
+        Ok(())
+    }
+
+    /// The hidden activations [tokens, d_ffw] of the last forward pass, for `mlp`.
+    pub fn last_activation(&self) -> Option<&[f32]> {
+        match self {
+            FfnLayer::Mlp(l) => Some(l.last_activation()),
+            _ => None,
+        }
     }
 
     /// The router outputs of the last forward pass (scores, indices), each [tokens, C, k],
