@@ -170,7 +170,7 @@ impl StageKind for Evaluate {
 }
 
 /// The model config of weights exported by `train` (it travels in the file's metadata).
-fn read_model_config(path: &Path) -> Result<ModelConfig> {
+pub(super) fn read_model_config(path: &Path) -> Result<ModelConfig> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not safetensors", path.display()))?;
@@ -192,7 +192,7 @@ fn read_model_config(path: &Path) -> Result<ModelConfig> {
 }
 
 /// The model of `cfg` with the weights of `path`.
-fn model_from(path: &Path, cfg: &ModelConfig) -> Result<Model> {
+pub(super) fn model_from(path: &Path, cfg: &ModelConfig) -> Result<Model> {
     let mut model = Model::new(cfg, 0).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let (mut bufs, _) = checkpoint::load(path, &model.table, &[""])?;
     model.params = bufs.remove(0);

@@ -2,8 +2,10 @@
 //! and inputs to its outs, run in a child process (`repro __stage CONTEXT`) so that it is
 //! isolated, logged and stopped exactly like a shell stage.
 
+mod charts;
 mod corpus;
 mod evaluate;
+mod interp;
 mod plot;
 mod table;
 mod tokenise;
@@ -70,6 +72,11 @@ impl Default for Registry {
                 &evaluate::Evaluate,
                 &table::Table,
                 &plot::Plot,
+                &interp::gating::GatingKind,
+                &interp::neighbours::Neighbours,
+                &interp::cluster::Cluster,
+                &interp::recall::Patch,
+                &interp::recall::Ablate,
             ],
         }
     }
@@ -124,7 +131,7 @@ impl KindVersion for Registry {
 pub fn check_keys(with: &Map<String, Value>, known: &[&str]) -> Result<(), String> {
     match with.keys().find(|k| !known.contains(&k.as_str())) {
         Some(k) => Err(format!(
-            "unknown parameter `with.{k}` (known: {})",
+            "with.{k}: unknown parameter (known: {})",
             known.join(", ")
         )),
         None => Ok(()),
