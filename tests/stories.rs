@@ -134,4 +134,49 @@ fn stories_smoke_pipeline_end_to_end() {
         "{}",
         text(&out)
     );
+
+    bad_inputs_to_the_analyses_fail_with_their_reason(&ws);
+}
+
+/// Inputs that pass the load checks but not the run: each stage fails naming what is wrong,
+/// and the others go on.
+fn bad_inputs_to_the_analyses_fail_with_their_reason(ws: &Ws) {
+    let (models, tokens, gating) = (
+        "models/stories-smoke",
+        "data/stories-smoke/tokens",
+        "results/stories-smoke/gating",
+    );
+    ws.write("bad/classes.yaml", "a: [the, dog]\nb: [cat, The]\n");
+    ws.write("bad/gating/gating.safetensors", "not a safetensors file");
+    ws.write("bad/gating/vocab.json", "[]");
+    let stages = [
+        ("long-noun", format!("uses: patch\n    with: {{models: [{models}/sgatlin], tokens: {tokens}, facts: {{xylophonequartzes: zz, turtle: slow}}}}"), "the noun `xylophonequartzes` is"),
+        ("dense-gating", format!("uses: gating\n    with: {{model: {models}/dense, tokens: {tokens}}}"), "has no router"),
+        ("dense-ablate", format!("uses: ablate\n    with: {{model: {models}/dense, tokens: {tokens}}}"), "a mlp model has none"),
+        ("no-story", format!("uses: neighbours\n    with: {{gating: {gating}, targets: [999]}}"), "story 999 was not collected"),
+        ("no-layer", format!("uses: neighbours\n    with: {{gating: {gating}, layers: [5]}}"), "layer 5 does not exist"),
+        ("no-channel", format!("uses: cluster\n    with: {{gating: {gating}, classes: {{a: [the]}}, channels: [9]}}"), "channel 9 does not exist"),
+        ("two-classes", format!("uses: cluster\n    with: {{gating: {gating}, classes: bad/classes.yaml}}"), "`The` is in two classes"),
+        ("damaged", "uses: neighbours\n    with: {gating: bad/gating}".to_string(), "gating.safetensors"),
+    ];
+    let mut pipeline = String::from("stages:\n");
+    for (name, body, _) in &stages {
+        pipeline += &format!("  {name}:\n    {body}\n    outs: [bad/out/{name}]\n");
+    }
+    ws.write("bad.yaml", &pipeline);
+    let out = ws.repro(&["run", "bad.yaml", "--keep-going"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains(&format!("{} failed", stages.len())), "{said}");
+    for (name, _, reason) in &stages {
+        let log = ws.read(&format!(".repro/logs/{name}.log"));
+        assert!(
+            log.contains(reason),
+            "{name}: expected `{reason}` in its log:\n{log}"
+        );
+        assert!(
+            !ws.root().join("bad/out").join(name).exists(),
+            "{name} left an output"
+        );
+    }
 }
