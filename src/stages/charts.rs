@@ -298,7 +298,7 @@ pub fn bars(
         .collect();
     let label_chars = all
         .iter()
-        .map(|v| format!("{v:.2}").len())
+        .map(|&v| two_decimals(v).len())
         .max()
         .unwrap_or(4);
     // Bars wide enough for their labels, groups apart.
@@ -409,9 +409,10 @@ pub fn bars(
                     let label_y = if v >= 0.0 { top - 4.0 } else { bottom + 12.0 };
                     let _ = writeln!(
                         svg,
-                        r#"<rect x="{x:.1}" y="{top:.1}" width="{bw:.1}" height="{:.1}" fill="{}"/><text x="{mid:.1}" y="{label_y:.1}">{v:.2}</text>"#,
+                        r#"<rect x="{x:.1}" y="{top:.1}" width="{bw:.1}" height="{:.1}" fill="{}"/><text x="{mid:.1}" y="{label_y:.1}">{}</text>"#,
                         bottom - top,
                         PALETTE[s % PALETTE.len()],
+                        two_decimals(v),
                     );
                 }
                 None => {
@@ -513,6 +514,11 @@ fn truncate(s: &str, max: usize) -> String {
 /// Text content, escaped (quotes too, so that it could also stand in an attribute).
 fn text(s: &str) -> String {
     esc(&clean(s)).replace('"', "&quot;").replace('\'', "&#39;")
+}
+
+/// A bar's value label; a value that rounds to zero is "0.00", never "-0.00".
+fn two_decimals(v: f64) -> String {
+    format!("{:.2}", (v * 100.0).round() / 100.0 + 0.0)
 }
 
 /// An SVG document's opening: the root element, a white background and the centred title.
