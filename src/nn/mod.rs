@@ -23,6 +23,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod ffn;
 pub mod flops;
 pub mod memory;

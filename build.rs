@@ -1,0 +1,47 @@
+//! With the `cuda-emu` feature: compiles kernels/*.cu as C++ for the host emulator
+//! (kernels/emu), one translation unit, so that every kernel's registration is linked in.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "cuda-emu")]
+    emulator();
+}
+
+#[cfg(feature = "cuda-emu")]
+fn emulator() {
+    use std::path::{Path, PathBuf};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let mut sources: Vec<PathBuf> = Vec::new();
+    for dir in [root.clone(), root.join("testing")] {
+        let entries = std::fs::read_dir(&dir).expect("kernels/ is readable");
+        for entry in entries {
+            let path = entry.expect("kernels/ is readable").path();
+            if path.extension().is_some_and(|e| e == "cu") {
+                println!("cargo:rerun-if-changed={}", path.display());
+                sources.push(path);
+            }
+        }
+    }
+    sources.sort();
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let list: String = sources
+        .iter()
+        .map(|p| format!("#include \"{}\"\n", p.display()))
+        .collect();
+    std::fs::write(out.join("kernels.inc"), list).expect("OUT_DIR is writable");
+    for header in ["emu/cuda_emu.h", "emu/runtime.cpp", "common.cuh"] {
+        println!("cargo:rerun-if-changed={}", root.join(header).display());
+    }
+    cc::Build::new()
+        .cpp(true)
+        .std("c++20")
+        .define("REPRO_EMU", None)
+        .include(root.join("emu"))
+        .include(&out)
+        .opt_level(2)
+        .flag("-pthread")
+        .warnings(true)
+        .file(root.join("emu/runtime.cpp"))
+        .compile("repro_cuda_emu");
+}

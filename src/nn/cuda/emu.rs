@@ -1,0 +1,264 @@
+//! The host emulator of kernels/*.cu: launch a kernel by name with a grid, a block, dynamic
+//! shared memory and arguments, as the CUDA driver does. Blocks run in turn, the threads of a
+//! block as real threads (kernels/emu/runtime.cpp); each launch reports the global-memory
+//! bytes its threads read and wrote, and, with the race check on, fails on a shared-memory race.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::Mutex;
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+extern "C" {
+    fn repro_emu_set_race_check(on: c_int);
+    fn repro_emu_last_error() -> *const c_char;
+    fn repro_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared_bytes: usize,
+        args: *mut *mut c_void,
+        nargs: usize,
+        stats: *mut Traffic,
+    ) -> c_int;
+}
+
+/// One kernel argument, as CUDA takes them: its value's bytes (a device pointer, which is a
+/// host address here, or a scalar).
+pub enum Arg {
+    Ptr(*mut c_void),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+}
+
+impl Arg {
+    pub fn slice<T>(s: &[T]) -> Arg {
+        Arg::Ptr(s.as_ptr() as *mut c_void)
+    }
+
+    pub fn slice_mut<T>(s: &mut [T]) -> Arg {
+        Arg::Ptr(s.as_mut_ptr() as *mut c_void)
+    }
+
+    fn value_ptr(&mut self) -> *mut c_void {
+        match self {
+            Arg::Ptr(p) => p as *mut *mut c_void as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::U32(v) => v as *mut u32 as *mut c_void,
+            Arg::F32(v) => v as *mut f32 as *mut c_void,
+        }
+    }
+}
+
+/// Launches are serialised: the runtime's launch state is global.
+static LAUNCH: Mutex<()> = Mutex::new(());
+
+/// Runs kernel `name` over `grid` blocks of `block` threads. The caller vouches that the
+/// pointer arguments address buffers the kernel may read and write at these sizes, as on a GPU.
+pub fn launch(
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: usize,
+    args: &mut [Arg],
+    race_check: bool,
+) -> Result<Traffic, String> {
+    let c_name = CString::new(name).map_err(|_| format!("bad kernel name {name:?}"))?;
+    let mut values: Vec<*mut c_void> = args.iter_mut().map(Arg::value_ptr).collect();
+    let mut traffic = Traffic::default();
+    let _one_at_a_time = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the names, sizes and argument pointers are valid for the call; the kernel's own
+    // accesses are the caller's promise above.
+    let rc = unsafe {
+        repro_emu_set_race_check(race_check as c_int);
+        repro_emu_launch(
+            c_name.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            shared_bytes,
+            values.as_mut_ptr(),
+            values.len(),
+            &mut traffic,
+        )
+    };
+    if rc == 0 {
+        Ok(traffic)
+    } else {
+        // SAFETY: the runtime returns a NUL-terminated string it owns until the next launch,
+        // and launches are serialised by the lock held here.
+        Err(unsafe { CStr::from_ptr(repro_emu_last_error()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+/// A size the kernels and the Rust side share, read from kernels/common.cuh.
+pub fn kernel_constant(name: &str) -> Option<u32> {
+    include_str!("../../../kernels/common.cuh")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("#define ")?
+                .strip_prefix(name)?
+                .trim()
+                .parse()
+                .ok()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::testing::fresh_seed;
+    use crate::nn::cpu::rowops;
+    use crate::nn::rng::Rng;
+
+    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], case: &str) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "{case}: element {i}: {x} against {y}"
+            );
+        }
+    }
+
+    /// Awkward shapes: a single row, fewer rows than a warp, not multiples of the block.
+    const SHAPES: [(usize, usize); 5] = [(1, 1), (1, 7), (5, 33), (129, 3), (300, 17)];
+
+    #[test]
+    fn row_kernels_equal_their_cpu_twins() {
+        let seed = fresh_seed();
+        let mut rng = Rng::new(seed);
+        let block = kernel_constant("ROW_BLOCK").expect("ROW_BLOCK in common.cuh");
+        for (rows, d) in SHAPES {
+            let case = format!("seed {seed}, {rows}x{d}");
+            let (x, b) = (random(&mut rng, rows * d), random(&mut rng, d));
+            let mut want = x.clone();
+            rowops::add_row_vector(&mut want, &b);
+            let mut got = x.clone();
+            let grid = ((rows * d) as u32).div_ceil(block).min(7);
+            let t = launch(
+                "add_row_vector",
+                [grid, 1, 1],
+                [block, 1, 1],
+                0,
+                &mut [
+                    Arg::slice_mut(&mut got),
+                    Arg::slice(&b),
+                    Arg::I32(rows as i32),
+                    Arg::I32(d as i32),
+                ],
+                true,
+            )
+            .unwrap();
+            close(&got, &want, &case);
+            let n = (rows * d) as u64;
+            assert_eq!(
+                t,
+                Traffic {
+                    read_bytes: 8 * n,
+                    written_bytes: 4 * n
+                },
+                "{case}"
+            );
+
+            let start = random(&mut rng, d);
+            let mut want = start.clone();
+            rowops::sum_rows_into(&x, &mut want);
+            for kernel in ["sum_rows", "sum_rows_warp"] {
+                let mut got = start.clone();
+                launch(
+                    kernel,
+                    [d as u32, 1, 1],
+                    [block, 1, 1],
+                    0,
+                    &mut [
+                        Arg::slice(&x),
+                        Arg::slice_mut(&mut got),
+                        Arg::I32(rows as i32),
+                        Arg::I32(d as i32),
+                    ],
+                    true,
+                )
+                .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+                close(&got, &want, &format!("{kernel} {case}"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_barrier_is_a_race_and_bad_launches_are_refused() {
+        let (rows, d) = (300, 3);
+        let x = vec![1.0f32; rows * d];
+        let mut out = vec![0.0f32; d];
+        let block = kernel_constant("ROW_BLOCK").unwrap();
+        let mut args = [
+            Arg::slice(&x),
+            Arg::slice_mut(&mut out),
+            Arg::I32(rows as i32),
+            Arg::I32(d as i32),
+        ];
+        let err = launch(
+            "sum_rows_no_barrier",
+            [d as u32, 1, 1],
+            [block, 1, 1],
+            0,
+            &mut args,
+            true,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("sum_rows_no_barrier") && err.contains("race"),
+            "{err}"
+        );
+        let mut one = vec![0.0f32];
+        let err = launch(
+            "all_write_one",
+            [1, 1, 1],
+            [64, 1, 1],
+            0,
+            &mut [Arg::slice_mut(&mut one)],
+            true,
+        )
+        .unwrap_err();
+        assert!(err.contains("written by two threads"), "{err}");
+        // The same launch without the check runs (and its answer is some thread's index).
+        launch(
+            "all_write_one",
+            [1, 1, 1],
+            [64, 1, 1],
+            0,
+            &mut [Arg::slice_mut(&mut one)],
+            false,
+        )
+        .unwrap();
+        assert!((0.0..64.0).contains(&one[0]));
+        assert!(
+            launch("no_such_kernel", [1, 1, 1], [1, 1, 1], 0, &mut [], false)
+                .unwrap_err()
+                .contains("no kernel named no_such_kernel")
+        );
+        assert!(
+            launch("all_write_one", [1, 1, 1], [1, 1, 1], 0, &mut [], false)
+                .unwrap_err()
+                .contains("takes 1 arguments, given 0")
+        );
+        assert!(launch(
+            "all_write_one",
+            [1, 1, 1],
+            [2048, 1, 1],
+            0,
+            &mut [Arg::slice_mut(&mut one)],
+            false
+        )
+        .is_err());
+    }
+}

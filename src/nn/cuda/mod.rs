@@ -1,0 +1,6 @@
+//! The CUDA backend's drivers. For now the host emulator (`cuda-emu` feature), which runs the
+//! kernels of kernels/*.cu on CPU threads; the cudarc driver and the backend above both
+//! drivers come next (issue 11).
+
+#[cfg(feature = "cuda-emu")]
+pub mod emu;
