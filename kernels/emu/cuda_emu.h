@@ -30,6 +30,9 @@ extern thread_local Thread *self;
 extern dim3 grid_dim, block_dim;
 
 void sync_block();
+// Whether [p, p + bytes) lies in one of the launch's buffers; if not, the launch fails (the
+// access is skipped: a read gives zero), naming the kernel, thread and address.
+bool in_bounds(const void *p, size_t bytes, bool write);
 void note_shared(const void *array, size_t index, bool write);
 void *dynamic_shared_base();
 
@@ -40,10 +43,12 @@ unsigned warp_size_here();  // lanes in the calling thread's warp (the last may 
 template <class T> struct gref {
   T *p;
   operator T() const {
+    if (!in_bounds(p, sizeof(T), false)) return T();
     self->read_bytes += sizeof(T);
     return *p;
   }
   gref &operator=(T v) {
+    if (!in_bounds(p, sizeof(T), true)) return *this;
     self->written_bytes += sizeof(T);
     *p = v;
     return *this;
@@ -155,6 +160,7 @@ inline unsigned __ballot_sync(unsigned, int predicate) {
 }
 
 template <class T> inline T atomicAdd(emu::gref<T> r, T v) {
+  if (!emu::in_bounds(r.p, sizeof(T), true)) return T();
   emu::self->read_bytes += sizeof(T);
   emu::self->written_bytes += sizeof(T);
   return std::atomic_ref<T>(*r.p).fetch_add(v);

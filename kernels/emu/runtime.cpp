@@ -52,6 +52,10 @@ struct Block {
 
 Block *block = nullptr;
 std::string kernel_name;
+// The launch's buffers, [begin, end) addresses, and the first access outside all of them.
+std::vector<std::pair<uintptr_t, uintptr_t>> buffers;
+std::mutex bounds_lock;
+std::string out_of_bounds;
 bool race_check_on = false;
 std::string last_error;
 
@@ -100,6 +104,23 @@ void note_shared(const void *array, size_t index, bool write) {
     t.reader2 = me;
 }
 
+bool in_bounds(const void *p, size_t bytes, bool write) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (auto [begin, end] : buffers)
+    if (a >= begin && a + bytes <= end) return true;
+  std::lock_guard<std::mutex> g(bounds_lock);
+  if (out_of_bounds.empty()) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "out-of-bounds %s in kernel %s, block (%u,%u,%u), thread %u: %zu bytes at %p "
+                  "lie in none of the launch's buffers",
+                  write ? "write" : "read", kernel_name.c_str(), self->bid.x, self->bid.y,
+                  self->bid.z, self->linear, bytes, p);
+    out_of_bounds = buf;
+  }
+  return false;
+}
+
 void *dynamic_shared_base() { return block->dynamic_shared.data(); }
 
 unsigned warp_size_here() {
@@ -140,8 +161,10 @@ void repro_emu_set_race_check(int on) { race_check_on = on != 0; }
 const char *repro_emu_last_error() { return last_error.c_str(); }
 
 // 0 on success; otherwise the reason is in repro_emu_last_error().
+// `ranges`: the [begin, end) addresses of the buffers the kernel may touch, `nranges` pairs.
 int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned blk[3],
-                     size_t shared_bytes, void **args, size_t nargs, ReproEmuStats *stats) {
+                     size_t shared_bytes, void **args, size_t nargs, const uint64_t *ranges,
+                     size_t nranges, ReproEmuStats *stats) {
   auto found = kernels().find(name);
   if (found == kernels().end()) {
     last_error = std::string("no kernel named ") + name;
@@ -161,6 +184,9 @@ int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned bl
   grid_dim = dim3{grid[0], grid[1], grid[2]};
   block_dim = dim3{blk[0], blk[1], blk[2]};
   kernel_name = name;
+  buffers.clear();
+  for (size_t i = 0; i < nranges; i++) buffers.emplace_back(ranges[2 * i], ranges[2 * i + 1]);
+  out_of_bounds.clear();
   stats->read_bytes = stats->written_bytes = 0;
   std::atomic<uint64_t> read{0}, written{0};
   std::string race;
@@ -196,6 +222,10 @@ int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned bl
       }
   stats->read_bytes = read;
   stats->written_bytes = written;
+  if (!out_of_bounds.empty()) {
+    last_error = out_of_bounds;
+    return 3;
+  }
   if (!race.empty()) {
     last_error = race;
     return 2;

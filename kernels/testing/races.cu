@@ -1,4 +1,4 @@
-// Kernels with a planted bug, for the emulator's own tests: the race check must report them.
+// Kernels with a planted bug, for the emulator's own tests: the emulator must report them.
 #include "../common.cuh"
 
 // sum_rows without the barrier between the partial sums and the tree.
@@ -24,3 +24,10 @@ __global__ void all_write_one(gptr<float> out) {
   if (threadIdx.x == 0) out[0] = slot[0];
 }
 REPRO_KERNEL(all_write_one)
+
+// add_row_vector without its bounds check, launched with more threads than elements.
+__global__ void add_row_vector_unguarded(gptr<float> x, gptr<const float> b, int /*rows*/, int d) {
+  long i = blockIdx.x * long(blockDim.x) + threadIdx.x;
+  x[i] += b[i % d];
+}
+REPRO_KERNEL(add_row_vector_unguarded)

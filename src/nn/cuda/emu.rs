@@ -23,14 +23,17 @@ extern "C" {
         shared_bytes: usize,
         args: *mut *mut c_void,
         nargs: usize,
+        ranges: *const u64,
+        nranges: usize,
         stats: *mut Traffic,
     ) -> c_int;
 }
 
 /// One kernel argument, as CUDA takes them: its value's bytes (a device pointer, which is a
-/// host address here, or a scalar).
+/// host address here, or a scalar). A buffer also gives its size: the kernel may touch only
+/// the launch's buffers, and an access outside them fails the launch.
 pub enum Arg {
-    Ptr(*mut c_void),
+    Buffer(*mut c_void, usize),
     I32(i32),
     U32(u32),
     F32(f32),
@@ -38,16 +41,16 @@ pub enum Arg {
 
 impl Arg {
     pub fn slice<T>(s: &[T]) -> Arg {
-        Arg::Ptr(s.as_ptr() as *mut c_void)
+        Arg::Buffer(s.as_ptr() as *mut c_void, std::mem::size_of_val(s))
     }
 
     pub fn slice_mut<T>(s: &mut [T]) -> Arg {
-        Arg::Ptr(s.as_mut_ptr() as *mut c_void)
+        Arg::Buffer(s.as_mut_ptr() as *mut c_void, std::mem::size_of_val(s))
     }
 
     fn value_ptr(&mut self) -> *mut c_void {
         match self {
-            Arg::Ptr(p) => p as *mut *mut c_void as *mut c_void,
+            Arg::Buffer(p, _) => p as *mut *mut c_void as *mut c_void,
             Arg::I32(v) => v as *mut i32 as *mut c_void,
             Arg::U32(v) => v as *mut u32 as *mut c_void,
             Arg::F32(v) => v as *mut f32 as *mut c_void,
@@ -69,6 +72,14 @@ pub fn launch(
     race_check: bool,
 ) -> Result<Traffic, String> {
     let c_name = CString::new(name).map_err(|_| format!("bad kernel name {name:?}"))?;
+    let ranges: Vec<u64> = args
+        .iter()
+        .filter_map(|a| match *a {
+            Arg::Buffer(p, bytes) => Some([p as u64, p as u64 + bytes as u64]),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     let mut values: Vec<*mut c_void> = args.iter_mut().map(Arg::value_ptr).collect();
     let mut traffic = Traffic::default();
     let _one_at_a_time = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
@@ -83,6 +94,8 @@ pub fn launch(
             shared_bytes,
             values.as_mut_ptr(),
             values.len(),
+            ranges.as_ptr(),
+            ranges.len() / 2,
             &mut traffic,
         )
     };
