@@ -29,9 +29,9 @@ __global__ void sum_rows(gptr<const float> x, gptr<float> out, int rows, int d) 
 REPRO_KERNEL(sum_rows)
 
 // The same sum with warp shuffles: within a warp by butterfly exchange, then across warps
-// through shared memory.
+// through dynamic shared memory (one float a warp: launch with blockDim.x / 32 * 4 bytes).
 __global__ void sum_rows_warp(gptr<const float> x, gptr<float> out, int rows, int d) {
-  SHARED_ARRAY(float, per_warp, ROW_BLOCK / 32);
+  SHARED_DYNAMIC(float, per_warp);
   int col = blockIdx.x;
   float s = 0.0f;
   for (int r = threadIdx.x; r < rows; r += blockDim.x) s += x[long(r) * d + col];

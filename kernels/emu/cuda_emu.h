@@ -35,6 +35,10 @@ void sync_block();
 bool in_bounds(const void *p, size_t bytes, bool write);
 void note_shared(const void *array, size_t index, bool write);
 void *dynamic_shared_base();
+size_t dynamic_shared_bytes();
+// An index past a shared array's end: the launch fails, and the access goes to a scratch
+// element of the calling thread's own.
+void shared_out_of_bounds(size_t index, size_t length);
 
 // A warp's lanes exchange 32-bit values: lane i publishes `v`, then reads lane `src`'s.
 uint32_t warp_exchange(uint32_t v, int src);
@@ -68,8 +72,6 @@ template <class T> struct gptr {
   gptr operator-(ptrdiff_t i) const { return gptr{p - i}; }
   explicit operator bool() const { return p != nullptr; }
 };
-// The raw address, for atomics.
-template <class T> T *raw(gref<T> r) { return r.p; }
 
 template <class T> struct sref {
   T *p;
@@ -88,17 +90,26 @@ template <class T> struct sref {
   sref &operator+=(T v) { return *this = T(*this) + v; }
 };
 
+template <class T> sref<T> shared_element(T *data, size_t length, size_t i) {
+  if (i < length) return sref<T>{data + i, data, i};
+  shared_out_of_bounds(i, length);
+  static thread_local T scratch;
+  return sref<T>{&scratch, &scratch, 0};
+}
+
 template <class T, size_t N> struct shared_array {
   T data[N];
-  sref<T> operator[](size_t i) { return sref<T>{data + i, this, i}; }
+  sref<T> operator[](size_t i) { return shared_element(data, N, i); }
 };
 
 template <class T> struct shared_dynamic {
   T *data;
-  sref<T> operator[](size_t i) { return sref<T>{data + i, data, i}; }
+  size_t length;
+  sref<T> operator[](size_t i) { return shared_element(data, length, i); }
 };
 template <class T> shared_dynamic<T> dynamic_shared() {
-  return shared_dynamic<T>{static_cast<T *>(dynamic_shared_base())};
+  return shared_dynamic<T>{static_cast<T *>(dynamic_shared_base()),
+                           dynamic_shared_bytes() / sizeof(T)};
 }
 
 // Kernels by name, each called through a trampoline that unpacks CUDA-style arguments (an

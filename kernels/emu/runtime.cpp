@@ -104,24 +104,35 @@ void note_shared(const void *array, size_t index, bool write) {
     t.reader2 = me;
 }
 
+// Keeps the launch's first out-of-bounds access: its kind, where it happened, and the detail.
+void report_out_of_bounds(const char *kind, const std::string &detail) {
+  std::lock_guard<std::mutex> g(bounds_lock);
+  if (!out_of_bounds.empty()) return;
+  char where[160];
+  std::snprintf(where, sizeof where, " in kernel %s, block (%u,%u,%u), thread %u: ",
+                kernel_name.c_str(), self->bid.x, self->bid.y, self->bid.z, self->linear);
+  out_of_bounds = std::string("out-of-bounds ") + kind + where + detail;
+}
+
 bool in_bounds(const void *p, size_t bytes, bool write) {
   uintptr_t a = reinterpret_cast<uintptr_t>(p);
   for (auto [begin, end] : buffers)
     if (a >= begin && a + bytes <= end) return true;
-  std::lock_guard<std::mutex> g(bounds_lock);
-  if (out_of_bounds.empty()) {
-    char buf[256];
-    std::snprintf(buf, sizeof buf,
-                  "out-of-bounds %s in kernel %s, block (%u,%u,%u), thread %u: %zu bytes at %p "
-                  "lie in none of the launch's buffers",
-                  write ? "write" : "read", kernel_name.c_str(), self->bid.x, self->bid.y,
-                  self->bid.z, self->linear, bytes, p);
-    out_of_bounds = buf;
-  }
+  char detail[96];
+  std::snprintf(detail, sizeof detail, "%zu bytes at %p lie in none of the launch's buffers",
+                bytes, p);
+  report_out_of_bounds(write ? "write" : "read", detail);
   return false;
 }
 
 void *dynamic_shared_base() { return block->dynamic_shared.data(); }
+
+size_t dynamic_shared_bytes() { return block->dynamic_shared.size(); }
+
+void shared_out_of_bounds(size_t index, size_t length) {
+  report_out_of_bounds("shared-memory access", "element " + std::to_string(index) +
+                                                   " of an array of " + std::to_string(length));
+}
 
 unsigned warp_size_here() {
   unsigned threads = block_dim.x * block_dim.y * block_dim.z;

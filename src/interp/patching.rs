@@ -3,19 +3,20 @@
 //! token ids and its logit is their logsumexp.
 
 /// logsumexp of `logits` at `ids` (−∞ for no ids).
-fn logsumexp(logits: &[f32], ids: &[u32]) -> f64 {
-    let max = ids
-        .iter()
-        .map(|&i| logits[i as usize] as f64)
+pub fn logsumexp(logits: &[f32], ids: &[u32]) -> f64 {
+    log_sum_exp(ids.iter().map(|&i| logits[i as usize]))
+}
+
+/// log Σ exp(x) over `values`, stable for large ones (−∞ for none).
+pub fn log_sum_exp(values: impl Iterator<Item = f32> + Clone) -> f64 {
+    let max = values
+        .clone()
+        .map(f64::from)
         .fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return max;
     }
-    max + ids
-        .iter()
-        .map(|&i| (logits[i as usize] as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
+    max + values.map(|x| (x as f64 - max).exp()).sum::<f64>().ln()
 }
 
 /// LD = logsumexp(logits[clean answers]) − logsumexp(logits[counterfactual answers]).

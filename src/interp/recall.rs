@@ -6,7 +6,7 @@
 //! The model must be built with `seq_len` equal to the prompts' length (weights do not depend
 //! on it), so that one row is one prompt.
 
-use super::patching::{logit_difference, rank_flip, recovered_effect};
+use super::patching::{log_sum_exp, logit_difference, logsumexp, rank_flip, recovered_effect};
 use crate::nn::ffn::{ActivationOverride, RoutingOverride};
 use crate::nn::rng::Rng;
 use crate::nn::Model;
@@ -109,6 +109,12 @@ impl Probe {
             .flat_map(|i| self.prompts[i].iter().copied())
             .collect()
     }
+}
+
+/// Each prompt's logits at its last position, without intervention.
+pub fn clean_logits(model: &mut Model, probe: &Probe) -> Result<Vec<Vec<f32>>, String> {
+    probe.check(model)?;
+    last_logits(model, &probe.rows(0..probe.prompts.len()))
 }
 
 /// The logits at the last position of each row of `inputs`.
@@ -215,7 +221,7 @@ pub fn patch(
     probe.check(model)?;
     check_layers(model, layer_sets)?;
     let n = probe.prompts.len();
-    let clean = last_logits(model, &probe.rows(0..n))?;
+    let clean = clean_logits(model, probe)?;
     let sites = capture(model, method, probe)?;
     let pairs: Vec<(usize, usize)> = (0..n)
         .flat_map(|i| (0..n).filter(move |&j| j != i).map(move |j| (i, j)))
@@ -250,13 +256,7 @@ pub fn patch(
 
 /// log p of an answer: the logsumexp of its spellings' logits minus that of all logits.
 pub fn answer_log_prob(logits: &[f32], answer: &[u32]) -> f64 {
-    let lse = |xs: &mut dyn Iterator<Item = f64>| {
-        let v: Vec<f64> = xs.collect();
-        let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
-    };
-    lse(&mut answer.iter().map(|&i| logits[i as usize] as f64))
-        - lse(&mut logits.iter().map(|&x| x as f64))
+    logsumexp(logits, answer) - log_sum_exp(logits.iter().copied())
 }
 
 /// The top-m experts by gate, and `draws` sets of m random selected experts, removed (gate set
@@ -278,7 +278,7 @@ pub fn ablate(
         ));
     }
     let n = probe.prompts.len();
-    let clean = last_logits(model, &probe.rows(0..n))?;
+    let clean = clean_logits(model, probe)?;
     let sites = capture(model, Method::Gating, probe)?;
     let mut rng = Rng::new(seed);
     let mut out = Vec::new();

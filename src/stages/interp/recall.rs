@@ -25,10 +25,12 @@
 //! every channel, and without m random selected ones, averaged over `draws`) and `summary.csv`.
 
 use super::super::{charts, check_keys, out_dir, parse_with, within, StageContext, StageKind};
-use super::{cell, corpus_record, load_model, tokenizer, write_csv};
+use super::{cell, corpus_record, load_model, tokenizer, vocabulary_texts, write_csv};
 use crate::data::stories::FACTS;
 use crate::data::tokenize::TextTokenizer;
-use crate::interp::recall::{ablate, answer_log_prob, patch, AblationRow, Method, PatchRow, Probe};
+use crate::interp::recall::{
+    ablate, answer_log_prob, clean_logits, patch, AblationRow, Method, PatchRow, Probe,
+};
 use crate::nn::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use indexmap::IndexMap;
@@ -166,9 +168,7 @@ fn setup(ctx: &StageContext, common: &Common, model: &str) -> Result<(Model, Pro
     let facts = common.facts();
     let probe = build_probe(&tok, manifest.eos_id, &facts)?;
     let model = load_model(&ctx.workspace.join(model), Some(probe.prompts[0].len()))?;
-    let texts = (0..model.cfg.vocab as u32)
-        .map(|id| tok.decode(&[id]).unwrap_or_default())
-        .collect();
+    let texts = vocabulary_texts(&tok, model.cfg.vocab);
     Ok((model, probe, texts))
 }
 
@@ -353,14 +353,10 @@ fn probe_answers(
     name: &str,
     rows: &mut Vec<Vec<String>>,
 ) -> Result<(usize, usize)> {
-    let inputs: Vec<u32> = probe.prompts.concat();
-    model
-        .forward_logits(&inputs)
-        .map_err(|e| anyhow!("{name}: {e}"))?;
-    let (t, v) = (model.cfg.seq_len, model.cfg.vocab);
+    let clean = clean_logits(model, probe).map_err(|e| anyhow!("{name}: {e}"))?;
     let (mut correct, mut among) = (0, 0);
     for (f, (noun, adjective)) in facts.iter().enumerate() {
-        let logits = &model.logits()[((f + 1) * t - 1) * v..(f + 1) * t * v];
+        let logits = &clean[f];
         let top = crate::interp::gating::top_log_probs(logits, 1)[0].0;
         let mine = answer_log_prob(logits, &probe.answers[f]);
         let first = probe
