@@ -4,3 +4,11 @@
 
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
+
+/// How a kernel is launched: grid and block sizes and dynamic shared-memory bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: usize,
+}
