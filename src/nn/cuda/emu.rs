@@ -110,22 +110,10 @@ pub fn launch(
     }
 }
 
-/// A size the kernels and the Rust side share, read from kernels/common.cuh.
-pub fn kernel_constant(name: &str) -> Option<u32> {
-    include_str!("../../../kernels/common.cuh")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("#define ")?
-                .strip_prefix(name)?
-                .trim()
-                .parse()
-                .ok()
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::cuda::kernel_constant;
     use crate::interp::testing::fresh_seed;
     use crate::nn::cpu::rowops;
     use crate::nn::rng::Rng;

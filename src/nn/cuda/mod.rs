@@ -13,3 +13,16 @@ pub struct LaunchDims {
     pub block: [u32; 3],
     pub shared_bytes: usize,
 }
+
+/// A size the kernels and the Rust side share, read from kernels/common.cuh.
+pub fn kernel_constant(name: &str) -> Option<u32> {
+    include_str!("../../../kernels/common.cuh")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("#define ")?
+                .strip_prefix(name)?
+                .trim()
+                .parse()
+                .ok()
+        })
+}
