@@ -379,12 +379,13 @@ mod tests {
         for (&i, &n) in at.iter().zip(&info.shape) {
             flat = flat * n + i;
         }
-        model.params[info.offset + flat] = value;
+        model.params.host_mut().expect("a cpu model")[info.offset + flat] = value;
     }
 
     fn zero(model: &mut Model, name: &str) {
         let info = model.table.find(name).unwrap().clone();
-        model.params[info.offset..info.offset + info.len].fill(0.0);
+        model.params.host_mut().expect("a cpu model")[info.offset..info.offset + info.len]
+            .fill(0.0);
     }
 
     /// Tokens: 0 bos, 1 and 2 the nouns, 3 and 4 their answers, 5..8 others.

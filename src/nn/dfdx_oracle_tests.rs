@@ -397,7 +397,7 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
     let mut rng = Rng::new(seed ^ 0xD1D1);
     for info in model.table.infos.clone() {
         if !info.decay || info.name.ends_with(".b1") || info.name.ends_with(".b2") {
-            for x in &mut model.params[info.offset..info.offset + info.len] {
+            for x in &mut model.params.host_mut().unwrap()[info.offset..info.offset + info.len] {
                 *x += (0.2 * rng.normal()) as f32;
             }
         }
@@ -414,7 +414,7 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
     let dev = Cpu::default();
     let mut params = HashMap::new();
     for info in &model.table.infos {
-        let vals: Vec<f64> = model.params[info.offset..info.offset + info.len]
+        let vals: Vec<f64> = model.param_values()[info.offset..info.offset + info.len]
             .iter()
             .map(|&x| x as f64)
             .collect();

@@ -2,12 +2,14 @@
 //! attention and a configurable feedforward, final RMSNorm. Explicit forward and backward
 //! passes; activations are kept in buffers reused across steps.
 
-use super::backend::Backend;
+use super::backend::{Backend, Buf};
 use super::config::ModelConfig;
 use super::cpu::{AttnShape, CpuBackend};
-use super::ffn::{ensure, FfnLayer, GateStats, RoutingOverride};
+use super::ffn::{FfnLayer, GateStats, Routing, RoutingOverride};
 use super::rng::Rng;
 use super::tensor::{Init, ParamId, ParamTable};
+use std::borrow::Cow;
+use std::sync::Arc;
 
 struct Block {
     ln1: ParamId,
@@ -19,52 +21,148 @@ struct Block {
     k_norm: ParamId,
     ln2: ParamId,
     ffn: FfnLayer,
-    h1: Vec<f32>,
-    rstd1: Vec<f32>,
-    q_raw: Vec<f32>,
-    k_raw: Vec<f32>,
-    v: Vec<f32>,
-    rstd_q: Vec<f32>,
-    rstd_k: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    att: Vec<f32>,
-    o: Vec<f32>,
-    x_mid: Vec<f32>,
-    h2: Vec<f32>,
-    rstd2: Vec<f32>,
+    a: BlockActs,
+}
+
+/// A block's activations saved for the backward pass.
+struct BlockActs {
+    h1: Buf<f32>,
+    rstd1: Buf<f32>,
+    q_raw: Buf<f32>,
+    k_raw: Buf<f32>,
+    v: Buf<f32>,
+    rstd_q: Buf<f32>,
+    rstd_k: Buf<f32>,
+    q: Buf<f32>,
+    k: Buf<f32>,
+    /// What the backend's attention saves (probabilities or log-sum-exps).
+    att: Buf<f32>,
+    o: Buf<f32>,
+    x_mid: Buf<f32>,
+    h2: Buf<f32>,
+    rstd2: Buf<f32>,
+}
+
+impl BlockActs {
+    fn new(be: &Arc<dyn Backend>) -> Result<BlockActs, String> {
+        let e = || Buf::zeros(be, 0);
+        Ok(BlockActs {
+            h1: e()?,
+            rstd1: e()?,
+            q_raw: e()?,
+            k_raw: e()?,
+            v: e()?,
+            rstd_q: e()?,
+            rstd_k: e()?,
+            q: e()?,
+            k: e()?,
+            att: e()?,
+            o: e()?,
+            x_mid: e()?,
+            h2: e()?,
+            rstd2: e()?,
+        })
+    }
+
+    fn all(&self) -> [&Buf<f32>; 14] {
+        [
+            &self.h1,
+            &self.rstd1,
+            &self.q_raw,
+            &self.k_raw,
+            &self.v,
+            &self.rstd_q,
+            &self.rstd_k,
+            &self.q,
+            &self.k,
+            &self.att,
+            &self.o,
+            &self.x_mid,
+            &self.h2,
+            &self.rstd2,
+        ]
+    }
 }
 
 /// Scratch shared by all blocks.
-#[derive(Default)]
 struct Scratch {
-    resid: Vec<Vec<f32>>,
-    hf: Vec<f32>,
-    rstdf: Vec<f32>,
-    logits: Vec<f32>,
-    ffn_out: Vec<f32>,
-    dx: Vec<f32>,
-    dh: Vec<f32>,
-    d_o: Vec<f32>,
-    dq: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    dq_raw: Vec<f32>,
-    dk_raw: Vec<f32>,
+    tokens: Buf<u32>,
+    targets: Buf<u32>,
+    resid: Vec<Buf<f32>>,
+    hf: Buf<f32>,
+    rstdf: Buf<f32>,
+    logits: Buf<f32>,
+    ffn_out: Buf<f32>,
+    dx: Buf<f32>,
+    dh: Buf<f32>,
+    d_o: Buf<f32>,
+    dq: Buf<f32>,
+    dk: Buf<f32>,
+    dv: Buf<f32>,
+    dq_raw: Buf<f32>,
+    dk_raw: Buf<f32>,
+}
+
+impl Scratch {
+    fn new(be: &Arc<dyn Backend>) -> Result<Scratch, String> {
+        let e = || Buf::zeros(be, 0);
+        Ok(Scratch {
+            tokens: Buf::zeros(be, 0)?,
+            targets: Buf::zeros(be, 0)?,
+            resid: vec![],
+            hf: e()?,
+            rstdf: e()?,
+            logits: e()?,
+            ffn_out: e()?,
+            dx: e()?,
+            dh: e()?,
+            d_o: e()?,
+            dq: e()?,
+            dk: e()?,
+            dv: e()?,
+            dq_raw: e()?,
+            dk_raw: e()?,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.tokens.bytes()
+            + self.targets.bytes()
+            + self.resid.iter().map(Buf::bytes).sum::<usize>()
+            + [
+                &self.hf,
+                &self.rstdf,
+                &self.logits,
+                &self.ffn_out,
+                &self.dx,
+                &self.dh,
+                &self.d_o,
+                &self.dq,
+                &self.dk,
+                &self.dv,
+                &self.dq_raw,
+                &self.dk_raw,
+            ]
+            .iter()
+            .map(|b| b.bytes())
+            .sum::<usize>()
+    }
 }
 
 pub struct Model {
     pub cfg: ModelConfig,
     pub table: ParamTable,
-    pub params: Vec<f32>,
-    pub grads: Vec<f32>,
-    backend: Box<dyn Backend>,
+    /// All parameters, one flat buffer laid out by `table`, in the backend's memory.
+    pub params: Buf<f32>,
+    /// Gradients of the last `forward_backward`, laid out like `params`.
+    pub grads: Buf<f32>,
+    backend: Arc<dyn Backend>,
     embed: ParamId,
     final_norm: ParamId,
     blocks: Vec<Block>,
     s: Scratch,
-    rope_cos: Vec<f32>,
-    rope_sin: Vec<f32>,
+    rope_cos: Buf<f32>,
+    rope_sin: Buf<f32>,
     /// Accumulate per-layer gate statistics during forward passes.
     pub collect_gate_stats: bool,
 }
@@ -89,15 +187,23 @@ pub(crate) fn zeros(n: usize) -> Result<Vec<f32>, String> {
     Ok(v)
 }
 
+/// A buffer's contents: borrowed from host memory, copied from a device.
+pub(crate) fn host_or_copy<T: super::backend::Elem>(b: &Buf<T>) -> Cow<'_, [T]> {
+    match b.host() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(b.to_vec()),
+    }
+}
+
 impl Model {
     /// Builds the model on the CPU backend and initialises it from `seed`.
     pub fn new(cfg: &ModelConfig, seed: u64) -> Result<Model, String> {
-        Model::with_backend(cfg, Box::new(CpuBackend), &mut Rng::new(seed))
+        Model::with_backend(cfg, Arc::new(CpuBackend::default()), &mut Rng::new(seed))
     }
 
     pub fn with_backend(
         cfg: &ModelConfig,
-        backend: Box<dyn Backend>,
+        backend: Arc<dyn Backend>,
         rng: &mut Rng,
     ) -> Result<Model, String> {
         cfg.validate()?;
@@ -111,6 +217,7 @@ impl Model {
                 cfg.seq_len
             ));
         }
+        let be = &backend;
         let d = cfg.d_model;
         let hd = cfg.head_dim();
         let mut t = ParamTable::default();
@@ -133,7 +240,7 @@ impl Model {
             let q_norm = t.add(format!("{pre}.attn.q_norm.scale"), &[hd], Init::Ones, false);
             let k_norm = t.add(format!("{pre}.attn.k_norm.scale"), &[hd], Init::Ones, false);
             let ln2 = t.add(format!("{pre}.ffn_norm.scale"), &[d], Init::Ones, false);
-            let ffn = FfnLayer::new(&mut t, &format!("{pre}.ffn"), cfg);
+            let ffn = FfnLayer::new(&mut t, &format!("{pre}.ffn"), cfg, be);
             blocks.push(Block {
                 ln1,
                 wq,
@@ -144,39 +251,28 @@ impl Model {
                 k_norm,
                 ln2,
                 ffn,
-                h1: vec![],
-                rstd1: vec![],
-                q_raw: vec![],
-                k_raw: vec![],
-                v: vec![],
-                rstd_q: vec![],
-                rstd_k: vec![],
-                q: vec![],
-                k: vec![],
-                att: vec![],
-                o: vec![],
-                x_mid: vec![],
-                h2: vec![],
-                rstd2: vec![],
+                a: BlockActs::new(be)?,
             });
         }
         let final_norm = t.add("final_norm.scale", &[d], Init::Ones, false);
-        let mut params = zeros(t.total)?;
-        t.initialise(&mut params, rng);
-        let grads = zeros(t.total)?;
-        let (rope_cos, rope_sin) = super::cpu::rope::rope_tables(cfg.seq_len, hd);
+        let mut host = super::model::zeros(t.total)?;
+        t.initialise(&mut host, rng);
+        let params = Buf::from_host(be, &host)?;
+        drop(host);
+        let grads = Buf::zeros(be, t.total)?;
+        let (cos, sin) = super::cpu::rope::rope_tables::<f32>(cfg.seq_len, hd);
         Ok(Model {
             cfg: cfg.clone(),
             table: t,
             params,
             grads,
-            backend,
             embed,
             final_norm,
             blocks,
-            s: Scratch::default(),
-            rope_cos,
-            rope_sin,
+            s: Scratch::new(be)?,
+            rope_cos: Buf::from_host(be, &cos)?,
+            rope_sin: Buf::from_host(be, &sin)?,
+            backend,
             collect_gate_stats: false,
         })
     }
@@ -185,32 +281,42 @@ impl Model {
         self.backend.name()
     }
 
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The parameters (borrowed on the CPU, copied from a device).
+    pub fn param_values(&self) -> Cow<'_, [f32]> {
+        host_or_copy(&self.params)
+    }
+
+    /// The gradients of the last `forward_backward` (borrowed on the CPU, copied from a device).
+    pub fn grad_values(&self) -> Cow<'_, [f32]> {
+        host_or_copy(&self.grads)
+    }
+
+    /// Replaces every parameter (a checkpoint's weights).
+    pub fn set_params(&mut self, values: &[f32]) -> Result<(), String> {
+        if values.len() != self.params.len() {
+            return Err(format!(
+                "{} parameter values for a model of {}",
+                values.len(),
+                self.params.len()
+            ));
+        }
+        self.params.upload(values);
+        Ok(())
+    }
+
     /// Bytes held by parameters, gradients and the activation and scratch buffers of the last
     /// batch (optimiser moments excluded).
     pub fn allocated_bytes(&self) -> usize {
-        let mut floats = self.params.len() + self.grads.len();
+        let mut bytes = self.params.bytes() + self.grads.bytes() + self.s.bytes();
         for b in &self.blocks {
-            for v in [
-                &b.h1, &b.rstd1, &b.q_raw, &b.k_raw, &b.v, &b.rstd_q, &b.rstd_k, &b.q, &b.k,
-                &b.att, &b.o, &b.x_mid, &b.h2, &b.rstd2,
-            ] {
-                floats += v.capacity();
-            }
+            bytes += b.a.all().iter().map(|x| x.bytes()).sum::<usize>();
+            bytes += b.ffn.scratch_bytes();
         }
-        let s = &self.s;
-        floats += s.resid.iter().map(|r| r.capacity()).sum::<usize>();
-        for v in [
-            &s.hf, &s.rstdf, &s.logits, &s.ffn_out, &s.dx, &s.dh, &s.d_o, &s.dq, &s.dk, &s.dv,
-            &s.dq_raw, &s.dk_raw,
-        ] {
-            floats += v.capacity();
-        }
-        floats * 4
-            + self
-                .blocks
-                .iter()
-                .map(|b| b.ffn.scratch_bytes())
-                .sum::<usize>()
+        bytes
     }
 
     /// Per-layer gate statistics (None for dense kinds).
@@ -226,7 +332,7 @@ impl Model {
 
     /// Router outputs (scores, indices), each [tokens, C, k], of layer `layer` from the last
     /// forward pass, for product-key kinds.
-    pub fn last_routing(&self, layer: usize) -> Option<(&[f32], &[u32])> {
+    pub fn last_routing(&self, layer: usize) -> Option<Routing<'_>> {
         self.blocks.get(layer).and_then(|b| b.ffn.last_routing())
     }
 
@@ -262,7 +368,7 @@ impl Model {
 
     /// The dense MLP's hidden activations [tokens, d_ffw] of layer `layer` from the last
     /// forward pass (`mlp` kind only).
-    pub fn last_activation(&self, layer: usize) -> Option<&[f32]> {
+    pub fn last_activation(&self, layer: usize) -> Option<Cow<'_, [f32]>> {
         self.blocks.get(layer).and_then(|b| b.ffn.last_activation())
     }
 
@@ -283,8 +389,8 @@ impl Model {
 
     /// Logits [batch * seq, vocab] of the last forward pass (before they are turned into
     /// gradients; valid after `forward_logits`).
-    pub fn logits(&self) -> &[f32] {
-        &self.s.logits
+    pub fn logits(&self) -> Cow<'_, [f32]> {
+        host_or_copy(&self.s.logits)
     }
 
     fn check_batch(&self, inputs: &[u32], targets: Option<&[u32]>) -> Result<usize, String> {
@@ -318,8 +424,7 @@ impl Model {
     /// Forward pass to logits (kept in `logits()`).
     pub fn forward_logits(&mut self, inputs: &[u32]) -> Result<(), String> {
         let batch = self.check_batch(inputs, None)?;
-        self.forward(inputs, batch);
-        Ok(())
+        self.forward(inputs, batch)
     }
 
     /// Mean cross-entropy loss, forward only.
@@ -330,14 +435,8 @@ impl Model {
         pad: Option<u32>,
     ) -> Result<BatchLoss, String> {
         let batch = self.check_batch(inputs, Some(targets))?;
-        self.forward(inputs, batch);
-        let (sum, count) =
-            self.backend
-                .softmax_xent(&mut self.s.logits, targets, self.cfg.vocab, pad, false);
-        Ok(BatchLoss {
-            loss: if count > 0 { sum / count as f64 } else { 0.0 },
-            tokens: count,
-        })
+        self.forward(inputs, batch)?;
+        self.xent(targets, pad, false)
     }
 
     /// Forward and backward; gradients of the mean loss are written (not accumulated) to
@@ -349,122 +448,222 @@ impl Model {
         pad: Option<u32>,
     ) -> Result<BatchLoss, String> {
         let batch = self.check_batch(inputs, Some(targets))?;
-        self.forward(inputs, batch);
-        let (sum, count) =
-            self.backend
-                .softmax_xent(&mut self.s.logits, targets, self.cfg.vocab, pad, true);
-        self.backward(inputs, batch);
+        self.forward(inputs, batch)?;
+        let loss = self.xent(targets, pad, true)?;
+        self.backward(inputs, batch)?;
+        Ok(loss)
+    }
+
+    /// The loss of the logits; with `want_grad` they become d(mean loss)/d(logits).
+    fn xent(
+        &mut self,
+        targets: &[u32],
+        pad: Option<u32>,
+        want_grad: bool,
+    ) -> Result<BatchLoss, String> {
+        let counted = targets.iter().filter(|&&t| Some(t) != pad).count();
+        let s = &mut self.s;
+        s.targets.ensure(targets.len())?;
+        s.targets.upload(targets);
+        let sum = self.backend.softmax_xent(
+            s.logits.view_mut(),
+            s.targets.view(),
+            self.cfg.vocab,
+            pad,
+            counted,
+            want_grad,
+        );
         Ok(BatchLoss {
-            loss: if count > 0 { sum / count as f64 } else { 0.0 },
-            tokens: count,
+            loss: if counted > 0 {
+                sum / counted as f64
+            } else {
+                0.0
+            },
+            tokens: counted,
         })
     }
 
-    fn forward(&mut self, inputs: &[u32], batch: usize) {
+    fn forward(&mut self, inputs: &[u32], batch: usize) -> Result<(), String> {
         let cfg = &self.cfg;
         let (d, tn, v) = (cfg.d_model, cfg.seq_len, cfg.vocab);
         let (hn, hd) = (cfg.n_heads(), cfg.head_dim());
         let n = batch * tn;
-        let be = &*self.backend;
+        let be = &self.backend;
         let p = &self.params;
         let s = &mut self.s;
-        s.resid.resize_with(cfg.n_layers + 1, Vec::new);
+        while s.resid.len() < cfg.n_layers + 1 {
+            s.resid.push(Buf::zeros(be, 0)?);
+        }
         for r in s.resid.iter_mut() {
-            ensure(r, n * d);
+            r.ensure(n * d)?;
         }
-        ensure(&mut s.ffn_out, n * d);
-        let emb = self.embed.of(p);
-        for (t, &tok) in inputs.iter().enumerate() {
-            let tok = tok as usize;
-            s.resid[0][t * d..(t + 1) * d].copy_from_slice(&emb[tok * d..(tok + 1) * d]);
-        }
+        s.ffn_out.ensure(n * d)?;
+        s.tokens.ensure(n)?;
+        s.tokens.upload(inputs);
+        be.embedding_forward(
+            self.embed.view(p),
+            s.tokens.view(),
+            d,
+            s.resid[0].view_mut(),
+        );
         let shape = AttnShape {
             batch,
             seq: tn,
             heads: hn,
             head_dim: hd,
         };
+        let (cos, sin) = (self.rope_cos.view(), self.rope_sin.view());
         for (l, b) in self.blocks.iter_mut().enumerate() {
+            let a = &mut b.a;
             for buf in [
-                &mut b.h1,
-                &mut b.q_raw,
-                &mut b.k_raw,
-                &mut b.v,
-                &mut b.q,
-                &mut b.k,
-                &mut b.o,
-                &mut b.x_mid,
-                &mut b.h2,
+                &mut a.h1,
+                &mut a.q_raw,
+                &mut a.k_raw,
+                &mut a.v,
+                &mut a.q,
+                &mut a.k,
+                &mut a.o,
+                &mut a.x_mid,
+                &mut a.h2,
             ] {
-                ensure(buf, n * d);
+                buf.ensure(n * d)?;
             }
-            ensure(&mut b.rstd1, n);
-            ensure(&mut b.rstd2, n);
-            ensure(&mut b.rstd_q, n * hn);
-            ensure(&mut b.rstd_k, n * hn);
-            ensure(&mut b.att, batch * hn * tn * tn);
+            a.rstd1.ensure(n)?;
+            a.rstd2.ensure(n)?;
+            a.rstd_q.ensure(n * hn)?;
+            a.rstd_k.ensure(n * hn)?;
+            a.att.ensure(be.attention_saved_len(&shape))?;
             let (lo, hi) = s.resid.split_at_mut(l + 1);
             let (x_in, x_out) = (&lo[l], &mut hi[0]);
-            be.rmsnorm_forward(x_in, b.ln1.of(p), d, &mut b.h1, &mut b.rstd1);
+            be.rmsnorm_forward(
+                x_in.view(),
+                b.ln1.view(p),
+                d,
+                a.h1.view_mut(),
+                a.rstd1.view_mut(),
+            );
+            let h1 = a.h1.view();
             be.matmul(
                 n,
                 d,
                 d,
-                &b.h1,
+                h1,
                 false,
-                b.wq.of(p),
+                b.wq.view(p),
                 false,
-                &mut b.q_raw,
+                a.q_raw.view_mut(),
                 false,
             );
             be.matmul(
                 n,
                 d,
                 d,
-                &b.h1,
+                h1,
                 false,
-                b.wk.of(p),
+                b.wk.view(p),
                 false,
-                &mut b.k_raw,
+                a.k_raw.view_mut(),
                 false,
             );
-            be.matmul(n, d, d, &b.h1, false, b.wv.of(p), false, &mut b.v, false);
-            be.rmsnorm_forward(&b.q_raw, b.q_norm.of(p), hd, &mut b.q, &mut b.rstd_q);
-            be.rmsnorm_forward(&b.k_raw, b.k_norm.of(p), hd, &mut b.k, &mut b.rstd_k);
-            be.rope(&mut b.q, &self.rope_cos, &self.rope_sin, tn, hn, hd, false);
-            be.rope(&mut b.k, &self.rope_cos, &self.rope_sin, tn, hn, hd, false);
-            be.attention_forward(&shape, &b.q, &b.k, &b.v, &mut b.o, &mut b.att);
-            b.x_mid.copy_from_slice(x_in);
-            be.matmul(n, d, d, &b.o, false, b.wo.of(p), false, &mut b.x_mid, true);
-            be.rmsnorm_forward(&b.x_mid, b.ln2.of(p), d, &mut b.h2, &mut b.rstd2);
-            b.ffn
-                .forward(be, p, &b.h2, n, &mut s.ffn_out, self.collect_gate_stats);
-            x_out.copy_from_slice(&b.x_mid);
-            be.add_assign(x_out, &s.ffn_out);
+            be.matmul(
+                n,
+                d,
+                d,
+                h1,
+                false,
+                b.wv.view(p),
+                false,
+                a.v.view_mut(),
+                false,
+            );
+            be.rmsnorm_forward(
+                a.q_raw.view(),
+                b.q_norm.view(p),
+                hd,
+                a.q.view_mut(),
+                a.rstd_q.view_mut(),
+            );
+            be.rmsnorm_forward(
+                a.k_raw.view(),
+                b.k_norm.view(p),
+                hd,
+                a.k.view_mut(),
+                a.rstd_k.view_mut(),
+            );
+            be.rope(a.q.view_mut(), cos, sin, tn, hn, hd, false);
+            be.rope(a.k.view_mut(), cos, sin, tn, hn, hd, false);
+            be.attention_forward(
+                &shape,
+                a.q.view(),
+                a.k.view(),
+                a.v.view(),
+                a.o.view_mut(),
+                a.att.view_mut(),
+            );
+            a.x_mid.copy_from(x_in.view());
+            be.matmul(
+                n,
+                d,
+                d,
+                a.o.view(),
+                false,
+                b.wo.view(p),
+                false,
+                a.x_mid.view_mut(),
+                true,
+            );
+            be.rmsnorm_forward(
+                a.x_mid.view(),
+                b.ln2.view(p),
+                d,
+                a.h2.view_mut(),
+                a.rstd2.view_mut(),
+            );
+            b.ffn.forward(
+                be,
+                p,
+                a.h2.view(),
+                n,
+                s.ffn_out.view_mut(),
+                self.collect_gate_stats,
+            )?;
+            x_out.copy_from(a.x_mid.view());
+            be.add_assign(x_out.view_mut(), s.ffn_out.view());
         }
-        ensure(&mut s.hf, n * d);
-        ensure(&mut s.rstdf, n);
-        ensure(&mut s.logits, n * v);
+        s.hf.ensure(n * d)?;
+        s.rstdf.ensure(n)?;
+        s.logits.ensure(n * v)?;
         be.rmsnorm_forward(
-            &s.resid[cfg.n_layers],
-            self.final_norm.of(p),
+            s.resid[cfg.n_layers].view(),
+            self.final_norm.view(p),
             d,
-            &mut s.hf,
-            &mut s.rstdf,
+            s.hf.view_mut(),
+            s.rstdf.view_mut(),
         );
-        be.matmul(n, v, d, &s.hf, false, emb, true, &mut s.logits, false);
+        be.matmul(
+            n,
+            v,
+            d,
+            s.hf.view(),
+            false,
+            self.embed.view(p),
+            true,
+            s.logits.view_mut(),
+            false,
+        );
+        Ok(())
     }
 
     /// Expects `s.logits` to hold d(loss)/d(logits).
-    fn backward(&mut self, inputs: &[u32], batch: usize) {
+    fn backward(&mut self, inputs: &[u32], batch: usize) -> Result<(), String> {
         let cfg = &self.cfg;
         let (d, tn, v) = (cfg.d_model, cfg.seq_len, cfg.vocab);
         let (hn, hd) = (cfg.n_heads(), cfg.head_dim());
         let n = batch * tn;
-        let be = &*self.backend;
+        let be = &self.backend;
         let p = &self.params;
         let g = &mut self.grads;
-        g.fill(0.0);
+        g.fill_zero();
         let s = &mut self.s;
         for buf in [
             &mut s.dx,
@@ -476,40 +675,40 @@ impl Model {
             &mut s.dq_raw,
             &mut s.dk_raw,
         ] {
-            ensure(buf, n * d);
+            buf.ensure(n * d)?;
         }
         // Unembedding: logits = hf · E^T.
         be.matmul(
             n,
             d,
             v,
-            &s.logits,
+            s.logits.view(),
             false,
-            self.embed.of(p),
+            self.embed.view(p),
             false,
-            &mut s.dh,
+            s.dh.view_mut(),
             false,
         );
         be.matmul(
             v,
             d,
             n,
-            &s.logits,
+            s.logits.view(),
             true,
-            &s.hf,
+            s.hf.view(),
             false,
-            self.embed.of_mut(g),
+            self.embed.view_mut(g),
             true,
         );
-        s.dx.fill(0.0);
+        s.dx.fill_zero();
         be.rmsnorm_backward(
-            &s.resid[cfg.n_layers],
-            self.final_norm.of(p),
-            &s.rstdf,
-            &s.dh,
+            s.resid[cfg.n_layers].view(),
+            self.final_norm.view(p),
+            s.rstdf.view(),
+            s.dh.view(),
             d,
-            &mut s.dx,
-            self.final_norm.of_mut(g),
+            s.dx.view_mut(),
+            self.final_norm.view_mut(g),
         );
         let shape = AttnShape {
             batch,
@@ -517,85 +716,136 @@ impl Model {
             heads: hn,
             head_dim: hd,
         };
+        let (cos, sin) = (self.rope_cos.view(), self.rope_sin.view());
         for (l, b) in self.blocks.iter_mut().enumerate().rev() {
-            let x_in = &s.resid[l];
+            let x_in = s.resid[l].view();
+            let a = &b.a;
             // x_out = x_mid + ffn(rmsnorm(x_mid))
-            b.ffn.backward(be, p, g, &b.h2, &s.dx, n, &mut s.dh);
+            b.ffn
+                .backward(be, p, g, a.h2.view(), s.dx.view(), n, s.dh.view_mut())?;
             be.rmsnorm_backward(
-                &b.x_mid,
-                b.ln2.of(p),
-                &b.rstd2,
-                &s.dh,
+                a.x_mid.view(),
+                b.ln2.view(p),
+                a.rstd2.view(),
+                s.dh.view(),
                 d,
-                &mut s.dx,
-                b.ln2.of_mut(g),
+                s.dx.view_mut(),
+                b.ln2.view_mut(g),
             );
             // x_mid = x_in + attn(rmsnorm(x_in)) · Wo
-            be.matmul(n, d, d, &s.dx, false, b.wo.of(p), true, &mut s.d_o, false);
-            be.matmul(d, d, n, &b.o, true, &s.dx, false, b.wo.of_mut(g), true);
-            be.attention_backward(
-                &shape, &b.q, &b.k, &b.v, &b.att, &s.d_o, &mut s.dq, &mut s.dk, &mut s.dv,
-            );
-            be.rope(&mut s.dq, &self.rope_cos, &self.rope_sin, tn, hn, hd, true);
-            be.rope(&mut s.dk, &self.rope_cos, &self.rope_sin, tn, hn, hd, true);
-            s.dq_raw.fill(0.0);
-            s.dk_raw.fill(0.0);
-            be.rmsnorm_backward(
-                &b.q_raw,
-                b.q_norm.of(p),
-                &b.rstd_q,
-                &s.dq,
-                hd,
-                &mut s.dq_raw,
-                b.q_norm.of_mut(g),
-            );
-            be.rmsnorm_backward(
-                &b.k_raw,
-                b.k_norm.of(p),
-                &b.rstd_k,
-                &s.dk,
-                hd,
-                &mut s.dk_raw,
-                b.k_norm.of_mut(g),
-            );
-            be.matmul(d, d, n, &b.h1, true, &s.dq_raw, false, b.wq.of_mut(g), true);
-            be.matmul(d, d, n, &b.h1, true, &s.dk_raw, false, b.wk.of_mut(g), true);
-            be.matmul(d, d, n, &b.h1, true, &s.dv, false, b.wv.of_mut(g), true);
+            let dx = s.dx.view();
             be.matmul(
                 n,
                 d,
                 d,
-                &s.dq_raw,
+                dx,
                 false,
-                b.wq.of(p),
+                b.wo.view(p),
                 true,
-                &mut s.dh,
+                s.d_o.view_mut(),
                 false,
             );
-            be.matmul(n, d, d, &s.dk_raw, false, b.wk.of(p), true, &mut s.dh, true);
-            be.matmul(n, d, d, &s.dv, false, b.wv.of(p), true, &mut s.dh, true);
+            be.matmul(d, d, n, a.o.view(), true, dx, false, b.wo.view_mut(g), true);
+            be.attention_backward(
+                &shape,
+                a.q.view(),
+                a.k.view(),
+                a.v.view(),
+                a.o.view(),
+                a.att.view(),
+                s.d_o.view(),
+                s.dq.view_mut(),
+                s.dk.view_mut(),
+                s.dv.view_mut(),
+            );
+            be.rope(s.dq.view_mut(), cos, sin, tn, hn, hd, true);
+            be.rope(s.dk.view_mut(), cos, sin, tn, hn, hd, true);
+            s.dq_raw.fill_zero();
+            s.dk_raw.fill_zero();
+            be.rmsnorm_backward(
+                a.q_raw.view(),
+                b.q_norm.view(p),
+                a.rstd_q.view(),
+                s.dq.view(),
+                hd,
+                s.dq_raw.view_mut(),
+                b.q_norm.view_mut(g),
+            );
+            be.rmsnorm_backward(
+                a.k_raw.view(),
+                b.k_norm.view(p),
+                a.rstd_k.view(),
+                s.dk.view(),
+                hd,
+                s.dk_raw.view_mut(),
+                b.k_norm.view_mut(g),
+            );
+            let (h1, dq_raw, dk_raw, dv) =
+                (a.h1.view(), s.dq_raw.view(), s.dk_raw.view(), s.dv.view());
+            be.matmul(d, d, n, h1, true, dq_raw, false, b.wq.view_mut(g), true);
+            be.matmul(d, d, n, h1, true, dk_raw, false, b.wk.view_mut(g), true);
+            be.matmul(d, d, n, h1, true, dv, false, b.wv.view_mut(g), true);
+            be.matmul(
+                n,
+                d,
+                d,
+                dq_raw,
+                false,
+                b.wq.view(p),
+                true,
+                s.dh.view_mut(),
+                false,
+            );
+            be.matmul(
+                n,
+                d,
+                d,
+                dk_raw,
+                false,
+                b.wk.view(p),
+                true,
+                s.dh.view_mut(),
+                true,
+            );
+            be.matmul(
+                n,
+                d,
+                d,
+                dv,
+                false,
+                b.wv.view(p),
+                true,
+                s.dh.view_mut(),
+                true,
+            );
             be.rmsnorm_backward(
                 x_in,
-                b.ln1.of(p),
-                &b.rstd1,
-                &s.dh,
+                b.ln1.view(p),
+                a.rstd1.view(),
+                s.dh.view(),
                 d,
-                &mut s.dx,
-                b.ln1.of_mut(g),
+                s.dx.view_mut(),
+                b.ln1.view_mut(g),
             );
         }
         // Embedding lookup: scatter rows in token order (deterministic).
-        let ge = self.embed.of_mut(g);
-        for (t, &tok) in inputs.iter().enumerate() {
-            let tok = tok as usize;
-            for i in 0..d {
-                ge[tok * d + i] += s.dx[t * d + i];
-            }
-        }
+        be.embedding_backward(
+            s.dx.view(),
+            s.tokens.view(),
+            inputs,
+            d,
+            self.embed.view_mut(g),
+        );
+        Ok(())
     }
 }
 
 impl Model {
+    /// The L2 norm of all gradients (summed in a fixed order).
+    pub fn grad_norm(&self) -> f64 {
+        self.backend.sum_squares(self.grads.view()).sqrt()
+    }
+
     /// Applies one AdamW update from the current gradients.
     pub fn optimizer_step(&mut self, opt: &mut super::optim::AdamW, lr: f32, grad_scale: f32) {
         opt.update(

@@ -1,10 +1,10 @@
 //! AdamW (SPEC §4), global-norm clipping and the warmup-stable-sqrt-decay schedule.
 
-use super::backend::Backend;
+use super::backend::{Backend, Buf};
 use super::cpu::adamw::AdamWStep;
 use super::tensor::ParamTable;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -27,24 +27,24 @@ impl Default for AdamWConfig {
     }
 }
 
-/// Optimiser state: first and second moments mirroring the flat parameter buffer.
-#[derive(Clone, Debug)]
+/// Optimiser state: first and second moments mirroring the flat parameter buffer, in the
+/// backend's memory.
 pub struct AdamW {
     pub cfg: AdamWConfig,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    pub m: Buf<f32>,
+    pub v: Buf<f32>,
     /// Updates applied so far (bias correction uses t + 1 for the next one).
     pub t: u64,
 }
 
 impl AdamW {
-    pub fn new(cfg: AdamWConfig, n_params: usize) -> AdamW {
-        AdamW {
+    pub fn new(cfg: AdamWConfig, be: &Arc<dyn Backend>, n_params: usize) -> Result<AdamW, String> {
+        Ok(AdamW {
             cfg,
-            m: vec![0.0; n_params],
-            v: vec![0.0; n_params],
+            m: Buf::zeros(be, n_params)?,
+            v: Buf::zeros(be, n_params)?,
             t: 0,
-        }
+        })
     }
 
     /// One update of every tensor; `grad_scale` multiplies the gradients first (clipping).
@@ -52,8 +52,8 @@ impl AdamW {
         &mut self,
         be: &dyn Backend,
         table: &ParamTable,
-        params: &mut [f32],
-        grads: &[f32],
+        params: &mut Buf<f32>,
+        grads: &Buf<f32>,
         lr: f32,
         grad_scale: f32,
     ) {
@@ -84,45 +84,14 @@ impl AdamW {
             };
             let r = start..end;
             be.adamw_update(
-                &mut params[r.clone()],
-                &grads[r.clone()],
-                &mut self.m[r.clone()],
-                &mut self.v[r],
+                params.range_mut(r.clone()),
+                grads.range(r.clone()),
+                self.m.range_mut(r.clone()),
+                self.v.range_mut(r),
                 &step,
             );
         }
     }
-}
-
-/// L2 norm of all gradients, summed in f64 over fixed chunks in a fixed order (each chunk in
-/// `vmath::LANES` partial sums, so that it vectorises).
-pub fn global_norm(grads: &[f32]) -> f64 {
-    use crate::nn::cpu::{vmath::LANES, Isa};
-    let isa = Isa::current();
-    let partials: Vec<f64> = grads
-        .par_chunks(16384)
-        .map(|c| {
-            isa.run(
-                #[inline(always)]
-                |_| {
-                    let mut acc = [0.0f64; LANES];
-                    let chunks = c.chunks_exact(LANES);
-                    let rest: f64 = chunks
-                        .remainder()
-                        .iter()
-                        .map(|&x| (x as f64) * (x as f64))
-                        .sum();
-                    for ch in chunks {
-                        for j in 0..LANES {
-                            acc[j] += (ch[j] as f64) * (ch[j] as f64);
-                        }
-                    }
-                    acc.iter().sum::<f64>() + rest
-                },
-            )
-        })
-        .collect();
-    partials.iter().sum::<f64>().sqrt()
 }
 
 /// The factor that brings the global norm down to `max_norm` (1 when already below).

@@ -472,7 +472,7 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
     let mut rng = Rng::new(seed ^ 0xABCD);
     for info in model.table.infos.clone() {
         if !info.decay || info.name.ends_with(".b1") || info.name.ends_with(".b2") {
-            for x in &mut model.params[info.offset..info.offset + info.len] {
+            for x in &mut model.params.host_mut().unwrap()[info.offset..info.offset + info.len] {
                 *x += (0.2 * rng.normal()) as f32;
             }
         }
@@ -491,7 +491,7 @@ fn check_kind(cfg: &ModelConfig, seed: u64) {
         val: Vec::new(),
         par: Vec::new(),
     };
-    for &p in &model.params {
+    for &p in model.param_values().iter() {
         tp.leaf(p as f64);
     }
     let mut o = Oracle {
@@ -524,7 +524,8 @@ pub(crate) fn assert_matches_oracle(
     );
     for info in &model.table.infos {
         let want = oracle_grad(info);
-        let ours = &model.grads[info.offset..info.offset + info.len];
+        let grads = model.grad_values();
+        let ours = &grads[info.offset..info.offset + info.len];
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
         for (a, b) in ours.iter().zip(&want) {
             diff += (*a as f64 - b).powi(2);

@@ -7,9 +7,11 @@
 //! is the op's wall time; what a step spends outside them (the model's own bookkeeping, the
 //! gradient norm, buffer growth) is the step time minus the sum.
 
-use super::backend::Backend;
+use super::backend::{
+    Addr, Backend, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+};
 use super::cpu::adamw::AdamWStep;
-use super::cpu::{AttnShape, ExpertMode, ExpertShape, MatRef, ProductKeyShape, SlotOrder};
+use super::cpu::{AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -188,16 +190,37 @@ impl<B: Backend> Backend for Profiled<B> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+    fn alloc(&self, bytes: usize) -> Result<Addr, String> {
+        self.inner.alloc(bytes)
+    }
+    fn free(&self, addr: Addr, bytes: usize) {
+        self.inner.free(addr, bytes)
+    }
+    fn host_memory(&self) -> bool {
+        self.inner.host_memory()
+    }
+    fn upload(&self, dst: Addr, src: &[u8]) {
+        self.time(("upload", None), || self.inner.upload(dst, src))
+    }
+    fn download(&self, src: Addr, dst: &mut [u8]) {
+        self.time(("download", None), || self.inner.download(src, dst))
+    }
+    fn copy(&self, dst: Addr, src: Addr, bytes: usize) {
+        self.time(("copy", None), || self.inner.copy(dst, src, bytes))
+    }
+    fn zero(&self, dst: Addr, bytes: usize) {
+        self.time(("zero", None), || self.inner.zero(dst, bytes))
+    }
     fn matmul(
         &self,
         m: usize,
         n: usize,
         k: usize,
-        a: &[f32],
+        a: View<f32>,
         a_t: bool,
-        b: &[f32],
+        b: View<f32>,
         b_t: bool,
-        c: &mut [f32],
+        c: ViewMut<f32>,
         accumulate: bool,
     ) {
         self.time((matmul_name(a_t, b_t), Some([m, n, k])), || {
@@ -209,9 +232,9 @@ impl<B: Backend> Backend for Profiled<B> {
         m: usize,
         n: usize,
         k: usize,
-        a: MatRef<f32>,
-        b: MatRef<f32>,
-        c: &mut [f32],
+        a: Strided,
+        b: Strided,
+        c: ViewMut<f32>,
         c_rs: usize,
         accumulate: bool,
     ) {
@@ -220,20 +243,27 @@ impl<B: Backend> Backend for Profiled<B> {
                 .matmul_strided(m, n, k, a, b, c, c_rs, accumulate)
         })
     }
-    fn rmsnorm_forward(&self, x: &[f32], scale: &[f32], d: usize, y: &mut [f32], rstd: &mut [f32]) {
+    fn rmsnorm_forward(
+        &self,
+        x: View<f32>,
+        scale: View<f32>,
+        d: usize,
+        y: ViewMut<f32>,
+        rstd: ViewMut<f32>,
+    ) {
         self.time(("rmsnorm_forward", None), || {
             self.inner.rmsnorm_forward(x, scale, d, y, rstd)
         })
     }
     fn rmsnorm_backward(
         &self,
-        x: &[f32],
-        scale: &[f32],
-        rstd: &[f32],
-        dy: &[f32],
+        x: View<f32>,
+        scale: View<f32>,
+        rstd: View<f32>,
+        dy: View<f32>,
         d: usize,
-        dx: &mut [f32],
-        dscale: &mut [f32],
+        dx: ViewMut<f32>,
+        dscale: ViewMut<f32>,
     ) {
         self.time(("rmsnorm_backward", None), || {
             self.inner
@@ -242,9 +272,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn rope(
         &self,
-        x: &mut [f32],
-        cos: &[f32],
-        sin: &[f32],
+        x: ViewMut<f32>,
+        cos: View<f32>,
+        sin: View<f32>,
         seq: usize,
         heads: usize,
         hd: usize,
@@ -255,73 +285,96 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner.rope(x, cos, sin, seq, heads, hd, inverse)
         })
     }
+    fn attention_saved_len(&self, s: &AttnShape) -> usize {
+        self.inner.attention_saved_len(s)
+    }
     fn attention_forward(
         &self,
         s: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &mut [f32],
-        att: &mut [f32],
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        out: ViewMut<f32>,
+        saved: ViewMut<f32>,
     ) {
         self.time(("attention_forward", None), || {
-            self.inner.attention_forward(s, q, k, v, out, att)
+            self.inner.attention_forward(s, q, k, v, out, saved)
         })
     }
     fn attention_backward(
         &self,
         s: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        att: &[f32],
-        dout: &[f32],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        out: View<f32>,
+        saved: View<f32>,
+        dout: View<f32>,
+        dq: ViewMut<f32>,
+        dk: ViewMut<f32>,
+        dv: ViewMut<f32>,
     ) {
         self.time(("attention_backward", None), || {
             self.inner
-                .attention_backward(s, q, k, v, att, dout, dq, dk, dv)
+                .attention_backward(s, q, k, v, out, saved, dout, dq, dk, dv)
         })
     }
-    fn gelu_forward(&self, x: &[f32], y: &mut [f32]) {
+    fn gelu_forward(&self, x: View<f32>, y: ViewMut<f32>) {
         self.time(("gelu_forward", None), || self.inner.gelu_forward(x, y))
     }
-    fn gelu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    fn gelu_backward(&self, x: View<f32>, dy: View<f32>, dx: ViewMut<f32>) {
         self.time(("gelu_backward", None), || {
             self.inner.gelu_backward(x, dy, dx)
         })
     }
-    fn swiglu_forward(&self, z: &[f32], f: usize, y: &mut [f32]) {
+    fn swiglu_forward(&self, z: View<f32>, f: usize, y: ViewMut<f32>) {
         self.time(("swiglu_forward", None), || {
             self.inner.swiglu_forward(z, f, y)
         })
     }
-    fn swiglu_backward(&self, z: &[f32], dy: &[f32], f: usize, dz: &mut [f32]) {
+    fn swiglu_backward(&self, z: View<f32>, dy: View<f32>, f: usize, dz: ViewMut<f32>) {
         self.time(("swiglu_backward", None), || {
             self.inner.swiglu_backward(z, dy, f, dz)
         })
     }
+    fn embedding_forward(&self, table: View<f32>, tokens: View<u32>, d: usize, out: ViewMut<f32>) {
+        self.time(("embedding_forward", None), || {
+            self.inner.embedding_forward(table, tokens, d, out)
+        })
+    }
+    fn embedding_backward(
+        &self,
+        dx: View<f32>,
+        tokens: View<u32>,
+        host_tokens: &[u32],
+        d: usize,
+        dtable: ViewMut<f32>,
+    ) {
+        self.time(("embedding_backward", None), || {
+            self.inner
+                .embedding_backward(dx, tokens, host_tokens, d, dtable)
+        })
+    }
     fn softmax_xent(
         &self,
-        logits: &mut [f32],
-        targets: &[u32],
+        logits: ViewMut<f32>,
+        targets: View<u32>,
         vocab: usize,
         pad: Option<u32>,
+        counted: usize,
         want_grad: bool,
-    ) -> (f64, usize) {
+    ) -> f64 {
         self.time(("softmax_xent", None), || {
             self.inner
-                .softmax_xent(logits, targets, vocab, pad, want_grad)
+                .softmax_xent(logits, targets, vocab, pad, counted, want_grad)
         })
     }
     fn product_key_topk_forward(
         &self,
         s: ProductKeyShape,
-        logits: &[f32],
-        scores: &mut [f32],
-        indices: &mut [u32],
+        logits: View<f32>,
+        scores: ViewMut<f32>,
+        indices: ViewMut<u32>,
     ) {
         self.time(("product_key_topk_forward", None), || {
             self.inner
@@ -331,9 +384,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn product_key_topk_backward(
         &self,
         s: ProductKeyShape,
-        indices: &[u32],
-        dscores: &[f32],
-        dlogits: &mut [f32],
+        indices: View<u32>,
+        dscores: View<f32>,
+        dlogits: ViewMut<f32>,
     ) {
         self.time(("product_key_topk_backward", None), || {
             self.inner
@@ -344,58 +397,61 @@ impl<B: Backend> Backend for Profiled<B> {
         &self,
         s: ExpertShape,
         mode: ExpertMode,
-        x: &[f32],
-        scores: &[f32],
-        indices: &[u32],
-        u: &[f32],
-        v: &[f32],
-        a: &mut [f32],
-        coef: &mut [f32],
-        w: &mut [f32],
-        y: &mut [f32],
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSaved,
+        y: ViewMut<f32>,
     ) {
         self.time(("experts_forward", None), || {
             self.inner
-                .experts_forward(s, mode, x, scores, indices, u, v, a, coef, w, y)
+                .experts_forward(s, mode, x, scores, indices, u, v, saved, y)
         })
     }
     fn experts_backward(
         &self,
         s: ExpertShape,
         mode: ExpertMode,
-        x: &[f32],
-        scores: &[f32],
-        indices: &[u32],
-        u: &[f32],
-        v: &[f32],
-        saved: (&[f32], &[f32], &[f32]),
-        dy: &[f32],
-        dscores: &mut [f32],
-        da: &mut [f32],
-        grads: (&mut [f32], &mut [f32], &mut [f32]),
-        order: &mut SlotOrder,
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSavedRef,
+        dy: View<f32>,
+        dscores: ViewMut<f32>,
+        da: ViewMut<f32>,
+        grads: ExpertsGrads,
     ) {
         self.time(("experts_backward", None), || {
             self.inner.experts_backward(
-                s, mode, x, scores, indices, u, v, saved, dy, dscores, da, grads, order,
+                s, mode, x, scores, indices, u, v, saved, dy, dscores, da, grads,
             )
         })
     }
-    fn add_row_vector(&self, x: &mut [f32], b: &[f32]) {
+    fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {
         self.time(("add_row_vector", None), || self.inner.add_row_vector(x, b))
     }
-    fn sum_rows_into(&self, x: &[f32], out: &mut [f32]) {
+    fn sum_rows_into(&self, x: View<f32>, out: ViewMut<f32>) {
         self.time(("sum_rows_into", None), || self.inner.sum_rows_into(x, out))
     }
-    fn add_assign(&self, y: &mut [f32], x: &[f32]) {
+    fn add_assign(&self, y: ViewMut<f32>, x: View<f32>) {
         self.time(("add_assign", None), || self.inner.add_assign(y, x))
+    }
+    fn scale(&self, x: ViewMut<f32>, factor: f32) {
+        self.time(("scale", None), || self.inner.scale(x, factor))
+    }
+    fn sum_squares(&self, x: View<f32>) -> f64 {
+        self.time(("sum_squares", None), || self.inner.sum_squares(x))
     }
     fn adamw_update(
         &self,
-        p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        p: ViewMut<f32>,
+        g: View<f32>,
+        m: ViewMut<f32>,
+        v: ViewMut<f32>,
         step: &AdamWStep,
     ) {
         self.time(("adamw_update", None), || {
@@ -429,9 +485,10 @@ mod tests {
                 ..TrainConfig::default()
             };
             let mut plain = Trainer::new(&cfg, tc.clone()).unwrap();
-            let profiled = Profiled::new(CpuBackend);
+            let profiled = Profiled::new(CpuBackend::default());
             let times = profiled.stats();
-            let mut wrapped = Trainer::with_backend(&cfg, tc, Box::new(profiled)).unwrap();
+            let mut wrapped =
+                Trainer::with_backend(&cfg, tc, std::sync::Arc::new(profiled)).unwrap();
             assert_eq!(wrapped.model.backend_name(), plain.model.backend_name());
             for s in 0..3 {
                 let b = batch(s, 3, cfg.seq_len, cfg.vocab);
@@ -441,9 +498,9 @@ mod tests {
             }
             let same = plain
                 .model
-                .params
+                .param_values()
                 .iter()
-                .zip(&wrapped.model.params)
+                .zip(wrapped.model.param_values().iter())
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{}: weights differ under the profiler", kind.as_str());
 

@@ -1,6 +1,8 @@
 //! Parameters live in one flat f32 buffer (gradients and optimiser moments mirror it), described
 //! by a table of named tensors. One buffer keeps the optimiser, clipping and checkpoints simple.
 
+use super::backend::{Buf, View, ViewMut};
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Init {
     Zeros,
@@ -34,6 +36,23 @@ impl ParamId {
     }
     pub fn of_mut<'a>(&self, buf: &'a mut [f32]) -> &'a mut [f32] {
         &mut buf[self.offset..self.offset + self.len]
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len
+    }
+    /// This tensor's run of a backend buffer.
+    pub fn view<'a>(&self, buf: &'a Buf<f32>) -> View<'a, f32> {
+        buf.range(self.range())
+    }
+    pub fn view_mut<'a>(&self, buf: &'a mut Buf<f32>) -> ViewMut<'a, f32> {
+        buf.range_mut(self.range())
+    }
+    /// The same run of a view that starts where the buffer does.
+    pub fn within<'a>(&self, v: View<'a, f32>) -> View<'a, f32> {
+        v.range(self.range())
+    }
+    pub fn within_mut<'a>(&self, v: &'a mut ViewMut<'_, f32>) -> ViewMut<'a, f32> {
+        v.rb().range(self.range())
     }
 }
 

@@ -3,14 +3,15 @@
 use super::backend::Backend;
 use super::checkpoint;
 use super::config::ModelConfig;
-use super::model::Model;
-use super::optim::{clip_scale, global_norm, AdamW, AdamWConfig, Schedule};
+use super::model::{host_or_copy, Model};
+use super::optim::{clip_scale, AdamW, AdamWConfig, Schedule};
 use super::profile::{Profile, Profiled};
 use super::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Training hyper-parameters; fields left out of a serialised config take the SPEC §4 defaults.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,25 +68,20 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(model_cfg: &ModelConfig, cfg: TrainConfig) -> Result<Trainer> {
-        Trainer::with_backend(model_cfg, cfg, Box::new(super::cpu::CpuBackend))
+        Trainer::with_backend(model_cfg, cfg, Arc::new(super::cpu::CpuBackend::default()))
     }
 
     /// Like `new`, on the given backend (e.g. a `profile::Profiled` one).
     pub fn with_backend(
         model_cfg: &ModelConfig,
         cfg: TrainConfig,
-        backend: Box<dyn Backend>,
+        backend: Arc<dyn Backend>,
     ) -> Result<Trainer> {
         let mut rng = Rng::new(cfg.seed);
         let model = Model::with_backend(model_cfg, backend, &mut rng).map_err(|e| anyhow!(e))?;
         // The moments are allocated fallibly: a model too large for memory is an error.
-        let n = model.params.len();
-        let opt = AdamW {
-            cfg: cfg.adamw.clone(),
-            m: super::model::zeros(n).map_err(|e| anyhow!(e))?,
-            v: super::model::zeros(n).map_err(|e| anyhow!(e))?,
-            t: 0,
-        };
+        let opt = AdamW::new(cfg.adamw.clone(), model.backend(), model.params.len())
+            .map_err(|e| anyhow!(e))?;
         let schedule = Schedule::new(cfg.lr, cfg.total_steps, cfg.warmup_steps);
         Ok(Trainer {
             model,
@@ -128,7 +124,7 @@ impl Trainer {
         if !out.loss.is_finite() {
             bail!("step {}: loss is {} (diverged)", self.step, out.loss);
         }
-        let norm = global_norm(&self.model.grads);
+        let norm = self.model.grad_norm();
         if !norm.is_finite() {
             bail!("step {}: gradient norm is {} (diverged)", self.step, norm);
         }
@@ -181,10 +177,11 @@ impl Trainer {
 
     /// Weights, optimiser moments, step and rng state: enough to resume bit-exactly.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let (m, v) = (host_or_copy(&self.opt.m), host_or_copy(&self.opt.v));
         let bufs: [(&str, &[f32]); 3] = [
-            ("", &self.model.params),
-            ("optim.m.", &self.opt.m),
-            ("optim.v.", &self.opt.v),
+            ("", &self.model.param_values()),
+            ("optim.m.", &m),
+            ("optim.v.", &v),
         ];
         checkpoint::save(path, &self.model.table, &bufs, self.metadata()?)
     }
@@ -196,10 +193,20 @@ impl Trainer {
             "model_config".into(),
             serde_json::to_string(&self.model.cfg)?,
         );
-        checkpoint::save(path, &self.model.table, &[("", &self.model.params)], m)
+        checkpoint::save(
+            path,
+            &self.model.table,
+            &[("", &self.model.param_values())],
+            m,
+        )
     }
 
     pub fn load_checkpoint(path: &Path) -> Result<Trainer> {
+        Trainer::load_checkpoint_on(path, Arc::new(super::cpu::CpuBackend::default()))
+    }
+
+    /// Resumes a checkpoint on the given backend (any device: checkpoints are host files).
+    pub fn load_checkpoint_on(path: &Path, backend: Arc<dyn Backend>) -> Result<Trainer> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
         let meta = meta.metadata().clone().unwrap_or_default();
@@ -209,11 +216,11 @@ impl Trainer {
         };
         let model_cfg: ModelConfig = serde_json::from_str(get("model_config")?)?;
         let cfg: TrainConfig = serde_json::from_str(get("train_config")?)?;
-        let mut tr = Trainer::new(&model_cfg, cfg)?;
-        let (mut bufs, _) = checkpoint::load(path, &tr.model.table, &["", "optim.m.", "optim.v."])?;
-        tr.opt.v = bufs.pop().unwrap_or_default();
-        tr.opt.m = bufs.pop().unwrap_or_default();
-        tr.model.params = bufs.pop().unwrap_or_default();
+        let mut tr = Trainer::with_backend(&model_cfg, cfg, backend)?;
+        let (bufs, _) = checkpoint::load(path, &tr.model.table, &["", "optim.m.", "optim.v."])?;
+        tr.model.set_params(&bufs[0]).map_err(|e| anyhow!(e))?;
+        tr.opt.m.upload(&bufs[1]);
+        tr.opt.v.upload(&bufs[2]);
         tr.step = get("step")?.parse()?;
         tr.opt.t = get("adam_t")?.parse()?;
         let words: Vec<u64> = get("rng")?
@@ -260,9 +267,9 @@ pub fn bench_train_with(
         ..TrainConfig::default()
     };
     let (mut tr, times) = if profile {
-        let be = Profiled::new(super::cpu::CpuBackend);
+        let be = Profiled::new(super::cpu::CpuBackend::default());
         let times = be.stats();
-        (Trainer::with_backend(cfg, tc, Box::new(be))?, Some(times))
+        (Trainer::with_backend(cfg, tc, Arc::new(be))?, Some(times))
     } else {
         (Trainer::new(cfg, tc)?, None)
     };
@@ -280,7 +287,7 @@ pub fn bench_train_with(
     }
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
     let tokens = (steps * batch * cfg.seq_len) as f64;
-    let bytes = tr.model.allocated_bytes() + 8 * tr.opt.m.len();
+    let bytes = tr.model.allocated_bytes() + tr.opt.m.bytes() + tr.opt.v.bytes();
     Ok(TrainBench {
         tokens_per_s: tokens / secs,
         bytes,
@@ -373,7 +380,7 @@ pub(crate) mod tests {
             let (b, lb) = run(8);
             assert_eq!(la, lb, "{}: losses differ between runs", kind.as_str());
             assert!(
-                a.model.params == b.model.params,
+                a.model.param_values() == b.model.param_values(),
                 "{}: weights differ between runs",
                 kind.as_str()
             );
@@ -395,16 +402,16 @@ pub(crate) mod tests {
             );
             let same = a
                 .model
-                .params
+                .param_values()
                 .iter()
-                .zip(&r.model.params)
+                .zip(r.model.param_values().iter())
                 .all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(
                 same,
                 "{}: resumed weights are not bitwise identical",
                 kind.as_str()
             );
-            assert!(a.opt.m == r.opt.m && a.opt.v == r.opt.v);
+            assert!(a.opt.m.to_vec() == r.opt.m.to_vec() && a.opt.v.to_vec() == r.opt.v.to_vec());
         }
     }
 
@@ -426,7 +433,7 @@ pub(crate) mod tests {
                 let losses: Vec<f64> = (0..3)
                     .map(|s| tr.step(&pattern_batch(s, 4, 32)).unwrap().loss)
                     .collect();
-                (losses, tr.model.params.clone())
+                (losses, tr.model.param_values().to_vec())
             })
         };
         let (l1, p1) = run(1);
@@ -449,7 +456,7 @@ pub(crate) mod tests {
                     let losses: Vec<f64> = (0..30)
                         .map(|s| tr.step(&pattern_batch(s, 4, 8)).unwrap().loss)
                         .collect();
-                    (losses, tr.model.params.clone())
+                    (losses, tr.model.param_values().to_vec())
                 })
             };
             let (scalar, _) = run(Isa::Scalar);
@@ -512,7 +519,7 @@ pub(crate) mod tests {
     fn nan_loss_is_reported_with_its_step() {
         let mut tr = Trainer::new(&tiny(FfnKind::Mlp), train_cfg(8)).unwrap();
         tr.step(&pattern_batch(0, 2, 8)).unwrap();
-        tr.model.params[0] = f32::NAN;
+        tr.model.params.host_mut().unwrap()[0] = f32::NAN;
         let err = tr.step(&pattern_batch(1, 2, 8)).unwrap_err().to_string();
         assert!(err.contains("step 1"), "{err}");
     }

@@ -194,8 +194,8 @@ pub(super) fn read_model_config(path: &Path) -> Result<ModelConfig> {
 /// The model of `cfg` with the weights of `path`.
 pub(super) fn model_from(path: &Path, cfg: &ModelConfig) -> Result<Model> {
     let mut model = Model::new(cfg, 0).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let (mut bufs, _) = checkpoint::load(path, &model.table, &[""])?;
-    model.params = bufs.remove(0);
+    let (bufs, _) = checkpoint::load(path, &model.table, &[""])?;
+    model.set_params(&bufs[0]).map_err(|e| anyhow!(e))?;
     Ok(model)
 }
 

@@ -18,195 +18,320 @@ pub mod xent;
 #[cfg(test)]
 mod tests;
 
-use super::backend::Backend;
+use super::backend::{
+    Addr, Backend, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+};
 pub use attention::AttnShape;
 pub use experts::{ExpertMode, ExpertShape, SlotOrder};
 pub use isa::Isa;
 pub use matmul::MatRef;
 pub use router::ProductKeyShape;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::Mutex;
 
-/// The CPU backend: `gemm` for matrix products, rayon for everything else.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend: host memory, `gemm` for matrix products, rayon for everything else.
+#[derive(Default)]
+pub struct CpuBackend {
+    /// The experts' backward sort, kept between steps so that it allocates once.
+    order: Mutex<SlotOrder>,
+}
+
+/// Memory is aligned for the widest vector loads.
+const ALIGN: usize = 64;
+
+fn s<T: super::backend::Elem>(v: View<'_, T>) -> &[T] {
+    v.host().expect("the cpu backend computes in host memory")
+}
+
+fn m<T: super::backend::Elem>(v: ViewMut<'_, T>) -> &mut [T] {
+    v.into_host()
+        .expect("the cpu backend computes in host memory")
+}
+
+fn mat(a: Strided<'_>) -> MatRef<'_, f32> {
+    MatRef {
+        data: s(a.v),
+        rs: a.rs,
+        cs: a.cs,
+    }
+}
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
+    fn alloc(&self, bytes: usize) -> Result<Addr, String> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|_| format!("cannot allocate {bytes} bytes"))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc_zeroed(layout) };
+        if p.is_null() {
+            return Err(format!(
+                "cannot allocate {}",
+                super::memory::gib(bytes as f64)
+            ));
+        }
+        Ok(p as Addr)
+    }
+    fn free(&self, addr: Addr, bytes: usize) {
+        // SAFETY: `addr` came from `alloc` with this size.
+        unsafe {
+            dealloc(
+                addr as *mut u8,
+                Layout::from_size_align_unchecked(bytes.max(1), ALIGN),
+            )
+        }
+    }
+    fn host_memory(&self) -> bool {
+        true
+    }
+    fn upload(&self, dst: Addr, src: &[u8]) {
+        // SAFETY: `dst` is host memory of at least src.len() bytes (Buf::upload checks).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) }
+    }
+    fn download(&self, src: Addr, dst: &mut [u8]) {
+        // SAFETY: as upload.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) }
+    }
+    fn copy(&self, dst: Addr, src: Addr, bytes: usize) {
+        // SAFETY: two host buffers of `bytes` (Buf::copy_from checks the lengths).
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) }
+    }
+    fn zero(&self, dst: Addr, bytes: usize) {
+        // SAFETY: host memory of `bytes`.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) }
+    }
     fn matmul(
         &self,
-        m: usize,
+        m_: usize,
         n: usize,
         k: usize,
-        a: &[f32],
+        a: View<f32>,
         a_t: bool,
-        b: &[f32],
+        b: View<f32>,
         b_t: bool,
-        c: &mut [f32],
+        c: ViewMut<f32>,
         accumulate: bool,
     ) {
-        matmul::matmul(m, n, k, a, a_t, b, b_t, c, accumulate)
+        matmul::matmul(m_, n, k, s(a), a_t, s(b), b_t, m(c), accumulate)
     }
     fn matmul_strided(
         &self,
-        m: usize,
+        m_: usize,
         n: usize,
         k: usize,
-        a: MatRef<f32>,
-        b: MatRef<f32>,
-        c: &mut [f32],
+        a: Strided,
+        b: Strided,
+        c: ViewMut<f32>,
         c_rs: usize,
         accumulate: bool,
     ) {
-        matmul::gemm_strided(m, n, k, a, b, c, c_rs, 1, accumulate)
+        matmul::gemm_strided(m_, n, k, mat(a), mat(b), m(c), c_rs, 1, accumulate)
     }
-    fn rmsnorm_forward(&self, x: &[f32], scale: &[f32], d: usize, y: &mut [f32], rstd: &mut [f32]) {
-        rmsnorm::rmsnorm_forward(x, scale, d, y, rstd)
+    fn rmsnorm_forward(
+        &self,
+        x: View<f32>,
+        scale: View<f32>,
+        d: usize,
+        y: ViewMut<f32>,
+        rstd: ViewMut<f32>,
+    ) {
+        rmsnorm::rmsnorm_forward(s(x), s(scale), d, m(y), m(rstd))
     }
     fn rmsnorm_backward(
         &self,
-        x: &[f32],
-        scale: &[f32],
-        rstd: &[f32],
-        dy: &[f32],
+        x: View<f32>,
+        scale: View<f32>,
+        rstd: View<f32>,
+        dy: View<f32>,
         d: usize,
-        dx: &mut [f32],
-        dscale: &mut [f32],
+        dx: ViewMut<f32>,
+        dscale: ViewMut<f32>,
     ) {
-        rmsnorm::rmsnorm_backward(x, scale, rstd, dy, d, dx, dscale)
+        rmsnorm::rmsnorm_backward(s(x), s(scale), s(rstd), s(dy), d, m(dx), m(dscale))
     }
     fn rope(
         &self,
-        x: &mut [f32],
-        cos: &[f32],
-        sin: &[f32],
+        x: ViewMut<f32>,
+        cos: View<f32>,
+        sin: View<f32>,
         seq: usize,
         heads: usize,
         hd: usize,
         inverse: bool,
     ) {
-        rope::rope_apply(x, cos, sin, seq, heads, hd, inverse)
+        rope::rope_apply(m(x), s(cos), s(sin), seq, heads, hd, inverse)
+    }
+    fn attention_saved_len(&self, a: &AttnShape) -> usize {
+        a.batch * a.heads * a.seq * a.seq
     }
     fn attention_forward(
         &self,
-        s: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &mut [f32],
-        att: &mut [f32],
+        a: &AttnShape,
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        out: ViewMut<f32>,
+        saved: ViewMut<f32>,
     ) {
-        attention::attention_forward(s, q, k, v, out, att)
+        attention::attention_forward(a, s(q), s(k), s(v), m(out), m(saved))
     }
     fn attention_backward(
         &self,
-        s: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        att: &[f32],
-        dout: &[f32],
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
+        a: &AttnShape,
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        _out: View<f32>,
+        saved: View<f32>,
+        dout: View<f32>,
+        dq: ViewMut<f32>,
+        dk: ViewMut<f32>,
+        dv: ViewMut<f32>,
     ) {
-        attention::attention_backward(s, q, k, v, att, dout, dq, dk, dv)
+        attention::attention_backward(a, s(q), s(k), s(v), s(saved), s(dout), m(dq), m(dk), m(dv))
     }
-    fn gelu_forward(&self, x: &[f32], y: &mut [f32]) {
-        activations::gelu_forward(x, y)
+    fn gelu_forward(&self, x: View<f32>, y: ViewMut<f32>) {
+        activations::gelu_forward(s(x), m(y))
     }
-    fn gelu_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
-        activations::gelu_backward(x, dy, dx)
+    fn gelu_backward(&self, x: View<f32>, dy: View<f32>, dx: ViewMut<f32>) {
+        activations::gelu_backward(s(x), s(dy), m(dx))
     }
-    fn swiglu_forward(&self, z: &[f32], f: usize, y: &mut [f32]) {
-        activations::swiglu_forward(z, f, y)
+    fn swiglu_forward(&self, z: View<f32>, f: usize, y: ViewMut<f32>) {
+        activations::swiglu_forward(s(z), f, m(y))
     }
-    fn swiglu_backward(&self, z: &[f32], dy: &[f32], f: usize, dz: &mut [f32]) {
-        activations::swiglu_backward(z, dy, f, dz)
+    fn swiglu_backward(&self, z: View<f32>, dy: View<f32>, f: usize, dz: ViewMut<f32>) {
+        activations::swiglu_backward(s(z), s(dy), f, m(dz))
+    }
+    fn embedding_forward(&self, table: View<f32>, tokens: View<u32>, d: usize, out: ViewMut<f32>) {
+        rowops::gather_rows(s(table), s(tokens), d, m(out))
+    }
+    fn embedding_backward(
+        &self,
+        dx: View<f32>,
+        tokens: View<u32>,
+        _host_tokens: &[u32],
+        d: usize,
+        dtable: ViewMut<f32>,
+    ) {
+        rowops::scatter_add_rows(s(dx), s(tokens), d, m(dtable))
     }
     fn softmax_xent(
         &self,
-        logits: &mut [f32],
-        targets: &[u32],
+        logits: ViewMut<f32>,
+        targets: View<u32>,
         vocab: usize,
         pad: Option<u32>,
+        counted: usize,
         want_grad: bool,
-    ) -> (f64, usize) {
-        xent::softmax_xent(logits, targets, vocab, pad, want_grad)
+    ) -> f64 {
+        let (sum, count) = xent::softmax_xent(m(logits), s(targets), vocab, pad, want_grad);
+        debug_assert_eq!(count, counted);
+        sum
     }
     fn product_key_topk_forward(
         &self,
-        s: ProductKeyShape,
-        logits: &[f32],
-        scores: &mut [f32],
-        indices: &mut [u32],
+        ps: ProductKeyShape,
+        logits: View<f32>,
+        scores: ViewMut<f32>,
+        indices: ViewMut<u32>,
     ) {
-        router::product_key_topk_forward(s, logits, scores, indices)
+        router::product_key_topk_forward(ps, s(logits), m(scores), m(indices))
     }
     fn product_key_topk_backward(
         &self,
-        s: ProductKeyShape,
-        indices: &[u32],
-        dscores: &[f32],
-        dlogits: &mut [f32],
+        ps: ProductKeyShape,
+        indices: View<u32>,
+        dscores: View<f32>,
+        dlogits: ViewMut<f32>,
     ) {
-        router::product_key_topk_backward(s, indices, dscores, dlogits)
+        router::product_key_topk_backward(ps, s(indices), s(dscores), m(dlogits))
     }
     fn experts_forward(
         &self,
-        s: ExpertShape,
+        es: ExpertShape,
         mode: ExpertMode,
-        x: &[f32],
-        scores: &[f32],
-        indices: &[u32],
-        u: &[f32],
-        v: &[f32],
-        a: &mut [f32],
-        coef: &mut [f32],
-        w: &mut [f32],
-        y: &mut [f32],
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSaved,
+        y: ViewMut<f32>,
     ) {
-        experts::experts_forward(s, mode, x, scores, indices, u, v, a, coef, w, y)
+        experts::experts_forward(
+            es,
+            mode,
+            s(x),
+            s(scores),
+            s(indices),
+            s(u),
+            s(v),
+            m(saved.a),
+            m(saved.coef),
+            m(saved.w),
+            m(y),
+        )
     }
     fn experts_backward(
         &self,
-        s: ExpertShape,
+        es: ExpertShape,
         mode: ExpertMode,
-        x: &[f32],
-        scores: &[f32],
-        indices: &[u32],
-        u: &[f32],
-        v: &[f32],
-        saved: (&[f32], &[f32], &[f32]),
-        dy: &[f32],
-        dscores: &mut [f32],
-        da: &mut [f32],
-        grads: (&mut [f32], &mut [f32], &mut [f32]),
-        order: &mut SlotOrder,
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSavedRef,
+        dy: View<f32>,
+        dscores: ViewMut<f32>,
+        da: ViewMut<f32>,
+        grads: ExpertsGrads,
     ) {
-        let (a, coef, w) = saved;
-        let (dx, du, dv) = grads;
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         experts::experts_backward(
-            s, mode, x, scores, indices, u, v, a, coef, w, dy, dscores, da, dx, du, dv, order,
+            es,
+            mode,
+            s(x),
+            s(scores),
+            s(indices),
+            s(u),
+            s(v),
+            s(saved.a),
+            s(saved.coef),
+            s(saved.w),
+            s(dy),
+            m(dscores),
+            m(da),
+            m(grads.dx),
+            m(grads.du),
+            m(grads.dv),
+            &mut order,
         )
     }
-    fn add_row_vector(&self, x: &mut [f32], b: &[f32]) {
-        rowops::add_row_vector(x, b)
+    fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {
+        rowops::add_row_vector(m(x), s(b))
     }
-    fn sum_rows_into(&self, x: &[f32], out: &mut [f32]) {
-        rowops::sum_rows_into(x, out)
+    fn sum_rows_into(&self, x: View<f32>, out: ViewMut<f32>) {
+        rowops::sum_rows_into(s(x), m(out))
     }
-    fn add_assign(&self, y: &mut [f32], x: &[f32]) {
-        rowops::add_assign(y, x)
+    fn add_assign(&self, y: ViewMut<f32>, x: View<f32>) {
+        rowops::add_assign(m(y), s(x))
+    }
+    fn scale(&self, x: ViewMut<f32>, factor: f32) {
+        rowops::scale(m(x), factor)
+    }
+    fn sum_squares(&self, x: View<f32>) -> f64 {
+        rowops::sum_squares(s(x))
     }
     fn adamw_update(
         &self,
-        p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
+        p: ViewMut<f32>,
+        g: View<f32>,
+        mm: ViewMut<f32>,
+        v: ViewMut<f32>,
         step: &adamw::AdamWStep,
     ) {
-        adamw::adamw_update(p, g, m, v, step)
+        adamw::adamw_update(m(p), s(g), m(mm), m(v), step)
     }
 }

@@ -68,3 +68,60 @@ pub fn add_assign<T: Real>(y: &mut [T], x: &[T]) {
             )
         });
 }
+
+/// x *= factor
+pub fn scale(x: &mut [f32], factor: f32) {
+    x.par_chunks_mut(8192)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+}
+
+/// out[t] = table[tokens[t]], rows of `d`.
+pub fn gather_rows<T: Real>(table: &[T], tokens: &[u32], d: usize, out: &mut [T]) {
+    out.par_chunks_mut(d)
+        .zip(tokens.par_iter())
+        .for_each(|(row, &tok)| {
+            let tok = tok as usize;
+            row.copy_from_slice(&table[tok * d..(tok + 1) * d]);
+        });
+}
+
+/// table[tokens[t]] += rows[t], in token order (deterministic).
+pub fn scatter_add_rows<T: Real>(rows: &[T], tokens: &[u32], d: usize, table: &mut [T]) {
+    for (row, &tok) in rows.chunks(d).zip(tokens) {
+        let tok = tok as usize;
+        for (x, &g) in table[tok * d..(tok + 1) * d].iter_mut().zip(row) {
+            *x += g;
+        }
+    }
+}
+
+/// The sum of squares in f64, over fixed chunks in a fixed order (each chunk in
+/// `vmath::LANES` partial sums, so that it vectorises).
+pub fn sum_squares(x: &[f32]) -> f64 {
+    use super::vmath::LANES;
+    let isa = Isa::current();
+    let partials: Vec<f64> = x
+        .par_chunks(16384)
+        .map(|c| {
+            isa.run(
+                #[inline(always)]
+                |_| {
+                    let mut acc = [0.0f64; LANES];
+                    let chunks = c.chunks_exact(LANES);
+                    let rest: f64 = chunks
+                        .remainder()
+                        .iter()
+                        .map(|&x| (x as f64) * (x as f64))
+                        .sum();
+                    for ch in chunks {
+                        for j in 0..LANES {
+                            acc[j] += (ch[j] as f64) * (ch[j] as f64);
+                        }
+                    }
+                    acc.iter().sum::<f64>() + rest
+                },
+            )
+        })
+        .collect();
+    partials.iter().sum()
+}

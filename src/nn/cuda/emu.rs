@@ -113,9 +113,9 @@ pub fn launch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::cuda::kernel_constant;
     use crate::interp::testing::fresh_seed;
     use crate::nn::cpu::rowops;
+    use crate::nn::cuda::kernel_constant;
     use crate::nn::rng::Rng;
 
     fn random(rng: &mut Rng, n: usize) -> Vec<f32> {

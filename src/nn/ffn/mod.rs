@@ -7,16 +7,12 @@ pub mod peer;
 pub mod sgatlin;
 pub mod swiglu;
 
-use super::backend::Backend;
+use super::backend::{Backend, Buf, View, ViewMut};
 use super::config::{FfnKind, ModelConfig};
+use super::model::host_or_copy;
 use super::tensor::ParamTable;
-
-/// Grow-only scratch: resize a buffer to `len` without shrinking its allocation.
-pub(crate) fn ensure(buf: &mut Vec<f32>, len: usize) {
-    if buf.len() != len {
-        buf.resize(len, 0.0);
-    }
-}
+use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Expert usage accumulated over evaluation batches (SPEC §7, last bullet).
 #[derive(Clone, Debug, Default)]
@@ -74,17 +70,21 @@ pub struct RoutingOverride {
 /// Writes the overrides into the router outputs of this forward pass.
 pub(crate) fn apply_overrides(
     overrides: &[RoutingOverride],
-    scores: &mut [f32],
-    indices: &mut [u32],
+    scores: &mut Buf<f32>,
+    indices: &mut Buf<u32>,
 ) {
     for o in overrides {
         let slots = o.scores.len();
         if (o.token + 1) * slots <= scores.len() {
-            scores[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.scores);
-            indices[o.token * slots..(o.token + 1) * slots].copy_from_slice(&o.indices);
+            scores.upload_at(o.token * slots, &o.scores);
+            indices.upload_at(o.token * slots, &o.indices);
         }
     }
 }
+
+/// Router outputs (scores, indices), each [tokens, C, k]: borrowed on the CPU, copied from a
+/// device.
+pub type Routing<'a> = (Cow<'a, [f32]>, Cow<'a, [u32]>);
 
 /// A dense MLP's hidden activations forced at one token position (row of the batch).
 #[derive(Clone, Debug, PartialEq)]
@@ -103,14 +103,19 @@ pub enum FfnLayer {
 }
 
 impl FfnLayer {
-    pub fn new(table: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> FfnLayer {
+    pub fn new(
+        table: &mut ParamTable,
+        prefix: &str,
+        cfg: &ModelConfig,
+        be: &Arc<dyn Backend>,
+    ) -> FfnLayer {
         match cfg.ffn {
-            FfnKind::Mlp => FfnLayer::Mlp(mlp::Mlp::new(table, prefix, cfg)),
-            FfnKind::Swiglu => FfnLayer::Swiglu(swiglu::Swiglu::new(table, prefix, cfg)),
-            FfnKind::Moe => FfnLayer::Moe(moe::Moe::new(table, prefix, cfg)),
-            FfnKind::Peer => FfnLayer::Peer(peer::Peer::new(table, prefix, cfg)),
+            FfnKind::Mlp => FfnLayer::Mlp(mlp::Mlp::new(table, prefix, cfg, be)),
+            FfnKind::Swiglu => FfnLayer::Swiglu(swiglu::Swiglu::new(table, prefix, cfg, be)),
+            FfnKind::Moe => FfnLayer::Moe(moe::Moe::new(table, prefix, cfg, be)),
+            FfnKind::Peer => FfnLayer::Peer(peer::Peer::new(table, prefix, cfg, be)),
             FfnKind::Sgatlin | FfnKind::SgatlinGelu => {
-                FfnLayer::Sgatlin(sgatlin::Sgatlin::new(table, prefix, cfg))
+                FfnLayer::Sgatlin(sgatlin::Sgatlin::new(table, prefix, cfg, be))
             }
         }
     }
@@ -118,13 +123,13 @@ impl FfnLayer {
     /// out[n, d] = FFW(h) (overwritten).
     pub fn forward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        h: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        h: View<f32>,
         n: usize,
-        out: &mut [f32],
+        out: ViewMut<f32>,
         stats: bool,
-    ) {
+    ) -> Result<(), String> {
         match self {
             FfnLayer::Mlp(l) => l.forward(be, p, h, n, out),
             FfnLayer::Swiglu(l) => l.forward(be, p, h, n, out),
@@ -138,14 +143,14 @@ impl FfnLayer {
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        g: &mut [f32],
-        h: &[f32],
-        dy: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        g: &mut Buf<f32>,
+        h: View<f32>,
+        dy: View<f32>,
         n: usize,
-        dh: &mut [f32],
-    ) {
+        dh: ViewMut<f32>,
+    ) -> Result<(), String> {
         match self {
             FfnLayer::Mlp(l) => l.backward(be, p, g, h, dy, n, dh),
             FfnLayer::Swiglu(l) => l.backward(be, p, g, h, dy, n, dh),
@@ -219,7 +224,7 @@ impl FfnLayer {
     }
 
     /// The hidden activations [tokens, d_ffw] of the last forward pass, for `mlp`.
-    pub fn last_activation(&self) -> Option<&[f32]> {
+    pub fn last_activation(&self) -> Option<Cow<'_, [f32]>> {
         match self {
             FfnLayer::Mlp(l) => Some(l.last_activation()),
             _ => None,
@@ -228,10 +233,10 @@ impl FfnLayer {
 
     /// The router outputs of the last forward pass (scores, indices), each [tokens, C, k],
     /// for product-key kinds: the raw material of feedforward circuits.
-    pub fn last_routing(&self) -> Option<(&[f32], &[u32])> {
+    pub fn last_routing(&self) -> Option<Routing<'_>> {
         match self {
-            FfnLayer::Sgatlin(l) => Some((&l.scores, &l.indices)),
-            FfnLayer::Peer(l) => Some((&l.scores, &l.indices)),
+            FfnLayer::Sgatlin(l) => Some((host_or_copy(&l.scores), host_or_copy(&l.indices))),
+            FfnLayer::Peer(l) => Some((host_or_copy(&l.scores), host_or_copy(&l.indices))),
             _ => None,
         }
     }

@@ -4,12 +4,15 @@
 //! over its gathered rows.
 
 use super::swiglu::{swiglu_block_backward, swiglu_block_forward, SwigluWeights};
-use super::{ensure, GateStats};
-use crate::nn::backend::Backend;
+use super::GateStats;
+use crate::nn::backend::{Backend, Buf, View, ViewMut};
 use crate::nn::config::ModelConfig;
 use crate::nn::cpu::{vmath, Isa};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
 use rayon::prelude::*;
+use std::sync::Arc;
+
+const HOST_ONLY: &str = "moe routes tokens on the host for now: train it with --device cpu";
 
 pub struct Moe {
     d: usize,
@@ -18,7 +21,7 @@ pub struct Moe {
     k: usize,
     gate: ParamId,
     experts: Vec<SwigluWeights>,
-    probs: Vec<f32>,
+    probs: Buf<f32>,
     /// Selected experts per token, [tokens, k].
     chosen: Vec<u32>,
     /// Routed rows grouped by expert: (token, expert); rows of expert e are starts[e]..starts[e+1].
@@ -26,21 +29,21 @@ pub struct Moe {
     starts: Vec<usize>,
     /// The routed rows of each token, [tokens, k], in increasing order (so in expert order).
     token_rows: Vec<u32>,
-    hx: Vec<f32>,
-    z: Vec<f32>,
-    y: Vec<f32>,
-    o: Vec<f32>,
+    hx: Buf<f32>,
+    z: Buf<f32>,
+    y: Buf<f32>,
+    o: Buf<f32>,
     dprob: Vec<f32>,
-    dlogits: Vec<f32>,
-    dout: Vec<f32>,
-    dy: Vec<f32>,
-    dz: Vec<f32>,
-    dhx: Vec<f32>,
+    dlogits: Buf<f32>,
+    dout: Buf<f32>,
+    dy: Buf<f32>,
+    dz: Buf<f32>,
+    dhx: Buf<f32>,
     pub stats: GateStats,
 }
 
 impl Moe {
-    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> Moe {
+    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig, be: &Arc<dyn Backend>) -> Moe {
         let (d, f, e) = (cfg.d_model, cfg.d_ffw, cfg.experts);
         let gate = t.add(
             format!("{prefix}.gate"),
@@ -62,51 +65,57 @@ impl Moe {
             k: cfg.topk,
             gate,
             experts,
-            probs: vec![],
+            probs: Buf::empty(be),
             chosen: vec![],
             routes: vec![],
             starts: vec![],
             token_rows: vec![],
-            hx: vec![],
-            z: vec![],
-            y: vec![],
-            o: vec![],
+            hx: Buf::empty(be),
+            z: Buf::empty(be),
+            y: Buf::empty(be),
+            o: Buf::empty(be),
             dprob: vec![],
-            dlogits: vec![],
-            dout: vec![],
-            dy: vec![],
-            dz: vec![],
-            dhx: vec![],
+            dlogits: Buf::empty(be),
+            dout: Buf::empty(be),
+            dy: Buf::empty(be),
+            dz: Buf::empty(be),
+            dhx: Buf::empty(be),
             stats: GateStats::new(e),
         }
     }
 
     pub fn forward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        h: &[f32],
+        be: &Arc<dyn Backend>,
+        pb: &Buf<f32>,
+        hv: View<f32>,
         n: usize,
-        out: &mut [f32],
+        out: ViewMut<f32>,
         stats: bool,
-    ) {
+    ) -> Result<(), String> {
         let (d, f, ne, k) = (self.d, self.f, self.n_experts, self.k);
-        ensure(&mut self.probs, n * ne);
+        self.probs.ensure(n * ne)?;
         be.matmul(
             n,
             ne,
             d,
-            h,
+            hv,
             false,
-            self.gate.of(p),
+            self.gate.view(pb),
             false,
-            &mut self.probs,
+            self.probs.view_mut(),
             false,
+        );
+        let (h, out) = (
+            hv.host().ok_or(HOST_ONLY)?,
+            out.into_host().ok_or(HOST_ONLY)?,
         );
         // Top-k on the logits (ties: lower index first), then softmax over all experts.
         self.chosen.resize(n * k, 0);
         let chosen = &mut self.chosen;
         self.probs
+            .host_mut()
+            .ok_or(HOST_ONLY)?
             .par_chunks_mut(ne)
             .zip(chosen.par_chunks_mut(k))
             .for_each(|(row, pick)| {
@@ -157,12 +166,14 @@ impl Moe {
             taken[t] += 1;
         }
         let rows = n * k;
-        ensure(&mut self.hx, rows * d);
-        ensure(&mut self.z, rows * 2 * f);
-        ensure(&mut self.y, rows * f);
-        ensure(&mut self.o, rows * d);
+        self.hx.ensure(rows * d)?;
+        self.z.ensure(rows * 2 * f)?;
+        self.y.ensure(rows * f)?;
+        self.o.ensure(rows * d)?;
         let routes = &self.routes;
         self.hx
+            .host_mut()
+            .ok_or(HOST_ONLY)?
             .par_chunks_mut(d)
             .zip(routes.par_iter())
             .for_each(|(row, &(t, _))| {
@@ -172,10 +183,10 @@ impl Moe {
         // The experts side by side, each on its own rows (and on this thread's instruction set:
         // the tasks run on rayon's threads).
         let isa = Isa::current();
-        let (hx, starts) = (&self.hx, &self.starts);
-        let z = by_expert(&mut self.z, starts, 2 * f);
-        let y = by_expert(&mut self.y, starts, f);
-        let o = by_expert(&mut self.o, starts, d);
+        let (hx, starts, p) = (self.hx.view(), &self.starts, pb.view());
+        let z = by_expert(self.z.view_mut(), starts, 2 * f);
+        let y = by_expert(self.y.view_mut(), starts, f);
+        let o = by_expert(self.o.view_mut(), starts, d);
         z.into_par_iter()
             .zip(y)
             .zip(o)
@@ -185,12 +196,27 @@ impl Moe {
                 let (a, b) = (starts[e], starts[e + 1]);
                 if a < b {
                     isa.scoped(|| {
-                        swiglu_block_forward(be, p, w, d, f, &hx[a * d..b * d], b - a, z, y, o)
+                        swiglu_block_forward(
+                            &**be,
+                            p,
+                            w,
+                            d,
+                            f,
+                            hx.range(a * d..b * d),
+                            b - a,
+                            z,
+                            y,
+                            o,
+                        )
                     });
                 }
             });
         // Combine per token, its rows in expert order, so the sum order is fixed.
-        let (probs, o, token_rows) = (&self.probs, &self.o, &self.token_rows);
+        let (probs, o, token_rows) = (
+            self.probs.host().ok_or(HOST_ONLY)?,
+            self.o.host().ok_or(HOST_ONLY)?,
+            &self.token_rows,
+        );
         out[..n * d]
             .par_chunks_mut(d)
             .enumerate()
@@ -208,36 +234,44 @@ impl Moe {
             for &(t, e) in routes {
                 let (t, e) = (t as usize, e as usize);
                 self.stats.selected[e] += 1;
-                self.stats.mass[e] += self.probs[t * ne + e] as f64;
+                self.stats.mass[e] += probs[t * ne + e] as f64;
             }
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        g: &mut [f32],
-        h: &[f32],
-        dy: &[f32],
+        be: &Arc<dyn Backend>,
+        pb: &Buf<f32>,
+        gb: &mut Buf<f32>,
+        hv: View<f32>,
+        dyv: View<f32>,
         n: usize,
-        dh: &mut [f32],
-    ) {
+        mut dhv: ViewMut<f32>,
+    ) -> Result<(), String> {
         let (d, f, ne, k) = (self.d, self.f, self.n_experts, self.k);
         let rows = n * k;
-        ensure(&mut self.dprob, n * ne);
-        ensure(&mut self.dlogits, n * ne);
-        ensure(&mut self.dout, rows * d);
-        ensure(&mut self.dy, rows * f);
-        ensure(&mut self.dz, rows * 2 * f);
-        ensure(&mut self.dhx, rows * d);
-        self.dprob.fill(0.0);
-        let (routes, probs, o) = (&self.routes, &self.probs, &self.o);
+        self.dprob.clear();
+        self.dprob.resize(n * ne, 0.0);
+        self.dlogits.ensure(n * ne)?;
+        self.dout.ensure(rows * d)?;
+        self.dy.ensure(rows * f)?;
+        self.dz.ensure(rows * 2 * f)?;
+        self.dhx.ensure(rows * d)?;
+        let dy = dyv.host().ok_or(HOST_ONLY)?;
+        let (routes, probs, o) = (
+            &self.routes,
+            self.probs.host().ok_or(HOST_ONLY)?,
+            self.o.host().ok_or(HOST_ONLY)?,
+        );
         let isa = Isa::current();
         // Per routed row: its share of the output gradient and <dy, o>, the gate's gradient.
         let dots: Vec<f32> = self
             .dout
+            .host_mut()
+            .ok_or(HOST_ONLY)?
             .par_chunks_mut(d)
             .zip(routes.par_iter())
             .enumerate()
@@ -262,14 +296,20 @@ impl Moe {
         // (experts' tensors follow one another in the table, all the same size).
         let (span0, _) = self.experts[0].span();
         let per = span0.len();
-        let g_experts = &mut g[span0.start..span0.start + ne * per];
+        let g_experts = gb.range_mut(span0.start..span0.start + ne * per);
         let starts = &self.starts;
-        let (hx, z, y, dout) = (&self.hx, &self.z, &self.y, &self.dout);
-        let dyb = by_expert(&mut self.dy, starts, f);
-        let dzb = by_expert(&mut self.dz, starts, 2 * f);
-        let dhxb = by_expert(&mut self.dhx, starts, d);
-        g_experts
-            .par_chunks_mut(per)
+        let (hx, z, y, dout) = (
+            self.hx.view(),
+            self.z.view(),
+            self.y.view(),
+            self.dout.view(),
+        );
+        let dyb = by_expert(self.dy.view_mut(), starts, f);
+        let dzb = by_expert(self.dz.view_mut(), starts, 2 * f);
+        let dhxb = by_expert(self.dhx.view_mut(), starts, d);
+        let p = pb.view();
+        by_expert(g_experts, &(0..=ne).collect::<Vec<_>>(), per)
+            .into_par_iter()
             .zip(dyb)
             .zip(dzb)
             .zip(dhxb)
@@ -283,17 +323,17 @@ impl Moe {
                 let (span, local) = w.span();
                 isa.scoped(|| {
                     swiglu_block_backward(
-                        be,
-                        &p[span],
+                        &**be,
+                        p.range(span),
                         ge,
                         &local,
                         d,
                         f,
-                        &hx[a * d..b * d],
+                        hx.range(a * d..b * d),
                         b - a,
-                        &z[a * 2 * f..b * 2 * f],
-                        &y[a * f..b * f],
-                        &dout[a * d..b * d],
+                        z.range(a * 2 * f..b * 2 * f),
+                        y.range(a * f..b * f),
+                        dout.range(a * d..b * d),
                         dyr,
                         dzr,
                         dhr,
@@ -301,7 +341,9 @@ impl Moe {
                 });
             });
         // Softmax backward over all experts.
-        self.dlogits[..n * ne]
+        self.dlogits
+            .host_mut()
+            .ok_or(HOST_ONLY)?
             .par_chunks_mut(ne)
             .zip(probs.par_chunks(ne).zip(self.dprob.par_chunks(ne)))
             .for_each(|(dl, (pr, dp))| {
@@ -310,31 +352,33 @@ impl Moe {
                     *x = pe * (de - s);
                 }
             });
+        let dlogits = self.dlogits.view();
         be.matmul(
             d,
             ne,
             n,
-            h,
+            hv,
             true,
-            &self.dlogits,
+            dlogits,
             false,
-            self.gate.of_mut(g),
+            self.gate.view_mut(gb),
             true,
         );
         be.matmul(
             n,
             d,
             ne,
-            &self.dlogits,
+            dlogits,
             false,
-            self.gate.of(p),
+            self.gate.view(pb),
             true,
-            dh,
+            dhv.rb(),
             false,
         );
         // Each token gathers its rows' input gradients, in expert order.
-        let (dhx, token_rows) = (&self.dhx, &self.token_rows);
-        dh[..n * d]
+        let (dhx, token_rows) = (self.dhx.host().ok_or(HOST_ONLY)?, &self.token_rows);
+        dhv.into_host()
+            .ok_or(HOST_ONLY)?
             .par_chunks_mut(d)
             .enumerate()
             .for_each(|(t, row)| {
@@ -345,15 +389,16 @@ impl Moe {
                     }
                 }
             });
+        Ok(())
     }
 }
 
 /// `buf` cut into the rows of each expert (`starts`), `width` floats a row.
-fn by_expert<'a>(buf: &'a mut [f32], starts: &[usize], width: usize) -> Vec<&'a mut [f32]> {
-    let mut rest = &mut buf[..starts[starts.len() - 1] * width];
+fn by_expert<'a>(buf: ViewMut<'a, f32>, starts: &[usize], width: usize) -> Vec<ViewMut<'a, f32>> {
+    let mut rest = buf.range(0..starts[starts.len() - 1] * width);
     let mut out = Vec::with_capacity(starts.len() - 1);
     for w in starts.windows(2) {
-        let (piece, tail) = std::mem::take(&mut rest).split_at_mut((w[1] - w[0]) * width);
+        let (piece, tail) = rest.split_at((w[1] - w[0]) * width);
         out.push(piece);
         rest = tail;
     }
@@ -363,17 +408,21 @@ fn by_expert<'a>(buf: &'a mut [f32], starts: &[usize], width: usize) -> Vec<&'a 
 impl Moe {
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        4 * (self.chosen.capacity()
-            + self.probs.capacity()
-            + self.hx.capacity()
-            + self.z.capacity()
-            + self.y.capacity()
-            + self.o.capacity()
-            + self.dprob.capacity()
-            + self.dlogits.capacity()
-            + self.dout.capacity()
-            + self.dy.capacity()
-            + self.dz.capacity()
-            + self.dhx.capacity())
+        4 * (self.chosen.capacity() + self.dprob.capacity())
+            + [
+                &self.probs,
+                &self.hx,
+                &self.z,
+                &self.y,
+                &self.o,
+                &self.dlogits,
+                &self.dout,
+                &self.dy,
+                &self.dz,
+                &self.dhx,
+            ]
+            .iter()
+            .map(|b| b.bytes())
+            .sum::<usize>()
     }
 }

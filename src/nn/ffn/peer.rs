@@ -2,11 +2,14 @@
 //! query projection and sqrt(N) sub-keys, similarity scaled by 1/sqrt(2 d_key); output
 //! gelu(u.x) * softmax_k(scores) * v. Keys are per head, as in the reference code.
 
-use super::{ensure, GateStats};
-use crate::nn::backend::Backend;
+use super::GateStats;
+use crate::nn::backend::{
+    zero, Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+};
 use crate::nn::config::ModelConfig;
-use crate::nn::cpu::{ExpertMode, ExpertShape, MatRef, ProductKeyShape, SlotOrder};
+use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
+use std::sync::Arc;
 
 pub struct Peer {
     shape: ProductKeyShape,
@@ -19,25 +22,24 @@ pub struct Peer {
     keys: ParamId,
     u: ParamId,
     v: ParamId,
-    q: Vec<f32>,
-    logits: Vec<f32>,
-    pub scores: Vec<f32>,
-    pub indices: Vec<u32>,
-    a: Vec<f32>,
-    coef: Vec<f32>,
-    w: Vec<f32>,
-    dscores: Vec<f32>,
-    da: Vec<f32>,
-    dlogits: Vec<f32>,
-    dq: Vec<f32>,
-    order: SlotOrder,
+    q: Buf<f32>,
+    logits: Buf<f32>,
+    pub scores: Buf<f32>,
+    pub indices: Buf<u32>,
+    a: Buf<f32>,
+    coef: Buf<f32>,
+    w: Buf<f32>,
+    dscores: Buf<f32>,
+    da: Buf<f32>,
+    dlogits: Buf<f32>,
+    dq: Buf<f32>,
     pub stats: GateStats,
     /// Forced router outputs (gating patching); empty in training.
     pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Peer {
-    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> Peer {
+    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig, be: &Arc<dyn Backend>) -> Peer {
         let (d, c, n, k, dk) = (cfg.d_model, cfg.channels, cfg.experts, cfg.topk, cfg.d_key);
         let s = cfg.sqrt_experts();
         let w_query = t.add(
@@ -84,18 +86,17 @@ impl Peer {
             keys,
             u,
             v,
-            q: vec![],
-            logits: vec![],
-            scores: vec![],
-            indices: vec![],
-            a: vec![],
-            coef: vec![],
-            w: vec![],
-            dscores: vec![],
-            da: vec![],
-            dlogits: vec![],
-            dq: vec![],
-            order: SlotOrder::default(),
+            q: Buf::empty(be),
+            logits: Buf::empty(be),
+            scores: Buf::empty(be),
+            indices: Buf::empty(be),
+            a: Buf::empty(be),
+            coef: Buf::empty(be),
+            w: Buf::empty(be),
+            dscores: Buf::empty(be),
+            da: Buf::empty(be),
+            dlogits: Buf::empty(be),
+            dq: Buf::empty(be),
             overrides: Vec::new(),
             stats: GateStats::new(n),
         }
@@ -107,192 +108,228 @@ impl Peer {
 
     pub fn forward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        h: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        h: View<f32>,
         n: usize,
-        out: &mut [f32],
+        out: ViewMut<f32>,
         stats: bool,
-    ) {
+    ) -> Result<(), String> {
         let (d, dk, s) = (self.d, self.d_key, self.shape.sqrt_n);
         let parts = 2 * self.shape.channels;
         let lw = self.shape.logits_per_token();
         let slots = self.shape.slots_per_token();
-        ensure(&mut self.q, n * parts * dk);
-        ensure(&mut self.logits, n * lw);
-        ensure(&mut self.scores, n * slots);
-        ensure(&mut self.a, n * slots);
-        ensure(&mut self.coef, n * slots);
-        ensure(&mut self.w, n * slots);
-        self.indices.resize(n * slots, 0);
+        self.q.ensure(n * parts * dk)?;
+        self.logits.ensure(n * lw)?;
+        for b in [&mut self.scores, &mut self.a, &mut self.coef, &mut self.w] {
+            b.ensure(n * slots)?;
+        }
+        self.indices.ensure(n * slots)?;
         be.matmul(
             n,
             parts * dk,
             d,
             h,
             false,
-            self.w_query.of(p),
+            self.w_query.view(p),
             false,
-            &mut self.q,
+            self.q.view_mut(),
             false,
         );
-        let keys = self.keys.of(p);
+        let keys = self.keys.view(p);
         for pc in 0..parts {
-            let a = MatRef {
-                data: &self.q[pc * dk..],
+            let a = Strided {
+                v: self.q.view().from(pc * dk),
                 rs: parts * dk,
                 cs: 1,
             };
-            let b = MatRef {
-                data: &keys[pc * s * dk..],
+            let b = Strided {
+                v: keys.from(pc * s * dk),
                 rs: 1,
                 cs: dk,
             };
-            be.matmul_strided(n, s, dk, a, b, &mut self.logits[pc * s..], lw, false);
+            be.matmul_strided(
+                n,
+                s,
+                dk,
+                a,
+                b,
+                self.logits.view_mut().from(pc * s),
+                lw,
+                false,
+            );
         }
         let sc = self.scale();
-        self.logits.iter_mut().for_each(|x| *x *= sc);
+        be.scale(self.logits.view_mut(), sc);
         be.product_key_topk_forward(
             self.shape,
-            &self.logits,
-            &mut self.scores,
-            &mut self.indices,
+            self.logits.view(),
+            self.scores.view_mut(),
+            self.indices.view_mut(),
         );
         super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
         be.experts_forward(
             self.eshape,
             ExpertMode::PeerSoftmaxGelu,
             h,
-            &self.scores,
-            &self.indices,
-            self.u.of(p),
-            self.v.of(p),
-            &mut self.a,
-            &mut self.coef,
-            &mut self.w,
+            self.scores.view(),
+            self.indices.view(),
+            self.u.view(p),
+            self.v.view(p),
+            ExpertsSaved {
+                a: self.a.view_mut(),
+                coef: self.coef.view_mut(),
+                w: self.w.view_mut(),
+            },
             out,
         );
         if stats {
-            for (&ix, &w) in self.indices.iter().zip(&self.w) {
+            for (&ix, &w) in self.indices.to_vec().iter().zip(&self.w.to_vec()) {
                 self.stats.selected[ix as usize] += 1;
                 self.stats.mass[ix as usize] += w as f64;
             }
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        g: &mut [f32],
-        h: &[f32],
-        dy: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        g: &mut Buf<f32>,
+        h: View<f32>,
+        dy: View<f32>,
         n: usize,
-        dh: &mut [f32],
-    ) {
+        mut dh: ViewMut<f32>,
+    ) -> Result<(), String> {
         let (d, dk, s) = (self.d, self.d_key, self.shape.sqrt_n);
         let parts = 2 * self.shape.channels;
         let lw = self.shape.logits_per_token();
         let slots = self.shape.slots_per_token();
-        ensure(&mut self.dscores, n * slots);
-        ensure(&mut self.da, n * slots);
-        ensure(&mut self.dlogits, n * lw);
-        ensure(&mut self.dq, n * parts * dk);
-        dh[..n * d].fill(0.0);
+        self.dscores.ensure(n * slots)?;
+        self.da.ensure(n * slots)?;
+        self.dlogits.ensure(n * lw)?;
+        self.dq.ensure(n * parts * dk)?;
+        zero(&**be, dh.rb());
         let (gu, gv) = {
-            let (lo, hi) = g.split_at_mut(self.v.offset);
-            (
-                &mut lo[self.u.offset..self.u.offset + self.u.len],
-                &mut hi[..self.v.len],
-            )
+            let (lo, hi) = g.view_mut().split_at(self.v.offset);
+            (lo.range(self.u.range()), hi.range(0..self.v.len))
         };
         be.experts_backward(
             self.eshape,
             ExpertMode::PeerSoftmaxGelu,
             h,
-            &self.scores,
-            &self.indices,
-            self.u.of(p),
-            self.v.of(p),
-            (&self.a, &self.coef, &self.w),
+            self.scores.view(),
+            self.indices.view(),
+            self.u.view(p),
+            self.v.view(p),
+            ExpertsSavedRef {
+                a: self.a.view(),
+                coef: self.coef.view(),
+                w: self.w.view(),
+            },
             dy,
-            &mut self.dscores,
-            &mut self.da,
-            (dh, gu, gv),
-            &mut self.order,
+            self.dscores.view_mut(),
+            self.da.view_mut(),
+            ExpertsGrads {
+                dx: dh.rb(),
+                du: gu,
+                dv: gv,
+            },
         );
-        be.product_key_topk_backward(self.shape, &self.indices, &self.dscores, &mut self.dlogits);
+        be.product_key_topk_backward(
+            self.shape,
+            self.indices.view(),
+            self.dscores.view(),
+            self.dlogits.view_mut(),
+        );
         let sc = self.scale();
-        self.dlogits.iter_mut().for_each(|x| *x *= sc);
-        let keys = self.keys.of(p);
+        be.scale(self.dlogits.view_mut(), sc);
+        let (keys, dlogits, q) = (self.keys.view(p), self.dlogits.view(), self.q.view());
         for pc in 0..parts {
             // dq_pc[n, dk] = dlogits_pc[n, s] · keys_pc[s, dk]
-            let a = MatRef {
-                data: &self.dlogits[pc * s..],
+            let a = Strided {
+                v: dlogits.from(pc * s),
                 rs: lw,
                 cs: 1,
             };
-            let b = MatRef {
-                data: &keys[pc * s * dk..],
+            let b = Strided {
+                v: keys.from(pc * s * dk),
                 rs: dk,
                 cs: 1,
             };
-            be.matmul_strided(n, dk, s, a, b, &mut self.dq[pc * dk..], parts * dk, false);
+            be.matmul_strided(
+                n,
+                dk,
+                s,
+                a,
+                b,
+                self.dq.view_mut().from(pc * dk),
+                parts * dk,
+                false,
+            );
         }
-        let gkeys = self.keys.of_mut(g);
+        let mut gkeys = self.keys.view_mut(g);
         for pc in 0..parts {
             // dkeys_pc[s, dk] += dlogits_pc^T[s, n] · q_pc[n, dk]
-            let a = MatRef {
-                data: &self.dlogits[pc * s..],
+            let a = Strided {
+                v: dlogits.from(pc * s),
                 rs: 1,
                 cs: lw,
             };
-            let b = MatRef {
-                data: &self.q[pc * dk..],
+            let b = Strided {
+                v: q.from(pc * dk),
                 rs: parts * dk,
                 cs: 1,
             };
-            be.matmul_strided(s, dk, n, a, b, &mut gkeys[pc * s * dk..], dk, true);
+            be.matmul_strided(s, dk, n, a, b, gkeys.rb().from(pc * s * dk), dk, true);
         }
+        let dq = self.dq.view();
         be.matmul(
             d,
             parts * dk,
             n,
             h,
             true,
-            &self.dq,
+            dq,
             false,
-            self.w_query.of_mut(g),
+            self.w_query.view_mut(g),
             true,
         );
         be.matmul(
             n,
             d,
             parts * dk,
-            &self.dq,
+            dq,
             false,
-            self.w_query.of(p),
+            self.w_query.view(p),
             true,
             dh,
             true,
         );
+        Ok(())
     }
 }
 
 impl Peer {
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        4 * (self.q.capacity()
-            + self.logits.capacity()
-            + self.scores.capacity()
-            + self.a.capacity()
-            + self.coef.capacity()
-            + self.w.capacity()
-            + self.dscores.capacity()
-            + self.da.capacity()
-            + self.dlogits.capacity()
-            + self.dq.capacity()
-            + self.indices.capacity())
+        [
+            &self.q,
+            &self.logits,
+            &self.scores,
+            &self.a,
+            &self.coef,
+            &self.w,
+            &self.dscores,
+            &self.da,
+            &self.dlogits,
+            &self.dq,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum::<usize>()
+            + self.indices.bytes()
     }
 }

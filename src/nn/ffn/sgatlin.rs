@@ -1,11 +1,14 @@
 //! sgatlin: a product-key router (dense W_key then W_sub) selecting k tiny linear experts per
 //! channel from per-channel pools; the raw router score gates each expert.
 
-use super::{ensure, GateStats};
-use crate::nn::backend::Backend;
+use super::GateStats;
+use crate::nn::backend::{
+    zero, Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, View, ViewMut,
+};
 use crate::nn::config::{FfnKind, ModelConfig};
-use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape, SlotOrder};
+use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
+use std::sync::Arc;
 
 /// The router of sgatlin: logits = (x W_key) W_sub, then product-key top-k per channel.
 pub struct ProductKeyRouter {
@@ -27,25 +30,29 @@ pub struct LinearExperts {
 pub struct Sgatlin {
     pub router: ProductKeyRouter,
     pub experts: LinearExperts,
-    hk: Vec<f32>,
-    logits: Vec<f32>,
-    pub scores: Vec<f32>,
-    pub indices: Vec<u32>,
-    a: Vec<f32>,
-    coef: Vec<f32>,
-    w: Vec<f32>,
-    dscores: Vec<f32>,
-    da: Vec<f32>,
-    dlogits: Vec<f32>,
-    dhk: Vec<f32>,
-    order: SlotOrder,
+    hk: Buf<f32>,
+    logits: Buf<f32>,
+    pub scores: Buf<f32>,
+    pub indices: Buf<u32>,
+    a: Buf<f32>,
+    coef: Buf<f32>,
+    w: Buf<f32>,
+    dscores: Buf<f32>,
+    da: Buf<f32>,
+    dlogits: Buf<f32>,
+    dhk: Buf<f32>,
     pub stats: GateStats,
     /// Forced router outputs (gating patching); empty in training.
     pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Sgatlin {
-    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> Sgatlin {
+    pub fn new(
+        t: &mut ParamTable,
+        prefix: &str,
+        cfg: &ModelConfig,
+        be: &Arc<dyn Backend>,
+    ) -> Sgatlin {
         let (d, c, n, k, dk) = (cfg.d_model, cfg.channels, cfg.experts, cfg.topk, cfg.d_key);
         let s = cfg.sqrt_experts();
         let shape = ProductKeyShape {
@@ -103,18 +110,17 @@ impl Sgatlin {
                 u,
                 v,
             },
-            hk: vec![],
-            logits: vec![],
-            scores: vec![],
-            indices: vec![],
-            a: vec![],
-            coef: vec![],
-            w: vec![],
-            dscores: vec![],
-            da: vec![],
-            dlogits: vec![],
-            dhk: vec![],
-            order: SlotOrder::default(),
+            hk: Buf::empty(be),
+            logits: Buf::empty(be),
+            scores: Buf::empty(be),
+            indices: Buf::empty(be),
+            a: Buf::empty(be),
+            coef: Buf::empty(be),
+            w: Buf::empty(be),
+            dscores: Buf::empty(be),
+            da: Buf::empty(be),
+            dlogits: Buf::empty(be),
+            dhk: Buf::empty(be),
             overrides: Vec::new(),
             stats: GateStats::new(c * n),
         }
@@ -122,156 +128,181 @@ impl Sgatlin {
 
     pub fn forward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        h: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        h: View<f32>,
         n: usize,
-        out: &mut [f32],
+        out: ViewMut<f32>,
         stats: bool,
-    ) {
+    ) -> Result<(), String> {
         let r = &self.router;
         let (d, dk, lw) = (r.d, r.d_key, r.shape.logits_per_token());
         let slots = r.shape.slots_per_token();
-        ensure(&mut self.hk, n * dk);
-        ensure(&mut self.logits, n * lw);
-        ensure(&mut self.scores, n * slots);
-        ensure(&mut self.a, n * slots);
-        ensure(&mut self.coef, n * slots);
-        ensure(&mut self.w, n * slots);
-        self.indices.resize(n * slots, 0);
+        self.hk.ensure(n * dk)?;
+        self.logits.ensure(n * lw)?;
+        for b in [&mut self.scores, &mut self.a, &mut self.coef, &mut self.w] {
+            b.ensure(n * slots)?;
+        }
+        self.indices.ensure(n * slots)?;
         be.matmul(
             n,
             dk,
             d,
             h,
             false,
-            r.w_key.of(p),
+            r.w_key.view(p),
             false,
-            &mut self.hk,
+            self.hk.view_mut(),
             false,
         );
         be.matmul(
             n,
             lw,
             dk,
-            &self.hk,
+            self.hk.view(),
             false,
-            r.w_sub.of(p),
+            r.w_sub.view(p),
             false,
-            &mut self.logits,
+            self.logits.view_mut(),
             false,
         );
-        be.product_key_topk_forward(r.shape, &self.logits, &mut self.scores, &mut self.indices);
+        be.product_key_topk_forward(
+            r.shape,
+            self.logits.view(),
+            self.scores.view_mut(),
+            self.indices.view_mut(),
+        );
         super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
         let e = &self.experts;
         be.experts_forward(
             e.shape,
             e.mode,
             h,
-            &self.scores,
-            &self.indices,
-            e.u.of(p),
-            e.v.of(p),
-            &mut self.a,
-            &mut self.coef,
-            &mut self.w,
+            self.scores.view(),
+            self.indices.view(),
+            e.u.view(p),
+            e.v.view(p),
+            ExpertsSaved {
+                a: self.a.view_mut(),
+                coef: self.coef.view_mut(),
+                w: self.w.view_mut(),
+            },
             out,
         );
         if stats {
             let (c, k, stride) = (e.shape.channels, e.shape.k, e.shape.channel_stride);
-            for (j, (&ix, &sc)) in self.indices.iter().zip(&self.scores).enumerate() {
+            let (indices, scores) = (self.indices.to_vec(), self.scores.to_vec());
+            for (j, (&ix, &sc)) in indices.iter().zip(&scores).enumerate() {
                 let row = ((j % slots) / k) * stride + ix as usize;
                 debug_assert!(row < c * stride);
                 self.stats.selected[row] += 1;
                 self.stats.mass[row] += (sc as f64).abs();
             }
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        g: &mut [f32],
-        h: &[f32],
-        dy: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        g: &mut Buf<f32>,
+        h: View<f32>,
+        dy: View<f32>,
         n: usize,
-        dh: &mut [f32],
-    ) {
+        mut dh: ViewMut<f32>,
+    ) -> Result<(), String> {
         let r = &self.router;
         let e = &self.experts;
         let (d, dk, lw) = (r.d, r.d_key, r.shape.logits_per_token());
         let slots = r.shape.slots_per_token();
-        ensure(&mut self.dscores, n * slots);
-        ensure(&mut self.da, n * slots);
-        ensure(&mut self.dlogits, n * lw);
-        ensure(&mut self.dhk, n * dk);
-        dh[..n * d].fill(0.0);
+        self.dscores.ensure(n * slots)?;
+        self.da.ensure(n * slots)?;
+        self.dlogits.ensure(n * lw)?;
+        self.dhk.ensure(n * dk)?;
+        zero(&**be, dh.rb());
         // u and v are adjacent in the table, so split the gradient buffer between them.
         let (gu, gv) = {
-            let (lo, hi) = g.split_at_mut(e.v.offset);
-            (
-                &mut lo[e.u.offset..e.u.offset + e.u.len],
-                &mut hi[..e.v.len],
-            )
+            let (lo, hi) = g.view_mut().split_at(e.v.offset);
+            (lo.range(e.u.range()), hi.range(0..e.v.len))
         };
         be.experts_backward(
             e.shape,
             e.mode,
             h,
-            &self.scores,
-            &self.indices,
-            e.u.of(p),
-            e.v.of(p),
-            (&self.a, &self.coef, &self.w),
+            self.scores.view(),
+            self.indices.view(),
+            e.u.view(p),
+            e.v.view(p),
+            ExpertsSavedRef {
+                a: self.a.view(),
+                coef: self.coef.view(),
+                w: self.w.view(),
+            },
             dy,
-            &mut self.dscores,
-            &mut self.da,
-            (dh, gu, gv),
-            &mut self.order,
+            self.dscores.view_mut(),
+            self.da.view_mut(),
+            ExpertsGrads {
+                dx: dh.rb(),
+                du: gu,
+                dv: gv,
+            },
         );
-        be.product_key_topk_backward(r.shape, &self.indices, &self.dscores, &mut self.dlogits);
+        be.product_key_topk_backward(
+            r.shape,
+            self.indices.view(),
+            self.dscores.view(),
+            self.dlogits.view_mut(),
+        );
+        let (hk, dlogits) = (self.hk.view(), self.dlogits.view());
         be.matmul(
             dk,
             lw,
             n,
-            &self.hk,
+            hk,
             true,
-            &self.dlogits,
+            dlogits,
             false,
-            r.w_sub.of_mut(g),
+            r.w_sub.view_mut(g),
             true,
         );
         be.matmul(
             n,
             dk,
             lw,
-            &self.dlogits,
+            dlogits,
             false,
-            r.w_sub.of(p),
+            r.w_sub.view(p),
             true,
-            &mut self.dhk,
+            self.dhk.view_mut(),
             false,
         );
-        be.matmul(d, dk, n, h, true, &self.dhk, false, r.w_key.of_mut(g), true);
-        be.matmul(n, d, dk, &self.dhk, false, r.w_key.of(p), true, dh, true);
+        let dhk = self.dhk.view();
+        be.matmul(d, dk, n, h, true, dhk, false, r.w_key.view_mut(g), true);
+        be.matmul(n, d, dk, dhk, false, r.w_key.view(p), true, dh, true);
+        Ok(())
     }
 }
 
 impl Sgatlin {
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        4 * (self.hk.capacity()
-            + self.logits.capacity()
-            + self.scores.capacity()
-            + self.a.capacity()
-            + self.coef.capacity()
-            + self.w.capacity()
-            + self.dscores.capacity()
-            + self.da.capacity()
-            + self.dlogits.capacity()
-            + self.dhk.capacity()
-            + self.indices.capacity())
+        [
+            &self.hk,
+            &self.logits,
+            &self.scores,
+            &self.a,
+            &self.coef,
+            &self.w,
+            &self.dscores,
+            &self.da,
+            &self.dlogits,
+            &self.dhk,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum::<usize>()
+            + self.indices.bytes()
     }
 }

@@ -1,10 +1,10 @@
 //! Dense clamped SwiGLU with biases (the GPT-OSS-style GLU of the reference code):
 //! z = h W1 + b1 (gate half, linear half); y = swiglu(z) W2 + b2.
 
-use super::ensure;
-use crate::nn::backend::Backend;
+use crate::nn::backend::{Backend, Buf, View, ViewMut};
 use crate::nn::config::ModelConfig;
 use crate::nn::tensor::{Init, ParamId, ParamTable};
+use std::sync::Arc;
 
 /// One clamped-SwiGLU block; also the expert of `moe`.
 pub struct SwigluWeights {
@@ -58,144 +58,196 @@ impl SwigluWeights {
     }
 }
 
-/// Saved activations of a SwiGLU over `rows` rows.
-#[derive(Default)]
-pub struct SwigluActs {
-    pub z: Vec<f32>,
-    pub y: Vec<f32>,
-    dy: Vec<f32>,
-    dz: Vec<f32>,
-}
-
-/// out[rows, d] = swiglu(h W1 + b1) W2 + b2, saving z and y at `acts` rows offset..offset+rows.
+/// out[rows, d] = swiglu(h W1 + b1) W2 + b2, saving z and y; `p` holds the weights `w`.
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_block_forward(
     be: &dyn Backend,
-    p: &[f32],
+    p: View<f32>,
     w: &SwigluWeights,
     d: usize,
     f: usize,
-    h: &[f32],
+    h: View<f32>,
     rows: usize,
-    z: &mut [f32],
-    y: &mut [f32],
-    out: &mut [f32],
+    mut z: ViewMut<f32>,
+    mut y: ViewMut<f32>,
+    mut out: ViewMut<f32>,
 ) {
-    be.matmul(rows, 2 * f, d, h, false, w.w1.of(p), false, z, false);
-    be.add_row_vector(z, w.b1.of(p));
-    be.swiglu_forward(z, f, y);
-    be.matmul(rows, d, f, y, false, w.w2.of(p), false, out, false);
-    be.add_row_vector(out, w.b2.of(p));
+    be.matmul(
+        rows,
+        2 * f,
+        d,
+        h,
+        false,
+        w.w1.within(p),
+        false,
+        z.rb(),
+        false,
+    );
+    be.add_row_vector(z.rb(), w.b1.within(p));
+    be.swiglu_forward(z.view(), f, y.rb());
+    be.matmul(
+        rows,
+        d,
+        f,
+        y.view(),
+        false,
+        w.w2.within(p),
+        false,
+        out.rb(),
+        false,
+    );
+    be.add_row_vector(out, w.b2.within(p));
 }
 
-/// Backward of `swiglu_block_forward`; dh overwritten, weight gradients added into g.
+/// Backward of `swiglu_block_forward`; dh overwritten, weight gradients added into g (laid
+/// out like `p`).
 #[allow(clippy::too_many_arguments)]
 pub fn swiglu_block_backward(
     be: &dyn Backend,
-    p: &[f32],
-    g: &mut [f32],
+    p: View<f32>,
+    mut g: ViewMut<f32>,
     w: &SwigluWeights,
     d: usize,
     f: usize,
-    h: &[f32],
+    h: View<f32>,
     rows: usize,
-    z: &[f32],
-    y: &[f32],
-    dout: &[f32],
-    dy_scratch: &mut [f32],
-    dz_scratch: &mut [f32],
-    dh: &mut [f32],
+    z: View<f32>,
+    y: View<f32>,
+    dout: View<f32>,
+    mut dy_scratch: ViewMut<f32>,
+    mut dz_scratch: ViewMut<f32>,
+    dh: ViewMut<f32>,
 ) {
-    be.matmul(rows, f, d, dout, false, w.w2.of(p), true, dy_scratch, false);
-    be.matmul(f, d, rows, y, true, dout, false, w.w2.of_mut(g), true);
-    be.sum_rows_into(dout, w.b2.of_mut(g));
-    be.swiglu_backward(z, dy_scratch, f, dz_scratch);
+    be.matmul(
+        rows,
+        f,
+        d,
+        dout,
+        false,
+        w.w2.within(p),
+        true,
+        dy_scratch.rb(),
+        false,
+    );
+    be.matmul(
+        f,
+        d,
+        rows,
+        y,
+        true,
+        dout,
+        false,
+        w.w2.within_mut(&mut g),
+        true,
+    );
+    be.sum_rows_into(dout, w.b2.within_mut(&mut g));
+    be.swiglu_backward(z, dy_scratch.view(), f, dz_scratch.rb());
+    let dz = dz_scratch.view();
     be.matmul(
         d,
         2 * f,
         rows,
         h,
         true,
-        dz_scratch,
+        dz,
         false,
-        w.w1.of_mut(g),
+        w.w1.within_mut(&mut g),
         true,
     );
-    be.sum_rows_into(dz_scratch, w.b1.of_mut(g));
-    be.matmul(
-        rows,
-        d,
-        2 * f,
-        dz_scratch,
-        false,
-        w.w1.of(p),
-        true,
-        dh,
-        false,
-    );
+    be.sum_rows_into(dz, w.b1.within_mut(&mut g));
+    be.matmul(rows, d, 2 * f, dz, false, w.w1.within(p), true, dh, false);
 }
 
 pub struct Swiglu {
     d: usize,
     f: usize,
     w: SwigluWeights,
-    acts: SwigluActs,
+    z: Buf<f32>,
+    y: Buf<f32>,
+    dy: Buf<f32>,
+    dz: Buf<f32>,
 }
 
 impl Swiglu {
-    pub fn new(t: &mut ParamTable, prefix: &str, cfg: &ModelConfig) -> Swiglu {
+    pub fn new(
+        t: &mut ParamTable,
+        prefix: &str,
+        cfg: &ModelConfig,
+        be: &Arc<dyn Backend>,
+    ) -> Swiglu {
         let (d, f) = (cfg.d_model, cfg.d_ffw);
         Swiglu {
             d,
             f,
             w: SwigluWeights::new(t, prefix, d, f),
-            acts: SwigluActs::default(),
+            z: Buf::empty(be),
+            y: Buf::empty(be),
+            dy: Buf::empty(be),
+            dz: Buf::empty(be),
         }
     }
 
-    pub fn forward(&mut self, be: &dyn Backend, p: &[f32], h: &[f32], n: usize, out: &mut [f32]) {
+    pub fn forward(
+        &mut self,
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        h: View<f32>,
+        n: usize,
+        out: ViewMut<f32>,
+    ) -> Result<(), String> {
         let (d, f) = (self.d, self.f);
-        ensure(&mut self.acts.z, n * 2 * f);
-        ensure(&mut self.acts.y, n * f);
+        self.z.ensure(n * 2 * f)?;
+        self.y.ensure(n * f)?;
         swiglu_block_forward(
-            be,
-            p,
+            &**be,
+            p.view(),
             &self.w,
             d,
             f,
             h,
             n,
-            &mut self.acts.z,
-            &mut self.acts.y,
+            self.z.view_mut(),
+            self.y.view_mut(),
             out,
         );
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
-        be: &dyn Backend,
-        p: &[f32],
-        g: &mut [f32],
-        h: &[f32],
-        dy: &[f32],
+        be: &Arc<dyn Backend>,
+        p: &Buf<f32>,
+        g: &mut Buf<f32>,
+        h: View<f32>,
+        dy: View<f32>,
         n: usize,
-        dh: &mut [f32],
-    ) {
+        dh: ViewMut<f32>,
+    ) -> Result<(), String> {
         let (d, f) = (self.d, self.f);
-        let a = &mut self.acts;
-        ensure(&mut a.dy, n * f);
-        ensure(&mut a.dz, n * 2 * f);
+        self.dy.ensure(n * f)?;
+        self.dz.ensure(n * 2 * f)?;
         swiglu_block_backward(
-            be, p, g, &self.w, d, f, h, n, &a.z, &a.y, dy, &mut a.dy, &mut a.dz, dh,
+            &**be,
+            p.view(),
+            g.view_mut(),
+            &self.w,
+            d,
+            f,
+            h,
+            n,
+            self.z.view(),
+            self.y.view(),
+            dy,
+            self.dy.view_mut(),
+            self.dz.view_mut(),
+            dh,
         );
+        Ok(())
     }
-}
 
-impl Swiglu {
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        let a = &self.acts;
-        4 * (a.z.capacity() + a.y.capacity() + a.dy.capacity() + a.dz.capacity())
+        self.z.bytes() + self.y.bytes() + self.dy.bytes() + self.dz.bytes()
     }
 }
