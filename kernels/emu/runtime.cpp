@@ -2,9 +2,13 @@
 // block as real threads with a real barrier), warp exchange, global byte counts and the
 // shared-memory race check. build.rs compiles this file with every kernels/*.cu included
 // after it (one translation unit, so every kernel's registration is linked in).
+//
+// The threads are a pool of persistent workers, worker t being thread t of every block: a
+// launch wakes its workers once, and they run the blocks in turn, the last thread to finish a
+// block starting the next. Creating threads a block cost far more than the kernels' work.
 #include "cuda_emu.h"
 
-#include <barrier>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -13,6 +17,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 namespace emu {
 
@@ -20,6 +28,36 @@ thread_local Thread *self = nullptr;
 dim3 grid_dim, block_dim;
 
 namespace {
+
+#ifdef __linux__
+// Declared here rather than through <unistd.h>, whose names would meet the kernels' own.
+extern "C" long syscall(long number, ...) noexcept;
+#endif
+
+// Sleeps while `a` holds `old`. On Linux a bare futex: std::atomic::wait spins and yields first,
+// which with a hundred threads a core costs more than sleeping at once.
+void wait_while(std::atomic<uint32_t> &a, uint32_t old) {
+  while (a.load() == old) {
+#ifdef __linux__
+    syscall(SYS_futex, reinterpret_cast<uint32_t *>(&a), FUTEX_WAIT_PRIVATE, old, nullptr,
+            nullptr, 0);
+#else
+    a.wait(old);
+#endif
+  }
+}
+
+void wake(std::atomic<uint32_t> &a, bool all) {
+#ifdef __linux__
+  syscall(SYS_futex, reinterpret_cast<uint32_t *>(&a), FUTEX_WAKE_PRIVATE, all ? INT_MAX : 1,
+          nullptr, nullptr, 0);
+#else
+  if (all)
+    a.notify_all();
+  else
+    a.notify_one();
+#endif
+}
 
 struct Kernel {
   void *fn;
@@ -39,15 +77,44 @@ struct Touch {
   int reader2 = -1;  // another thread that read it, or -1
 };
 
+// A reusable barrier of `expected` threads: the last to arrive runs the completion and starts
+// the next phase.
+struct Barrier {
+  std::atomic<uint32_t> arrived{0}, phase{0};
+  uint32_t expected = 0;
+};
+
+// Thrown out of a kernel's barrier when the block can never get past it (see `stuck`).
+struct Abort {};
+
+// The launch in progress and its current block. Reused: the workers, the barriers and the
+// shared memory outlive blocks and launches; only a launch's first block sets them up.
 struct Block {
-  std::unique_ptr<std::barrier<>> barrier;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<uint32_t> warp_slots;
+  unsigned threads = 0;
+  Barrier barrier;
+  std::unique_ptr<Barrier[]> warp_barriers;
+  std::vector<uint32_t> warp_slots;  // two sets, 32 a warp each, used in alternate phases
   std::vector<unsigned char> dynamic_shared;
   bool race_check = false;
   std::mutex touches_lock;
   std::map<std::pair<const void *, size_t>, Touch> touches;
-  std::string race;  // the first race found, if any
+  std::string race;  // the first race found in this block, if any
+
+  // Threads of the current block that are running kernel code (not waiting at a barrier, not
+  // finished), and that have finished. Running reaching zero with a thread unfinished means
+  // every unfinished thread waits at a barrier that nobody is left to complete.
+  std::atomic<int> running{0}, finished{0}, first_finished{-1};
+  std::atomic<bool> aborted{false};
+  std::string abort_reason;
+
+  const Kernel *kernel = nullptr;
+  void **args = nullptr;
+  unsigned index = 0, count = 0;  // the current block, of the launch's blocks
+  dim3 bid;
+  std::atomic<uint32_t> sequence{0};  // advances as each block starts, and at the launch's end
+  bool over = false;                  // the launch has ended (read after `sequence` moves)
+  std::atomic<uint64_t> read{0}, written{0};
+  std::string first_race;  // the launch's first race
 };
 
 Block *block = nullptr;
@@ -64,13 +131,154 @@ void clear_touches() {
   block->touches.clear();
 }
 
+// Every unfinished thread of the block waits at a barrier that can never complete: fail the
+// launch and release them (each throws Abort out of its kernel). Called by the thread that
+// found it, with no other thread running, so only once a block.
+void stuck() {
+  Block &b = *block;
+  int done = b.finished.load(), first = b.first_finished.load();
+  char buf[400];
+  if (done > 0)
+    std::snprintf(buf, sizeof buf,
+                  "kernel %s, block (%u,%u,%u): %d of its %u threads finished (thread %d first) "
+                  "while the others wait at a barrier (__syncthreads or a warp shuffle) that "
+                  "they will never all reach; every thread of a block must reach each barrier",
+                  kernel_name.c_str(), b.bid.x, b.bid.y, b.bid.z, done, b.threads, first);
+  else
+    std::snprintf(buf, sizeof buf,
+                  "kernel %s, block (%u,%u,%u): its threads wait at different barriers "
+                  "(__syncthreads or a warp shuffle), none of which all its threads reach",
+                  kernel_name.c_str(), b.bid.x, b.bid.y, b.bid.z);
+  b.abort_reason = buf;
+  b.aborted = true;
+  auto release = [](Barrier &r) {
+    r.phase.fetch_add(1);
+    wake(r.phase, true);
+  };
+  release(b.barrier);
+  for (unsigned w = 0; w * 32 < b.threads; w++) release(b.warp_barriers[w]);
+}
+
+// Arrives at `r` and waits for the rest of its threads; the last to arrive runs `complete`
+// first.
+template <class F> void arrive_and_wait(Barrier &r, F complete) {
+  Block &b = *block;
+  uint32_t phase = r.phase.load();  // cannot move on before this thread arrives
+  if (r.arrived.fetch_add(1) + 1 == r.expected) {
+    r.arrived.store(0);
+    complete();
+    b.running.fetch_add(int(r.expected) - 1);  // on behalf of the threads it releases
+    r.phase.fetch_add(1);
+    wake(r.phase, true);
+  } else {
+    if (b.running.fetch_sub(1) == 1) stuck();
+    wait_while(r.phase, phase);
+  }
+  if (b.aborted.load()) throw Abort{};
+}
+
+// The last thread of a block to finish ends it: keeps its race, and starts the next block or
+// ends the launch. Every other thread of the block is done with it or waits for `sequence`.
+void end_block() {
+  Block &b = *block;
+  if (b.first_race.empty()) b.first_race = b.race;
+  b.race.clear();
+  b.touches.clear();
+  b.index++;
+  if (b.aborted || b.index == b.count) {
+    b.over = true;
+  } else {
+    b.bid = dim3{b.index % grid_dim.x, b.index / grid_dim.x % grid_dim.y,
+                 b.index / (grid_dim.x * grid_dim.y)};
+    std::memset(b.dynamic_shared.data(), 0, b.dynamic_shared.size());
+    b.barrier.arrived = 0;
+    for (unsigned w = 0; w * 32 < b.threads; w++) b.warp_barriers[w].arrived = 0;
+    b.running = int(b.threads);
+    b.finished = 0;
+    b.first_finished = -1;
+  }
+  b.sequence.fetch_add(1);
+  wake(b.sequence, true);
+}
+
+// A thread has finished the current block (returned from the kernel, or thrown out of it).
+void finish_thread(unsigned t) {
+  Block &b = *block;
+  int expected = -1;
+  b.first_finished.compare_exchange_strong(expected, int(t));
+  int done = b.finished.fetch_add(1) + 1;
+  if (b.aborted.load()) {
+    // The threads released by `stuck` were not running: only `finished` counts them.
+    if (done == int(b.threads)) end_block();
+    return;
+  }
+  if (b.running.fetch_sub(1) == 1) {
+    if (b.finished.load() == int(b.threads))
+      end_block();
+    else
+      stuck();
+  }
+}
+
+// Runs thread `t` of each block of the launch in turn.
+void run_launch(unsigned t) {
+  Block &b = *block;
+  for (;;) {
+    uint32_t sequence = b.sequence.load();
+    Thread me;
+    me.tid = dim3{t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
+    me.bid = b.bid;
+    me.linear = t;
+    self = &me;
+    try {
+      b.kernel->call(b.kernel->fn, b.args);
+    } catch (const Abort &) {
+    }
+    b.read += me.read_bytes;
+    b.written += me.written_bytes;
+    self = nullptr;
+    finish_thread(t);
+    wait_while(b.sequence, sequence);
+    if (b.over) return;
+  }
+}
+
+// The persistent workers, grown to the largest block seen. Never destroyed: at process exit the
+// (detached) workers sleep in wait_while and are not touched.
+struct Pool {
+  struct alignas(64) Slot {
+    std::atomic<uint32_t> go{0};  // advanced to start a launch
+  };
+  Slot slots[1024];
+  unsigned size = 0;
+  std::atomic<uint32_t> active{0};  // workers still in the current launch
+
+  void grow(unsigned threads) {
+    for (; size < threads; size++)
+      std::thread([this, t = size] {
+        uint32_t seen = 0;
+        for (;;) {
+          wait_while(slots[t].go, seen);
+          seen = slots[t].go.load();
+          run_launch(t);
+          if (active.fetch_sub(1) == 1) wake(active, false);
+        }
+      }).detach();
+  }
+};
+
+Pool &pool() {
+  static Pool *p = new Pool;
+  return *p;
+}
+
 }  // namespace
 
 void sync_block() {
   // Everything before the barrier is ordered before everything after: the interval ends.
-  block->barrier->arrive_and_wait();
-  if (self->linear == 0 && block->race_check) clear_touches();
-  block->barrier->arrive_and_wait();
+  arrive_and_wait(block->barrier, [] {
+    if (block->race_check) clear_touches();
+  });
 }
 
 void note_shared(const void *array, size_t index, bool write) {
@@ -142,13 +350,13 @@ unsigned warp_size_here() {
 
 uint32_t warp_exchange(uint32_t v, int src) {
   unsigned warp = self->linear / 32, lane = self->linear % 32;
-  std::barrier<> &b = *block->warp_barriers[warp];
-  uint32_t *slots = &block->warp_slots[warp * 32];
+  Barrier &r = block->warp_barriers[warp];
+  // Two sets of slots, used in alternate phases: a lane publishing for the next exchange
+  // cannot overwrite a slot another lane has yet to read in this one.
+  uint32_t *slots = &block->warp_slots[(warp * 2 + (r.phase.load() & 1)) * 32];
   slots[lane] = v;
-  b.arrive_and_wait();
-  uint32_t out = (src >= 0 && unsigned(src) < warp_size_here()) ? slots[src] : v;
-  b.arrive_and_wait();  // nobody overwrites a slot before every lane has read
-  return out;
+  arrive_and_wait(r, [] {});
+  return (src >= 0 && unsigned(src) < warp_size_here()) ? slots[src] : v;
 }
 
 int register_kernel(const char *name, void *fn, Trampoline call, size_t nargs) {
@@ -187,11 +395,13 @@ int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned bl
                  std::to_string(nargs);
     return 1;
   }
-  unsigned threads = blk[0] * blk[1] * blk[2];
-  if (threads == 0 || threads > 1024 || grid[0] * grid[1] * grid[2] == 0) {
+  uint64_t wide = uint64_t(blk[0]) * blk[1] * blk[2],
+           blocks = uint64_t(grid[0]) * grid[1] * grid[2];
+  if (wide == 0 || wide > 1024 || blocks == 0 || blocks > UINT32_MAX) {
     last_error = std::string(name) + ": a launch needs 1 to 1024 threads a block and a block";
     return 1;
   }
+  unsigned threads = unsigned(wide);
   grid_dim = dim3{grid[0], grid[1], grid[2]};
   block_dim = dim3{blk[0], blk[1], blk[2]};
   kernel_name = name;
@@ -199,51 +409,60 @@ int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned bl
   for (size_t i = 0; i < nranges; i++) buffers.emplace_back(ranges[2 * i], ranges[2 * i + 1]);
   out_of_bounds.clear();
   stats->read_bytes = stats->written_bytes = 0;
-  std::atomic<uint64_t> read{0}, written{0};
-  std::string race;
-  for (unsigned bz = 0; bz < grid[2]; bz++)
-    for (unsigned by = 0; by < grid[1]; by++)
-      for (unsigned bx = 0; bx < grid[0]; bx++) {
-        Block b;
-        b.barrier = std::make_unique<std::barrier<>>(threads);
-        for (unsigned w = 0; w * 32 < threads; w++)
-          b.warp_barriers.push_back(
-              std::make_unique<std::barrier<>>(threads - w * 32 < 32 ? threads - w * 32 : 32));
-        b.warp_slots.assign((threads + 31) / 32 * 32, 0);
-        b.dynamic_shared.assign(shared_bytes, 0);
-        b.race_check = race_check_on;
-        block = &b;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; t++)
-          pool.emplace_back([&, t] {
-            Thread me;
-            me.tid = dim3{t % blk[0], t / blk[0] % blk[1], t / (blk[0] * blk[1])};
-            me.bid = dim3{bx, by, bz};
-            me.linear = t;
-            self = &me;
-            k.call(k.fn, args);
-            read += me.read_bytes;
-            written += me.written_bytes;
-            self = nullptr;
-          });
-        for (auto &t : pool) t.join();
-        block = nullptr;
-        if (race.empty()) race = b.race;
-      }
-  stats->read_bytes = read;
-  stats->written_bytes = written;
+
+  static Block *b = new Block;  // never destroyed, like the pool
+  b->threads = threads;
+  b->barrier.expected = threads;
+  b->barrier.arrived = 0;
+  unsigned warps = (threads + 31) / 32;
+  b->warp_barriers = std::make_unique<Barrier[]>(warps);
+  for (unsigned w = 0; w < warps; w++)
+    b->warp_barriers[w].expected = threads - w * 32 < 32 ? threads - w * 32 : 32;
+  b->warp_slots.assign(warps * 2 * 32, 0);
+  b->dynamic_shared.assign(shared_bytes, 0);
+  b->race_check = race_check_on;
+  b->touches.clear();
+  b->race.clear();
+  b->first_race.clear();
+  b->running = int(threads);
+  b->finished = 0;
+  b->first_finished = -1;
+  b->aborted = false;
+  b->abort_reason.clear();
+  b->kernel = &k;
+  b->args = args;
+  b->index = 0;
+  b->count = unsigned(blocks);
+  b->bid = dim3{0, 0, 0};
+  b->over = false;
+  b->read = b->written = 0;
+  block = b;
+
+  Pool &p = pool();
+  p.grow(threads);
+  p.active = threads;
+  for (unsigned t = 0; t < threads; t++) {
+    p.slots[t].go.fetch_add(1);
+    wake(p.slots[t].go, false);
+  }
+  for (uint32_t left; (left = p.active.load()) != 0;) wait_while(p.active, left);
+  block = nullptr;
+  stats->read_bytes = b->read;
+  stats->written_bytes = b->written;
+  if (b->aborted) {
+    last_error = b->abort_reason;
+    return 4;
+  }
   if (!out_of_bounds.empty()) {
     last_error = out_of_bounds;
     return 3;
   }
-  if (!race.empty()) {
-    last_error = race;
+  if (!b->first_race.empty()) {
+    last_error = b->first_race;
     return 2;
   }
   return 0;
 }
-
 }  // extern "C"
 
 #include "kernels.inc"

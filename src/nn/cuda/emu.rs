@@ -263,4 +263,56 @@ mod tests {
         )
         .is_err());
     }
+
+    /// The emulator's cost a block, for sizing training runs under it: `add_row_vector` over
+    /// 1000 blocks of ROW_BLOCK threads and `sum_rows` over 300, with and without the race
+    /// check. Run with `cargo test --release --features cuda-emu --lib emulator_speed --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn emulator_speed() {
+        let block = kernel_constant("ROW_BLOCK").unwrap();
+        let mut rng = Rng::new(fresh_seed());
+        let (rows, d) = (1000, block as usize);
+        let mut x = random(&mut rng, rows * d);
+        let b = random(&mut rng, d);
+        let per_block = |kernel: &str, grid: u32, args: &mut [Arg], race_check: bool| {
+            let runs = 5;
+            let start = std::time::Instant::now();
+            for _ in 0..runs {
+                launch(kernel, [grid, 1, 1], [block, 1, 1], 0, args, race_check).unwrap();
+            }
+            let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(runs * grid);
+            println!(
+                "{kernel}, {grid} blocks of {block}, race check {race_check}: {us:.1} us a block"
+            );
+        };
+        for race_check in [false, true] {
+            per_block(
+                "add_row_vector",
+                1000,
+                &mut [
+                    Arg::slice_mut(&mut x),
+                    Arg::slice(&b),
+                    Arg::I32(rows as i32),
+                    Arg::I32(d as i32),
+                ],
+                race_check,
+            );
+            let (rows, d) = (512, 300);
+            let x = random(&mut rng, rows * d);
+            let mut out = vec![0.0f32; d];
+            per_block(
+                "sum_rows",
+                d as u32,
+                &mut [
+                    Arg::slice(&x),
+                    Arg::slice_mut(&mut out),
+                    Arg::I32(rows as i32),
+                    Arg::I32(d as i32),
+                ],
+                race_check,
+            );
+        }
+    }
 }
