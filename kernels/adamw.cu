@@ -43,9 +43,9 @@ __global__ void sum_squares_partial(gptr<const float> x, int n, gptr<double> par
       if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
       __syncthreads();
     }
+    // No barrier before the next chunk: only thread 0 reads part[0] after the tree, and only
+    // it writes part[0] next.
     if (threadIdx.x == 0) partial[c] = part[0];
-    // The next chunk's first write to part[0] waits for this read.
-    __syncthreads();
   }
 }
 REPRO_KERNEL(sum_squares_partial)
