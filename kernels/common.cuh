@@ -4,6 +4,20 @@
 
 // Threads per block of the row kernels (read by src/nn/cuda/emu.rs: keep the name and form).
 #define ROW_BLOCK 128
+// Most blocks of the one-block-a-row kernels (rmsnorm, xent, embedding_backward, the sum of
+// squares); beyond it they loop over rows (grid-stride), so any size stays a valid grid.
+#define ROW_GRID_MAX 65535
+// Threads per block of the elementwise kernels, and the most blocks they launch (grid-stride).
+#define ELEM_BLOCK 256
+#define ELEM_GRID_MAX 8192
+// Rows per partial sum of the rmsnorm scale gradient (as the CPU twin's ROWS_PER_PARTIAL).
+#define RMS_ROWS_PER_PARTIAL 64
+// Threads per block of the softmax cross-entropy (one block a row; a power of two).
+#define XENT_BLOCK 256
+// Threads per block of the f64 sums (sum_f64, sum_squares_partial; a power of two), and the
+// elements each partial of the sum of squares covers (as the twin global_norm's chunk).
+#define SUM_BLOCK 256
+#define SQ_CHUNK 16384
 
 #ifdef REPRO_EMU
 // gptr<T> counts bytes; SHARED_ARRAY is one instance per block (blocks run one at a time)

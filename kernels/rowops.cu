@@ -1,4 +1,4 @@
-// Row operations of the backbone: x[rows, d] += b[d], and out[d] += column sums of x[rows, d].
+// Row operations of the backbone: x[rows, d] += b[d], out[d] += column sums of x, and y += x.
 // CPU twins: src/nn/cpu/rowops.rs.
 #include "common.cuh"
 
@@ -45,3 +45,11 @@ __global__ void sum_rows_warp(gptr<const float> x, gptr<float> out, int rows, in
   }
 }
 REPRO_KERNEL(sum_rows_warp)
+
+// y += x, one thread an element, grid-stride.
+__global__ void add_assign(gptr<float> y, gptr<const float> x, int n) {
+  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n;
+       i += long(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+REPRO_KERNEL(add_assign)

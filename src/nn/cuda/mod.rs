@@ -2,6 +2,7 @@
 //! kernels of kernels/*.cu on CPU threads; the cudarc driver and the backend above both
 //! drivers come next (issue 11).
 
+pub mod backbone;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
