@@ -94,12 +94,12 @@ fn dlopen(path: &Path) -> Result<usize, String> {
         let handle = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
         if handle.is_null() {
             let e = libc::dlerror();
-            let why = if e.is_null() {
-                "dlopen failed".into()
+            // dlerror's message names the file.
+            return Err(if e.is_null() {
+                format!("{}: dlopen failed", path.display())
             } else {
-                CStr::from_ptr(e).to_string_lossy()
-            };
-            return Err(format!("{}: {why}", path.display()));
+                CStr::from_ptr(e).to_string_lossy().into_owned()
+            });
         }
         Ok(handle as usize)
     }
