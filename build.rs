@@ -1,10 +1,39 @@
-//! With the `cuda-emu` feature: compiles kernels/*.cu as C++ for the host emulator
-//! (kernels/emu), one translation unit, so that every kernel's registration is linked in.
+//! In every build: the list of kernels/*.cu and *.cuh that the GPU driver embeds and compiles
+//! with NVRTC (src/nn/cuda/gpu.rs). With the `cuda-emu` feature: compiles kernels/*.cu as C++
+//! for the host emulator (kernels/emu), one translation unit, so that every kernel's
+//! registration is linked in.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    gpu_sources();
     #[cfg(feature = "cuda-emu")]
     emulator();
+}
+
+/// `$OUT_DIR/kernel_sources.rs`: `KERNEL_SOURCES`, each top-level kernels/ source (not the
+/// emulator in emu/ nor the planted bugs in testing/) as (its name in kernels/, its text).
+fn gpu_sources() {
+    use std::path::{Path, PathBuf};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&root)
+        .expect("kernels/ is readable")
+        .map(|e| e.expect("kernels/ is readable").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu" || e == "cuh"))
+        .collect();
+    sources.sort();
+    let mut list = String::from("pub const KERNEL_SOURCES: &[(&str, &str)] = &[\n");
+    for path in &sources {
+        println!("cargo:rerun-if-changed={}", path.display());
+        let name = path.file_name().expect("a file").to_string_lossy();
+        list += &format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            path.display().to_string()
+        );
+    }
+    list += "];\n";
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    std::fs::write(out.join("kernel_sources.rs"), list).expect("OUT_DIR is writable");
 }
 
 #[cfg(feature = "cuda-emu")]
