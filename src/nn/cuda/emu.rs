@@ -4,6 +4,12 @@
 //! bytes its threads read and wrote, and, with the race check on, fails on a shared-memory race.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use super::driver::{DevAddr, Driver, Gemm, KArg};
+use super::LaunchDims;
+use crate::nn::cpu::matmul::gemm_strided;
+use crate::nn::cpu::MatRef;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[repr(C)]
@@ -107,6 +113,149 @@ pub fn launch(
         Err(unsafe { CStr::from_ptr(repro_emu_last_error()) }
             .to_string_lossy()
             .into_owned())
+    }
+}
+
+/// The emulator as a `Driver`: device memory is host memory (64-byte aligned, zeroed), kernels
+/// run through `launch`, matrix products on the CPU's gemm. It also sums each kernel's global
+/// traffic over its launches.
+pub struct EmuDriver {
+    race_check: bool,
+    allocations: Mutex<HashMap<DevAddr, usize>>,
+    traffic: Mutex<BTreeMap<String, (u64, Traffic)>>,
+}
+
+impl EmuDriver {
+    /// `race_check`: every launch checks shared memory for races (slower; on in tests).
+    pub fn new(race_check: bool) -> EmuDriver {
+        EmuDriver {
+            race_check,
+            allocations: Mutex::default(),
+            traffic: Mutex::default(),
+        }
+    }
+
+    /// Per kernel: launches, and the global bytes they read and wrote.
+    pub fn traffic(&self) -> BTreeMap<String, (u64, Traffic)> {
+        self.traffic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+const ALIGN: usize = 64;
+
+/// `len` floats at `addr` with row stride `ld`, transposed when `t`: the strided view gemm
+/// takes, over exactly the elements it may touch.
+///
+/// # Safety
+/// `addr` is memory of this driver holding the matrix.
+unsafe fn host_mat<'a>(addr: DevAddr, rows: usize, cols: usize, ld: usize, t: bool) -> MatRef<'a, f32> {
+    // Stored [rows, cols] (or [cols, rows] when transposed) with row stride ld.
+    let (sr, sc) = if t { (cols, rows) } else { (rows, cols) };
+    let len = if sr == 0 || sc == 0 { 0 } else { (sr - 1) * ld + sc };
+    let data = unsafe { std::slice::from_raw_parts(addr as *const f32, len) };
+    let m = MatRef { data, rs: ld, cs: 1 };
+    if t {
+        m.t()
+    } else {
+        m
+    }
+}
+
+impl Driver for EmuDriver {
+    fn describe(&self) -> String {
+        "cuda-emu: kernels/*.cu on the host emulator (real threads, counted traffic)".into()
+    }
+    fn alloc(&self, bytes: usize) -> Result<DevAddr, String> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)
+            .map_err(|_| format!("cannot allocate {bytes} bytes"))?;
+        // SAFETY: non-zero size.
+        let p = unsafe { alloc_zeroed(layout) };
+        if p.is_null() {
+            return Err(format!("cuda-emu: out of memory allocating {bytes} bytes"));
+        }
+        self.allocations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p as DevAddr, bytes.max(1));
+        Ok(p as DevAddr)
+    }
+    fn free(&self, addr: DevAddr) {
+        let bytes = self
+            .allocations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+        if let Some(bytes) = bytes {
+            // SAFETY: allocated by `alloc` with this layout.
+            unsafe {
+                dealloc(
+                    addr as *mut u8,
+                    Layout::from_size_align_unchecked(bytes, ALIGN),
+                )
+            }
+        }
+    }
+    fn upload(&self, dst: DevAddr, src: &[u8]) -> Result<(), String> {
+        // SAFETY: the caller's buffer of at least src.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+    fn download(&self, src: DevAddr, dst: &mut [u8]) -> Result<(), String> {
+        // SAFETY: as upload.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+    fn copy(&self, dst: DevAddr, src: DevAddr, bytes: usize) -> Result<(), String> {
+        // SAFETY: two buffers of this driver of at least `bytes`.
+        unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+    fn zero(&self, dst: DevAddr, bytes: usize) -> Result<(), String> {
+        // SAFETY: a buffer of this driver of at least `bytes`.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        Ok(())
+    }
+    fn launch(&self, name: &str, dims: LaunchDims, args: &[KArg]) -> Result<(), String> {
+        let mut args: Vec<Arg> = args
+            .iter()
+            .map(|a| match *a {
+                KArg::Buf(addr, bytes) => Arg::Buffer(addr as *mut c_void, bytes),
+                KArg::I32(v) => Arg::I32(v),
+                KArg::U32(v) => Arg::U32(v),
+                KArg::F32(v) => Arg::F32(v),
+            })
+            .collect();
+        let t = launch(
+            name,
+            dims.grid,
+            dims.block,
+            dims.shared_bytes,
+            &mut args,
+            self.race_check,
+        )?;
+        let mut table = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        let e = table.entry(name.to_string()).or_default();
+        e.0 += 1;
+        e.1.read_bytes += t.read_bytes;
+        e.1.written_bytes += t.written_bytes;
+        Ok(())
+    }
+    fn gemm(&self, g: &Gemm) -> Result<(), String> {
+        for i in 0..g.batch {
+            let at = |base: DevAddr, stride: usize| base + (i * stride * 4) as DevAddr;
+            // SAFETY: the operands are this driver's buffers at the sizes `g` describes.
+            unsafe {
+                let a = host_mat(at(g.a, g.stride_a), g.m, g.k, g.lda, g.a_t);
+                let b = host_mat(at(g.b, g.stride_b), g.k, g.n, g.ldb, g.b_t);
+                let c_len = if g.m == 0 || g.n == 0 { 0 } else { (g.m - 1) * g.ldc + g.n };
+                let c = std::slice::from_raw_parts_mut(at(g.c, g.stride_c) as *mut f32, c_len);
+                gemm_strided(g.m, g.n, g.k, a, b, c, g.ldc, 1, g.accumulate);
+            }
+        }
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<(), String> {
+        Ok(())
     }
 }
 
