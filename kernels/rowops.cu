@@ -53,3 +53,11 @@ __global__ void add_assign(gptr<float> y, gptr<const float> x, int n) {
     y[i] += x[i];
 }
 REPRO_KERNEL(add_assign)
+
+// x *= factor, one thread an element, grid-stride.
+__global__ void scale(gptr<float> x, float factor, int n) {
+  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n;
+       i += long(gridDim.x) * blockDim.x)
+    x[i] *= factor;
+}
+REPRO_KERNEL(scale)

@@ -342,6 +342,11 @@ pub trait Backend: Send + Sync {
     fn download(&self, src: Addr, dst: &mut [u8]);
     fn copy(&self, dst: Addr, src: Addr, bytes: usize);
     fn zero(&self, dst: Addr, bytes: usize);
+    /// The first error of a launch or copy since the last call (a device's ops run
+    /// asynchronously and cannot fail in place; the model asks after every pass).
+    fn take_error(&self) -> Option<String> {
+        None
+    }
 
     /// c[m, n] (+)= op(a) · op(b); `a_t`: a stored [k, m]; `b_t`: b stored [n, k].
     fn matmul(

@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod ffn;
 pub mod flops;
 pub mod memory;

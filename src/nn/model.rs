@@ -424,7 +424,16 @@ impl Model {
     /// Forward pass to logits (kept in `logits()`).
     pub fn forward_logits(&mut self, inputs: &[u32]) -> Result<(), String> {
         let batch = self.check_batch(inputs, None)?;
-        self.forward(inputs, batch)
+        self.forward(inputs, batch)?;
+        self.backend_error()
+    }
+
+    /// The backend's first failure since the last check, as an error naming the device.
+    fn backend_error(&self) -> Result<(), String> {
+        match self.backend.take_error() {
+            Some(e) => Err(format!("{}: {e}", self.backend.name())),
+            None => Ok(()),
+        }
     }
 
     /// Mean cross-entropy loss, forward only.
@@ -436,7 +445,9 @@ impl Model {
     ) -> Result<BatchLoss, String> {
         let batch = self.check_batch(inputs, Some(targets))?;
         self.forward(inputs, batch)?;
-        self.xent(targets, pad, false)
+        let loss = self.xent(targets, pad, false)?;
+        self.backend_error()?;
+        Ok(loss)
     }
 
     /// Forward and backward; gradients of the mean loss are written (not accumulated) to
@@ -451,6 +462,7 @@ impl Model {
         self.forward(inputs, batch)?;
         let loss = self.xent(targets, pad, true)?;
         self.backward(inputs, batch)?;
+        self.backend_error()?;
         Ok(loss)
     }
 
@@ -842,12 +854,19 @@ impl Model {
 
 impl Model {
     /// The L2 norm of all gradients (summed in a fixed order).
-    pub fn grad_norm(&self) -> f64 {
-        self.backend.sum_squares(self.grads.view()).sqrt()
+    pub fn grad_norm(&self) -> Result<f64, String> {
+        let sq = self.backend.sum_squares(self.grads.view());
+        self.backend_error()?;
+        Ok(sq.sqrt())
     }
 
     /// Applies one AdamW update from the current gradients.
-    pub fn optimizer_step(&mut self, opt: &mut super::optim::AdamW, lr: f32, grad_scale: f32) {
+    pub fn optimizer_step(
+        &mut self,
+        opt: &mut super::optim::AdamW,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<(), String> {
         opt.update(
             &*self.backend,
             &self.table,
@@ -856,5 +875,6 @@ impl Model {
             lr,
             grad_scale,
         );
+        self.backend_error()
     }
 }

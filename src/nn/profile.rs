@@ -211,6 +211,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn zero(&self, dst: Addr, bytes: usize) {
         self.time(("zero", None), || self.inner.zero(dst, bytes))
     }
+    fn take_error(&self) -> Option<String> {
+        self.inner.take_error()
+    }
     fn matmul(
         &self,
         m: usize,

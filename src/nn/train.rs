@@ -124,13 +124,17 @@ impl Trainer {
         if !out.loss.is_finite() {
             bail!("step {}: loss is {} (diverged)", self.step, out.loss);
         }
-        let norm = self.model.grad_norm();
+        let norm = self
+            .model
+            .grad_norm()
+            .map_err(|e| anyhow!("step {}: {e}", self.step))?;
         if !norm.is_finite() {
             bail!("step {}: gradient norm is {} (diverged)", self.step, norm);
         }
         let lr = self.schedule.lr(self.step);
         self.model
-            .optimizer_step(&mut self.opt, lr as f32, clip_scale(norm, self.cfg.clip));
+            .optimizer_step(&mut self.opt, lr as f32, clip_scale(norm, self.cfg.clip))
+            .map_err(|e| anyhow!("step {}: {e}", self.step))?;
         let stats = StepStats {
             step: self.step,
             loss: out.loss,

@@ -24,11 +24,14 @@ use super::{
 use crate::data::shards::{Batcher, BatcherConfig, Sampling, TokenShard};
 use crate::data::tokenize::TokensManifest;
 use crate::nn::memory::{self, MemoryEstimate};
+use crate::nn::backend::Backend;
+use crate::nn::device::Device;
 use crate::nn::{flops, FfnKind, ModelConfig, TrainConfig, Trainer};
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Deserialize, Serialize, Clone)]
@@ -242,12 +245,7 @@ impl With {
                 ));
             }
         }
-        if self.device != "cpu" {
-            return Err(format!(
-                "with.device `{}`: this build trains on the CPU only (the CUDA backend is not built yet)",
-                self.device
-            ));
-        }
+        Device::parse(&self.device).map_err(|e| format!("with.device: {e}"))?;
         parse_max_memory(self.max_memory.as_ref())?;
         Ok(())
     }
@@ -357,13 +355,16 @@ impl StageKind for Train {
         let fingerprint = serde_json::to_string(&(&ctx.with, &cfg))?;
         let ckpt = ctx.scratch.join("resume.safetensors");
         let curve_file = ctx.scratch.join("resume-loss.csv");
-        let (mut trainer, mut curve) = match resume(&ckpt, &curve_file, &fingerprint)? {
+        let backend = Device::parse(&w.device)
+            .and_then(Device::backend)
+            .map_err(|e| anyhow!("with.device {}: {e}", w.device))?;
+        let (mut trainer, mut curve) = match resume(&ckpt, &curve_file, &fingerprint, backend.clone())? {
             Some((t, c)) => {
                 println!("resuming at step {} from {}", t.step, ckpt.display());
                 (t, c)
             }
             None => (
-                Trainer::new(&cfg, tc)?,
+                Trainer::with_backend(&cfg, tc, backend)?,
                 String::from("step,loss,lr,grad_norm\n"),
             ),
         };
@@ -482,14 +483,19 @@ fn save_resume(
     trainer.save_checkpoint(ckpt)
 }
 
-fn resume(ckpt: &Path, curve_file: &Path, fingerprint: &str) -> Result<Option<(Trainer, String)>> {
+fn resume(
+    ckpt: &Path,
+    curve_file: &Path,
+    fingerprint: &str,
+    backend: Arc<dyn Backend>,
+) -> Result<Option<(Trainer, String)>> {
     let Ok(stored) = std::fs::read_to_string(ckpt.with_extension("fingerprint")) else {
         return Ok(None);
     };
     if stored != fingerprint || !ckpt.is_file() {
         return Ok(None);
     }
-    let trainer = Trainer::load_checkpoint(ckpt)?;
+    let trainer = Trainer::load_checkpoint_on(ckpt, backend)?;
     // The curve is cut back to the checkpoint's step: rows written after it were redone.
     let curve: String = std::fs::read_to_string(curve_file)?
         .lines()
@@ -651,7 +657,7 @@ mod tests {
 
     #[test]
     fn other_fields_name_themselves() {
-        refused(json!({"device": "cuda"}), &[], "device");
+        refused(json!({"device": "tpu"}), &[], "device");
         refused(json!({"ffn": "dense"}), &[], "ffn");
         refused(json!({"tokens": 5}), &[], "tokens");
         refused(json!({"lrr": 1}), &[], "lrr");

@@ -1,8 +1,9 @@
-//! The CUDA backend's drivers. For now the host emulator (`cuda-emu` feature), which runs the
-//! kernels of kernels/*.cu on CPU threads; the cudarc driver and the backend above both
-//! drivers come next (issue 11).
+//! The CUDA backend (`backend.rs`: every op as launches of kernels/*.cu) over one narrow
+//! `Driver` seam with two drivers: cudarc on a GPU (`gpu.rs`) and the host emulator
+//! (`emu.rs`, cargo feature `cuda-emu`), which runs the same kernels on CPU threads.
 
 pub mod backbone;
+pub mod backend;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;

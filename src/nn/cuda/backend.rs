@@ -1,0 +1,575 @@
+//! The CUDA backend: every op of `nn::Backend` as kernel launches of kernels/*.cu and matrix
+//! products, through a `Driver` (cudarc on a GPU, the host emulator in CI). One code path for
+//! both drivers: buffers, launch sizes, argument order and the order of launches live here.
+//!
+//! Ops cannot fail in the `Backend` signature; a failed launch or copy is kept (the first one,
+//! like CUDA's sticky errors) and reported by `take_error`, which the model checks after every
+//! pass.
+
+use super::backbone as bb;
+use super::driver::{DevAddr, Driver, Gemm, KArg};
+use super::LaunchDims;
+use crate::nn::backend::{
+    Addr, Backend, Elem, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+};
+use crate::nn::cpu::adamw::AdamWStep;
+use crate::nn::cpu::{AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
+use std::sync::{Arc, Mutex};
+
+pub struct CudaBackend {
+    dr: Arc<dyn Driver>,
+    error: Mutex<Option<String>>,
+    scratch: Mutex<Scratch>,
+}
+
+/// Device scratch of the ops that need it (reduction partials, the embedding's order), grown on
+/// demand and reused.
+#[derive(Default)]
+struct Scratch {
+    areas: Vec<(DevAddr, usize)>,
+}
+
+fn buf<T: Elem>(v: View<T>) -> KArg {
+    KArg::Buf(v.addr(), v.len() * size_of::<T>())
+}
+
+fn buf_mut<T: Elem>(v: ViewMut<T>) -> KArg {
+    KArg::Buf(v.addr(), v.len() * size_of::<T>())
+}
+
+fn int(x: usize) -> KArg {
+    KArg::I32(i32::try_from(x).expect("sizes fit in an int (checked by the model config)"))
+}
+
+impl CudaBackend {
+    pub fn new(dr: Arc<dyn Driver>) -> CudaBackend {
+        CudaBackend {
+            dr,
+            error: Mutex::default(),
+            scratch: Mutex::default(),
+        }
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.dr
+    }
+
+    fn fail(&self, e: String) {
+        let mut err = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if err.is_none() {
+            *err = Some(e);
+        }
+    }
+
+    fn check(&self, r: Result<(), String>) {
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    fn launch(&self, name: &str, dims: LaunchDims, args: &[KArg]) {
+        self.check(self.dr.launch(name, dims, args));
+    }
+
+    /// Scratch area `slot` of at least `bytes` (its contents are whatever was left there).
+    fn scratch(&self, slot: usize, bytes: usize) -> DevAddr {
+        let mut s = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if s.areas.len() <= slot {
+            s.areas.resize(slot + 1, (0, 0));
+        }
+        let (addr, have) = s.areas[slot];
+        if have < bytes.max(1) {
+            if have > 0 {
+                self.dr.free(addr);
+            }
+            match self.dr.alloc(bytes.max(1)) {
+                Ok(a) => s.areas[slot] = (a, bytes.max(1)),
+                Err(e) => {
+                    self.fail(e);
+                    s.areas[slot] = (0, 0);
+                    return 0;
+                }
+            }
+        }
+        s.areas[slot].0
+    }
+
+    fn download_f64(&self, addr: DevAddr) -> f64 {
+        let mut b = [0u8; 8];
+        self.check(self.dr.download(addr, &mut b));
+        f64::from_le_bytes(b)
+    }
+
+    /// Sums `n` doubles at `partials` on the device (fixed order) and brings the total over.
+    fn total(&self, partials: DevAddr, n: usize) -> f64 {
+        let out = self.scratch(SLOT_TOTAL, 8);
+        self.launch(
+            "sum_f64",
+            bb::sum_f64_dims(),
+            &[KArg::Buf(partials, n * 8), KArg::Buf(out, 8), int(n)],
+        );
+        self.download_f64(out)
+    }
+
+    fn unsupported(&self, op: &str) {
+        self.fail(format!(
+            "{op} has no CUDA kernel yet: train this kind with --device cpu"
+        ));
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let s = self.scratch.get_mut().unwrap_or_else(|p| p.into_inner());
+        for &(addr, bytes) in &s.areas {
+            if bytes > 0 {
+                self.dr.free(addr);
+            }
+        }
+    }
+}
+
+// Scratch slots.
+const SLOT_PARTIALS: usize = 0;
+const SLOT_TOTAL: usize = 1;
+const SLOT_ORDER: usize = 2;
+const SLOT_STARTS: usize = 3;
+const SLOT_SEGMENTS: usize = 4;
+
+/// The gemm operand of a strided matrix: unit column stride (row-major), or unit row stride
+/// (stored transposed).
+fn operand(m: Strided) -> Option<(DevAddr, usize, bool)> {
+    if m.cs == 1 {
+        Some((m.v.addr(), m.rs, false))
+    } else if m.rs == 1 {
+        Some((m.v.addr(), m.cs, true))
+    } else {
+        None
+    }
+}
+
+fn bytes_u32(s: &[u32]) -> Vec<u8> {
+    s.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn alloc(&self, bytes: usize) -> Result<Addr, String> {
+        self.dr.alloc(bytes)
+    }
+    fn free(&self, addr: Addr, _bytes: usize) {
+        self.dr.free(addr)
+    }
+    fn host_memory(&self) -> bool {
+        false
+    }
+    fn upload(&self, dst: Addr, src: &[u8]) {
+        self.check(self.dr.upload(dst, src))
+    }
+    fn download(&self, src: Addr, dst: &mut [u8]) {
+        self.check(self.dr.download(src, dst))
+    }
+    fn copy(&self, dst: Addr, src: Addr, bytes: usize) {
+        self.check(self.dr.copy(dst, src, bytes))
+    }
+    fn zero(&self, dst: Addr, bytes: usize) {
+        self.check(self.dr.zero(dst, bytes))
+    }
+    fn take_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn matmul(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: View<f32>,
+        a_t: bool,
+        b: View<f32>,
+        b_t: bool,
+        c: ViewMut<f32>,
+        accumulate: bool,
+    ) {
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a: a.addr(),
+            lda: if a_t { m } else { k },
+            a_t,
+            stride_a: 0,
+            b: b.addr(),
+            ldb: if b_t { k } else { n },
+            b_t,
+            stride_b: 0,
+            c: c.addr(),
+            ldc: n,
+            stride_c: 0,
+            batch: 1,
+            accumulate,
+        };
+        self.check(self.dr.gemm(&g))
+    }
+    fn matmul_strided(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Strided,
+        b: Strided,
+        c: ViewMut<f32>,
+        c_rs: usize,
+        accumulate: bool,
+    ) {
+        let (Some((a, lda, a_t)), Some((b, ldb, b_t))) = (operand(a), operand(b)) else {
+            return self.fail("matmul_strided: an operand has no unit stride".into());
+        };
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a,
+            lda,
+            a_t,
+            stride_a: 0,
+            b,
+            ldb,
+            b_t,
+            stride_b: 0,
+            c: c.addr(),
+            ldc: c_rs,
+            stride_c: 0,
+            batch: 1,
+            accumulate,
+        };
+        self.check(self.dr.gemm(&g))
+    }
+    fn rmsnorm_forward(
+        &self,
+        x: View<f32>,
+        scale: View<f32>,
+        d: usize,
+        y: ViewMut<f32>,
+        rstd: ViewMut<f32>,
+    ) {
+        let rows = x.len() / d;
+        self.launch(
+            "rmsnorm_forward",
+            bb::rmsnorm_forward_dims(rows),
+            &[buf(x), buf(scale), buf_mut(y), buf_mut(rstd), int(rows), int(d)],
+        )
+    }
+    fn rmsnorm_backward(
+        &self,
+        x: View<f32>,
+        scale: View<f32>,
+        rstd: View<f32>,
+        dy: View<f32>,
+        d: usize,
+        dx: ViewMut<f32>,
+        dscale: ViewMut<f32>,
+    ) {
+        let rows = x.len() / d;
+        let parts = bb::rmsnorm_partials(rows);
+        let partial = KArg::Buf(self.scratch(SLOT_PARTIALS, parts * d * 4), parts * d * 4);
+        self.launch(
+            "rmsnorm_backward",
+            bb::rmsnorm_backward_dims(rows),
+            &[
+                buf(x),
+                buf(scale),
+                buf(rstd),
+                buf(dy),
+                buf_mut(dx),
+                partial,
+                int(rows),
+                int(d),
+            ],
+        );
+        self.launch(
+            "sum_rows",
+            bb::rmsnorm_dscale_dims(d),
+            &[partial, buf_mut(dscale), int(parts), int(d)],
+        )
+    }
+    fn rope(
+        &self,
+        x: ViewMut<f32>,
+        cos: View<f32>,
+        sin: View<f32>,
+        seq: usize,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) {
+        let rows = x.len() / (heads * hd);
+        self.launch(
+            "rope",
+            bb::rope_dims(rows, heads, hd),
+            &[
+                buf_mut(x),
+                buf(cos),
+                buf(sin),
+                int(rows),
+                int(seq),
+                int(heads),
+                int(hd),
+                int(inverse as usize),
+            ],
+        )
+    }
+    fn attention_saved_len(&self, s: &AttnShape) -> usize {
+        s.batch * s.heads * s.seq
+    }
+    fn attention_forward(
+        &self,
+        _s: &AttnShape,
+        _q: View<f32>,
+        _k: View<f32>,
+        _v: View<f32>,
+        _out: ViewMut<f32>,
+        _saved: ViewMut<f32>,
+    ) {
+        self.unsupported("attention")
+    }
+    fn attention_backward(
+        &self,
+        _s: &AttnShape,
+        _q: View<f32>,
+        _k: View<f32>,
+        _v: View<f32>,
+        _out: View<f32>,
+        _saved: View<f32>,
+        _dout: View<f32>,
+        _dq: ViewMut<f32>,
+        _dk: ViewMut<f32>,
+        _dv: ViewMut<f32>,
+    ) {
+        self.unsupported("attention")
+    }
+    fn gelu_forward(&self, x: View<f32>, y: ViewMut<f32>) {
+        let n = x.len();
+        self.launch("gelu_forward", bb::gelu_dims(n), &[buf(x), buf_mut(y), int(n)])
+    }
+    fn gelu_backward(&self, x: View<f32>, dy: View<f32>, dx: ViewMut<f32>) {
+        let n = x.len();
+        self.launch(
+            "gelu_backward",
+            bb::gelu_dims(n),
+            &[buf(x), buf(dy), buf_mut(dx), int(n)],
+        )
+    }
+    fn swiglu_forward(&self, z: View<f32>, f: usize, y: ViewMut<f32>) {
+        let rows = z.len() / (2 * f);
+        self.launch(
+            "swiglu_forward",
+            bb::swiglu_dims(rows, f),
+            &[buf(z), buf_mut(y), int(rows), int(f)],
+        )
+    }
+    fn swiglu_backward(&self, z: View<f32>, dy: View<f32>, f: usize, dz: ViewMut<f32>) {
+        let rows = z.len() / (2 * f);
+        self.launch(
+            "swiglu_backward",
+            bb::swiglu_dims(rows, f),
+            &[buf(z), buf(dy), buf_mut(dz), int(rows), int(f)],
+        )
+    }
+    fn embedding_forward(&self, table: View<f32>, tokens: View<u32>, d: usize, out: ViewMut<f32>) {
+        let n = tokens.len();
+        self.launch(
+            "embedding_forward",
+            bb::embedding_forward_dims(n, d),
+            &[buf(table), buf(tokens), buf_mut(out), int(n), int(d)],
+        )
+    }
+    fn embedding_backward(
+        &self,
+        dx: View<f32>,
+        _tokens: View<u32>,
+        host_tokens: &[u32],
+        d: usize,
+        dtable: ViewMut<f32>,
+    ) {
+        // The host knows the tokens: it hands the device their order, so that each row of the
+        // table is summed by one block in token order.
+        let (order, starts, segs) = bb::embedding_segments(host_tokens);
+        let area = |slot: usize, v: &[u32]| {
+            let a = self.scratch(slot, v.len() * 4);
+            self.check(self.dr.upload(a, &bytes_u32(v)));
+            KArg::Buf(a, v.len() * 4)
+        };
+        let args = [
+            buf(dx),
+            area(SLOT_ORDER, &order),
+            area(SLOT_STARTS, &starts),
+            area(SLOT_SEGMENTS, &segs),
+            buf_mut(dtable),
+            int(segs.len()),
+            int(d),
+        ];
+        if !segs.is_empty() {
+            self.launch(
+                "embedding_backward",
+                bb::embedding_backward_dims(segs.len()),
+                &args,
+            )
+        }
+    }
+    fn softmax_xent(
+        &self,
+        logits: ViewMut<f32>,
+        targets: View<u32>,
+        vocab: usize,
+        pad: Option<u32>,
+        counted: usize,
+        want_grad: bool,
+    ) -> f64 {
+        let rows = targets.len();
+        let losses = self.scratch(SLOT_PARTIALS, rows * 8);
+        let inv = if counted > 0 {
+            (1.0 / counted as f64) as f32
+        } else {
+            0.0
+        };
+        self.launch(
+            "softmax_xent",
+            bb::xent_dims(rows),
+            &[
+                buf_mut(logits),
+                buf(targets),
+                KArg::Buf(losses, rows * 8),
+                int(rows),
+                int(vocab),
+                KArg::I32(bb::xent_pad(pad)),
+                int(want_grad as usize),
+                KArg::F32(inv),
+            ],
+        );
+        self.total(losses, rows)
+    }
+    fn product_key_topk_forward(
+        &self,
+        _s: ProductKeyShape,
+        _logits: View<f32>,
+        _scores: ViewMut<f32>,
+        _indices: ViewMut<u32>,
+    ) {
+        self.unsupported("the product-key router")
+    }
+    fn product_key_topk_backward(
+        &self,
+        _s: ProductKeyShape,
+        _indices: View<u32>,
+        _dscores: View<f32>,
+        _dlogits: ViewMut<f32>,
+    ) {
+        self.unsupported("the product-key router")
+    }
+    fn experts_forward(
+        &self,
+        _s: ExpertShape,
+        _mode: ExpertMode,
+        _x: View<f32>,
+        _scores: View<f32>,
+        _indices: View<u32>,
+        _u: View<f32>,
+        _v: View<f32>,
+        _saved: ExpertsSaved,
+        _y: ViewMut<f32>,
+    ) {
+        self.unsupported("the linear experts")
+    }
+    fn experts_backward(
+        &self,
+        _s: ExpertShape,
+        _mode: ExpertMode,
+        _x: View<f32>,
+        _scores: View<f32>,
+        _indices: View<u32>,
+        _u: View<f32>,
+        _v: View<f32>,
+        _saved: ExpertsSavedRef,
+        _dy: View<f32>,
+        _dscores: ViewMut<f32>,
+        _da: ViewMut<f32>,
+        _grads: ExpertsGrads,
+    ) {
+        self.unsupported("the linear experts")
+    }
+    fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {
+        let (n, d) = (x.len(), b.len());
+        self.launch(
+            "add_row_vector",
+            bb::add_assign_dims(n),
+            &[buf_mut(x), buf(b), int(n / d), int(d)],
+        )
+    }
+    fn sum_rows_into(&self, x: View<f32>, out: ViewMut<f32>) {
+        let d = out.len();
+        if d > 0 {
+            self.launch(
+                "sum_rows",
+                bb::rmsnorm_dscale_dims(d),
+                &[buf(x), buf_mut(out), int(x.len() / d), int(d)],
+            )
+        }
+    }
+    fn add_assign(&self, y: ViewMut<f32>, x: View<f32>) {
+        let n = y.len();
+        self.launch("add_assign", bb::add_assign_dims(n), &[buf_mut(y), buf(x), int(n)])
+    }
+    fn scale(&self, x: ViewMut<f32>, factor: f32) {
+        let n = x.len();
+        self.launch(
+            "scale",
+            bb::add_assign_dims(n),
+            &[buf_mut(x), KArg::F32(factor), int(n)],
+        )
+    }
+    fn sum_squares(&self, x: View<f32>) -> f64 {
+        let n = x.len();
+        let parts = bb::sum_squares_partials(n);
+        let partials = self.scratch(SLOT_PARTIALS, parts * 8);
+        self.launch(
+            "sum_squares_partial",
+            bb::sum_squares_dims(n),
+            &[buf(x), int(n), KArg::Buf(partials, parts * 8)],
+        );
+        self.total(partials, parts)
+    }
+    fn adamw_update(
+        &self,
+        p: ViewMut<f32>,
+        g: View<f32>,
+        m: ViewMut<f32>,
+        v: ViewMut<f32>,
+        s: &AdamWStep,
+    ) {
+        let n = p.len();
+        let (inv_bc1, inv_sqrt_bc2) = bb::adamw_bias_corrections(s.beta1, s.beta2, s.t);
+        self.launch(
+            "adamw_update",
+            bb::adamw_dims(n),
+            &[
+                buf_mut(p),
+                buf(g),
+                buf_mut(m),
+                buf_mut(v),
+                int(n),
+                KArg::F32(s.lr),
+                KArg::F32(s.beta1),
+                KArg::F32(s.beta2),
+                KArg::F32(s.eps),
+                KArg::F32(s.weight_decay),
+                KArg::F32(inv_bc1),
+                KArg::F32(inv_sqrt_bc2),
+                KArg::F32(s.grad_scale),
+            ],
+        )
+    }
+}
