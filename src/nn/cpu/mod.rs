@@ -7,6 +7,7 @@ pub mod attention;
 pub mod experts;
 pub mod isa;
 pub mod matmul;
+pub mod moe;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;

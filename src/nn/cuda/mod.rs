@@ -2,9 +2,11 @@
 //! kernels of kernels/*.cu on CPU threads; the cudarc driver and the backend above both
 //! drivers come next (issue 11).
 
+pub mod attention;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
+pub mod moe;
 
 /// How a kernel is launched: grid and block sizes and dynamic shared-memory bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
