@@ -70,6 +70,8 @@ fn emulator() {
         .include(&out)
         .opt_level(2)
         .flag("-pthread")
+        // `#pragma unroll` is for nvcc and NVRTC.
+        .flag("-Wno-unknown-pragmas")
         .warnings(true)
         .file(root.join("emu/runtime.cpp"))
         .compile("repro_cuda_emu");

@@ -30,3 +30,17 @@ template <class T> using gptr = T*;
 #define SHARED_DYNAMIC(T, name) extern __shared__ T name[]
 #define REPRO_KERNEL(name)
 #endif
+
+// Attention (kernels/attention.cu): query and key tiles of ATTN_TILE rows, ATTN_THREADS threads
+// a block = ATTN_TILE rows of ATTN_THREADS / ATTN_TILE lanes each (a lane group sits in one
+// warp); each lane keeps ATTN_MAX_HEAD_DIM / lanes columns of its row in registers.
+#define ATTN_TILE 16
+#define ATTN_THREADS 128
+#define ATTN_MAX_HEAD_DIM 128
+
+// MoE routing (kernels/moe.cu): elementwise and per-token kernels run MOE_BLOCK threads a
+// block; the counting sort runs one block of MOE_SORT_THREADS (a multiple of 32) per expert.
+// Top-k keeps one bit a candidate per lane: at most 32 * 32 experts.
+#define MOE_BLOCK 128
+#define MOE_SORT_THREADS 128
+#define MOE_MAX_EXPERTS 1024

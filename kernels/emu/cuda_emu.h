@@ -176,3 +176,8 @@ template <class T> inline T atomicAdd(emu::gref<T> r, T v) {
   emu::self->written_bytes += sizeof(T);
   return std::atomic_ref<T>(*r.p).fetch_add(v);
 }
+
+template <class T> inline T __shfl_up_sync(unsigned m, T v, unsigned delta) {
+  unsigned lane = emu_lane();
+  return __shfl_sync(m, v, int(lane >= delta ? lane - delta : lane));
+}

@@ -500,6 +500,67 @@ pub trait Backend: Send + Sync {
         da: ViewMut<f32>,
         grads: ExpertsGrads,
     );
+    /// MoE routing: probs = softmax over all `ne` experts of `logits` [n, ne], the top-k
+    /// experts of each token (ties to the lower index) in `chosen` [n, k], and the routed rows
+    /// grouped by expert: `routes` [rows, 2] (token, expert), `starts` [ne + 1] and each
+    /// token's rows `token_rows` [n, k], increasing.
+    fn moe_route(
+        &self,
+        logits: View<f32>,
+        ne: usize,
+        k: usize,
+        probs: ViewMut<f32>,
+        chosen: ViewMut<u32>,
+        routes: ViewMut<u32>,
+        starts: ViewMut<u32>,
+        token_rows: ViewMut<u32>,
+    );
+    /// hx[r] = h[token of r], rows of `d`.
+    fn moe_gather(&self, h: View<f32>, routes: View<u32>, d: usize, hx: ViewMut<f32>);
+    /// out[t] = sum over t's rows r, in order, of probs[t, expert of r] * o[r] (overwritten).
+    fn moe_combine(
+        &self,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        out: ViewMut<f32>,
+    );
+    /// dout[r] = probs[t, e] * dy[t] and dprob[t, e] = <dy[t], o[r]> (0 where unchosen); both
+    /// overwritten.
+    fn moe_combine_backward(
+        &self,
+        dy: View<f32>,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        dout: ViewMut<f32>,
+        dprob: ViewMut<f32>,
+    );
+    /// dlogits = p * (dp - sum(p * dp)) per row of `ne` (overwritten).
+    fn softmax_backward(
+        &self,
+        probs: View<f32>,
+        dprob: View<f32>,
+        ne: usize,
+        dlogits: ViewMut<f32>,
+    );
+    /// dh[t] += the rows of dhx that token t was routed to, in order.
+    fn moe_scatter_add(
+        &self,
+        dhx: View<f32>,
+        token_rows: View<u32>,
+        k: usize,
+        d: usize,
+        dh: ViewMut<f32>,
+    );
     /// `x[rows, d] += b[d]`
     fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>);
     /// `out[d]` += column sums of `x[rows, d]` (fixed order).

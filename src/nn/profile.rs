@@ -187,6 +187,9 @@ fn matmul_name(a_t: bool, b_t: bool) -> &'static str {
 
 #[allow(clippy::too_many_arguments)]
 impl<B: Backend> Backend for Profiled<B> {
+    fn take_error(&self) -> Option<String> {
+        self.inner.take_error()
+    }
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -210,9 +213,6 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn zero(&self, dst: Addr, bytes: usize) {
         self.time(("zero", None), || self.inner.zero(dst, bytes))
-    }
-    fn take_error(&self) -> Option<String> {
-        self.inner.take_error()
     }
     fn matmul(
         &self,
@@ -432,6 +432,84 @@ impl<B: Backend> Backend for Profiled<B> {
             self.inner.experts_backward(
                 s, mode, x, scores, indices, u, v, saved, dy, dscores, da, grads,
             )
+        })
+    }
+    fn moe_route(
+        &self,
+        logits: View<f32>,
+        ne: usize,
+        k: usize,
+        probs: ViewMut<f32>,
+        chosen: ViewMut<u32>,
+        routes: ViewMut<u32>,
+        starts: ViewMut<u32>,
+        token_rows: ViewMut<u32>,
+    ) {
+        self.time(("moe_route", None), || {
+            self.inner
+                .moe_route(logits, ne, k, probs, chosen, routes, starts, token_rows)
+        })
+    }
+    fn moe_gather(&self, h: View<f32>, routes: View<u32>, d: usize, hx: ViewMut<f32>) {
+        self.time(("moe_gather", None), || {
+            self.inner.moe_gather(h, routes, d, hx)
+        })
+    }
+    fn moe_combine(
+        &self,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        out: ViewMut<f32>,
+    ) {
+        self.time(("moe_combine", None), || {
+            self.inner
+                .moe_combine(o, probs, routes, token_rows, ne, k, d, out)
+        })
+    }
+    fn moe_combine_backward(
+        &self,
+        dy: View<f32>,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        dout: ViewMut<f32>,
+        dprob: ViewMut<f32>,
+    ) {
+        self.time(("moe_combine_backward", None), || {
+            self.inner
+                .moe_combine_backward(dy, o, probs, routes, token_rows, ne, k, d, dout, dprob)
+        })
+    }
+    fn softmax_backward(
+        &self,
+        probs: View<f32>,
+        dprob: View<f32>,
+        ne: usize,
+        dlogits: ViewMut<f32>,
+    ) {
+        self.time(("softmax_backward", None), || {
+            self.inner.softmax_backward(probs, dprob, ne, dlogits)
+        })
+    }
+    fn moe_scatter_add(
+        &self,
+        dhx: View<f32>,
+        token_rows: View<u32>,
+        k: usize,
+        d: usize,
+        dh: ViewMut<f32>,
+    ) {
+        self.time(("moe_scatter_add", None), || {
+            self.inner.moe_scatter_add(dhx, token_rows, k, d, dh)
         })
     }
     fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {

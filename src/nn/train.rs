@@ -330,7 +330,7 @@ pub(crate) mod tests {
     }
 
     /// Rows of a periodic pattern at shifting offsets.
-    fn pattern_batch(step: usize, rows: usize, seq: usize) -> Vec<u32> {
+    pub(crate) fn pattern_batch(step: usize, rows: usize, seq: usize) -> Vec<u32> {
         let period = [3u32, 14, 15, 9, 2, 6, 5, 35, 8, 9, 7];
         let mut out = Vec::new();
         for r in 0..rows {
@@ -341,7 +341,7 @@ pub(crate) mod tests {
         out
     }
 
-    fn train_cfg(total: u64) -> TrainConfig {
+    pub(crate) fn train_cfg(total: u64) -> TrainConfig {
         TrainConfig {
             lr: 1e-2,
             warmup_steps: 5,

@@ -23,9 +23,9 @@ use super::{
 };
 use crate::data::shards::{Batcher, BatcherConfig, Sampling, TokenShard};
 use crate::data::tokenize::TokensManifest;
-use crate::nn::memory::{self, MemoryEstimate};
 use crate::nn::backend::Backend;
 use crate::nn::device::Device;
+use crate::nn::memory::{self, MemoryEstimate};
 use crate::nn::{flops, FfnKind, ModelConfig, TrainConfig, Trainer};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -358,16 +358,17 @@ impl StageKind for Train {
         let backend = Device::parse(&w.device)
             .and_then(Device::backend)
             .map_err(|e| anyhow!("with.device {}: {e}", w.device))?;
-        let (mut trainer, mut curve) = match resume(&ckpt, &curve_file, &fingerprint, backend.clone())? {
-            Some((t, c)) => {
-                println!("resuming at step {} from {}", t.step, ckpt.display());
-                (t, c)
-            }
-            None => (
-                Trainer::with_backend(&cfg, tc, backend)?,
-                String::from("step,loss,lr,grad_norm\n"),
-            ),
-        };
+        let (mut trainer, mut curve) =
+            match resume(&ckpt, &curve_file, &fingerprint, backend.clone())? {
+                Some((t, c)) => {
+                    println!("resuming at step {} from {}", t.step, ckpt.display());
+                    (t, c)
+                }
+                None => (
+                    Trainer::with_backend(&cfg, tc, backend)?,
+                    String::from("step,loss,lr,grad_norm\n"),
+                ),
+            };
         let batcher = Batcher::new(
             shard.tokens(),
             BatcherConfig {

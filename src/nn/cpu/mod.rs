@@ -7,6 +7,7 @@ pub mod attention;
 pub mod experts;
 pub mod isa;
 pub mod matmul;
+pub mod moe;
 pub mod real;
 pub mod rmsnorm;
 pub mod rope;
@@ -46,6 +47,19 @@ fn s<T: super::backend::Elem>(v: View<'_, T>) -> &[T] {
 fn m<T: super::backend::Elem>(v: ViewMut<'_, T>) -> &mut [T] {
     v.into_host()
         .expect("the cpu backend computes in host memory")
+}
+
+/// (token, expert) pairs stored two u32 a row.
+fn pairs(v: View<'_, u32>) -> &[[u32; 2]] {
+    let flat = s(v);
+    // SAFETY: [u32; 2] has the alignment of u32 and no padding.
+    unsafe { std::slice::from_raw_parts(flat.as_ptr() as *const [u32; 2], flat.len() / 2) }
+}
+
+fn pairs_mut(v: ViewMut<'_, u32>) -> &mut [[u32; 2]] {
+    let flat = m(v);
+    // SAFETY: as `pairs`.
+    unsafe { std::slice::from_raw_parts_mut(flat.as_mut_ptr() as *mut [u32; 2], flat.len() / 2) }
 }
 
 fn mat(a: Strided<'_>) -> MatRef<'_, f32> {
@@ -308,6 +322,89 @@ impl Backend for CpuBackend {
             m(grads.dv),
             &mut order,
         )
+    }
+    fn moe_route(
+        &self,
+        logits: View<f32>,
+        ne: usize,
+        k: usize,
+        probs: ViewMut<f32>,
+        chosen: ViewMut<u32>,
+        routes: ViewMut<u32>,
+        starts: ViewMut<u32>,
+        token_rows: ViewMut<u32>,
+    ) {
+        let chosen = m(chosen);
+        moe::topk_softmax(s(logits), ne, k, m(probs), chosen);
+        moe::sort_routes(chosen, ne, k, pairs_mut(routes), m(starts), m(token_rows))
+    }
+    fn moe_gather(&self, h: View<f32>, routes: View<u32>, d: usize, hx: ViewMut<f32>) {
+        moe::gather(s(h), pairs(routes), d, m(hx))
+    }
+    fn moe_combine(
+        &self,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        out: ViewMut<f32>,
+    ) {
+        moe::combine(
+            s(o),
+            s(probs),
+            pairs(routes),
+            s(token_rows),
+            ne,
+            k,
+            d,
+            m(out),
+        )
+    }
+    fn moe_combine_backward(
+        &self,
+        dy: View<f32>,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        _token_rows: View<u32>,
+        ne: usize,
+        _k: usize,
+        d: usize,
+        dout: ViewMut<f32>,
+        dprob: ViewMut<f32>,
+    ) {
+        moe::combine_backward(
+            s(dy),
+            s(o),
+            s(probs),
+            pairs(routes),
+            ne,
+            d,
+            m(dout),
+            m(dprob),
+        )
+    }
+    fn softmax_backward(
+        &self,
+        probs: View<f32>,
+        dprob: View<f32>,
+        ne: usize,
+        dlogits: ViewMut<f32>,
+    ) {
+        moe::softmax_backward(s(probs), s(dprob), ne, m(dlogits))
+    }
+    fn moe_scatter_add(
+        &self,
+        dhx: View<f32>,
+        token_rows: View<u32>,
+        k: usize,
+        d: usize,
+        dh: ViewMut<f32>,
+    ) {
+        moe::scatter_add(s(dhx), s(token_rows), k, d, m(dh))
     }
     fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {
         rowops::add_row_vector(m(x), s(b))

@@ -9,6 +9,7 @@
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::LaunchDims;
+use super::{attention, moe};
 use crate::nn::backend::{
     Addr, Backend, Elem, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
 };
@@ -260,7 +261,14 @@ impl Backend for CudaBackend {
         self.launch(
             "rmsnorm_forward",
             bb::rmsnorm_forward_dims(rows),
-            &[buf(x), buf(scale), buf_mut(y), buf_mut(rstd), int(rows), int(d)],
+            &[
+                buf(x),
+                buf(scale),
+                buf_mut(y),
+                buf_mut(rstd),
+                int(rows),
+                int(d),
+            ],
         )
     }
     fn rmsnorm_backward(
@@ -327,33 +335,77 @@ impl Backend for CudaBackend {
     }
     fn attention_forward(
         &self,
-        _s: &AttnShape,
-        _q: View<f32>,
-        _k: View<f32>,
-        _v: View<f32>,
-        _out: ViewMut<f32>,
-        _saved: ViewMut<f32>,
+        s: &AttnShape,
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        out: ViewMut<f32>,
+        saved: ViewMut<f32>,
     ) {
-        self.unsupported("attention")
+        if s.head_dim > attention::max_head_dim() {
+            return self.fail(format!(
+                "attention: head_dim {} is above the kernels' {}",
+                s.head_dim,
+                attention::max_head_dim()
+            ));
+        }
+        self.launch(
+            "attention_forward",
+            attention::forward_dims(s),
+            &[
+                buf(q),
+                buf(k),
+                buf(v),
+                buf_mut(out),
+                buf_mut(saved),
+                int(s.batch),
+                int(s.seq),
+                int(s.heads),
+                int(s.head_dim),
+            ],
+        )
     }
     fn attention_backward(
         &self,
-        _s: &AttnShape,
-        _q: View<f32>,
-        _k: View<f32>,
-        _v: View<f32>,
-        _out: View<f32>,
-        _saved: View<f32>,
-        _dout: View<f32>,
-        _dq: ViewMut<f32>,
-        _dk: ViewMut<f32>,
-        _dv: ViewMut<f32>,
+        s: &AttnShape,
+        q: View<f32>,
+        k: View<f32>,
+        v: View<f32>,
+        out: View<f32>,
+        saved: View<f32>,
+        dout: View<f32>,
+        dq: ViewMut<f32>,
+        dk: ViewMut<f32>,
+        dv: ViewMut<f32>,
     ) {
-        self.unsupported("attention")
+        let rows = s.batch * s.heads * s.seq;
+        let delta = KArg::Buf(self.scratch(SLOT_PARTIALS, rows * 4), rows * 4);
+        let shape = [int(s.batch), int(s.seq), int(s.heads), int(s.head_dim)];
+        let with_shape = |args: &[KArg]| [args, &shape[..]].concat();
+        self.launch(
+            "attention_backward_delta",
+            attention::delta_dims(s),
+            &with_shape(&[buf(dout), buf(out), delta]),
+        );
+        let common = [buf(q), buf(k), buf(v), buf(dout), buf(saved), delta];
+        self.launch(
+            "attention_backward_dkdv",
+            attention::dkdv_dims(s),
+            &with_shape(&[&common[..], &[buf_mut(dk), buf_mut(dv)]].concat()),
+        );
+        self.launch(
+            "attention_backward_dq",
+            attention::dq_dims(s),
+            &with_shape(&[&common[..], &[buf_mut(dq)]].concat()),
+        )
     }
     fn gelu_forward(&self, x: View<f32>, y: ViewMut<f32>) {
         let n = x.len();
-        self.launch("gelu_forward", bb::gelu_dims(n), &[buf(x), buf_mut(y), int(n)])
+        self.launch(
+            "gelu_forward",
+            bb::gelu_dims(n),
+            &[buf(x), buf_mut(y), int(n)],
+        )
     }
     fn gelu_backward(&self, x: View<f32>, dy: View<f32>, dx: ViewMut<f32>) {
         let n = x.len();
@@ -501,6 +553,163 @@ impl Backend for CudaBackend {
     ) {
         self.unsupported("the linear experts")
     }
+    fn moe_route(
+        &self,
+        logits: View<f32>,
+        ne: usize,
+        k: usize,
+        probs: ViewMut<f32>,
+        chosen: ViewMut<u32>,
+        routes: ViewMut<u32>,
+        starts: ViewMut<u32>,
+        token_rows: ViewMut<u32>,
+    ) {
+        if ne > moe::max_experts() {
+            return self.fail(format!("moe: at most {} experts", moe::max_experts()));
+        }
+        let n = chosen.len() / k;
+        let chosen_arg = KArg::Buf(chosen.addr(), chosen.len() * 4);
+        self.launch(
+            "moe_topk_softmax",
+            moe::topk_softmax_dims(n, ne, k),
+            &[
+                buf(logits),
+                buf_mut(probs),
+                chosen_arg,
+                int(n),
+                int(ne),
+                int(k),
+            ],
+        );
+        self.launch(
+            "moe_sort_routes",
+            moe::sort_routes_dims(ne),
+            &[
+                chosen_arg,
+                buf_mut(routes),
+                buf_mut(starts),
+                buf_mut(token_rows),
+                int(n),
+                int(ne),
+                int(k),
+            ],
+        )
+    }
+    fn moe_gather(&self, h: View<f32>, routes: View<u32>, d: usize, hx: ViewMut<f32>) {
+        let rows = routes.len() / 2;
+        self.launch(
+            "moe_gather",
+            moe::gather_dims(rows, d),
+            &[buf(h), buf(routes), buf_mut(hx), int(rows), int(d)],
+        )
+    }
+    fn moe_combine(
+        &self,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        out: ViewMut<f32>,
+    ) {
+        let n = token_rows.len() / k;
+        self.launch(
+            "moe_combine",
+            moe::combine_dims(n, d),
+            &[
+                buf(o),
+                buf(probs),
+                buf(routes),
+                buf(token_rows),
+                buf_mut(out),
+                int(n),
+                int(ne),
+                int(k),
+                int(d),
+            ],
+        )
+    }
+    fn moe_combine_backward(
+        &self,
+        dy: View<f32>,
+        o: View<f32>,
+        probs: View<f32>,
+        routes: View<u32>,
+        token_rows: View<u32>,
+        ne: usize,
+        k: usize,
+        d: usize,
+        dout: ViewMut<f32>,
+        dprob: ViewMut<f32>,
+    ) {
+        let (rows, n) = (routes.len() / 2, token_rows.len() / k);
+        self.launch(
+            "moe_combine_backward",
+            moe::combine_backward_dims(rows, d),
+            &[
+                buf(dy),
+                buf(probs),
+                buf(routes),
+                buf_mut(dout),
+                int(rows),
+                int(ne),
+                int(d),
+            ],
+        );
+        self.launch(
+            "moe_dprob",
+            moe::dprob_dims(n),
+            &[
+                buf(dy),
+                buf(o),
+                buf(routes),
+                buf(token_rows),
+                buf_mut(dprob),
+                int(n),
+                int(ne),
+                int(k),
+                int(d),
+            ],
+        )
+    }
+    fn softmax_backward(
+        &self,
+        probs: View<f32>,
+        dprob: View<f32>,
+        ne: usize,
+        dlogits: ViewMut<f32>,
+    ) {
+        let n = probs.len() / ne;
+        self.launch(
+            "moe_softmax_backward",
+            moe::softmax_backward_dims(n),
+            &[buf(probs), buf(dprob), buf_mut(dlogits), int(n), int(ne)],
+        )
+    }
+    fn moe_scatter_add(
+        &self,
+        dhx: View<f32>,
+        token_rows: View<u32>,
+        k: usize,
+        d: usize,
+        dh: ViewMut<f32>,
+    ) {
+        let n = token_rows.len() / k;
+        self.launch(
+            "moe_scatter_add",
+            moe::scatter_add_dims(n, d),
+            &[
+                buf(dhx),
+                buf(token_rows),
+                buf_mut(dh),
+                int(n),
+                int(k),
+                int(d),
+            ],
+        )
+    }
     fn add_row_vector(&self, x: ViewMut<f32>, b: View<f32>) {
         let (n, d) = (x.len(), b.len());
         self.launch(
@@ -521,7 +730,11 @@ impl Backend for CudaBackend {
     }
     fn add_assign(&self, y: ViewMut<f32>, x: View<f32>) {
         let n = y.len();
-        self.launch("add_assign", bb::add_assign_dims(n), &[buf_mut(y), buf(x), int(n)])
+        self.launch(
+            "add_assign",
+            bb::add_assign_dims(n),
+            &[buf_mut(y), buf(x), int(n)],
+        )
     }
     fn scale(&self, x: ViewMut<f32>, factor: f32) {
         let n = x.len();

@@ -3,13 +3,13 @@
 //! block as real threads (kernels/emu/runtime.cpp); each launch reports the global-memory
 //! bytes its threads read and wrote, and, with the race check on, fails on a shared-memory race.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::LaunchDims;
 use crate::nn::cpu::matmul::gemm_strided;
 use crate::nn::cpu::MatRef;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::Mutex;
 
 #[repr(C)]
@@ -137,7 +137,10 @@ impl EmuDriver {
 
     /// Per kernel: launches, and the global bytes they read and wrote.
     pub fn traffic(&self) -> BTreeMap<String, (u64, Traffic)> {
-        self.traffic.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -148,12 +151,26 @@ const ALIGN: usize = 64;
 ///
 /// # Safety
 /// `addr` is memory of this driver holding the matrix.
-unsafe fn host_mat<'a>(addr: DevAddr, rows: usize, cols: usize, ld: usize, t: bool) -> MatRef<'a, f32> {
+unsafe fn host_mat<'a>(
+    addr: DevAddr,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    t: bool,
+) -> MatRef<'a, f32> {
     // Stored [rows, cols] (or [cols, rows] when transposed) with row stride ld.
     let (sr, sc) = if t { (cols, rows) } else { (rows, cols) };
-    let len = if sr == 0 || sc == 0 { 0 } else { (sr - 1) * ld + sc };
+    let len = if sr == 0 || sc == 0 {
+        0
+    } else {
+        (sr - 1) * ld + sc
+    };
     let data = unsafe { std::slice::from_raw_parts(addr as *const f32, len) };
-    let m = MatRef { data, rs: ld, cs: 1 };
+    let m = MatRef {
+        data,
+        rs: ld,
+        cs: 1,
+    };
     if t {
         m.t()
     } else {
@@ -247,7 +264,11 @@ impl Driver for EmuDriver {
             unsafe {
                 let a = host_mat(at(g.a, g.stride_a), g.m, g.k, g.lda, g.a_t);
                 let b = host_mat(at(g.b, g.stride_b), g.k, g.n, g.ldb, g.b_t);
-                let c_len = if g.m == 0 || g.n == 0 { 0 } else { (g.m - 1) * g.ldc + g.n };
+                let c_len = if g.m == 0 || g.n == 0 {
+                    0
+                } else {
+                    (g.m - 1) * g.ldc + g.n
+                };
                 let c = std::slice::from_raw_parts_mut(at(g.c, g.stride_c) as *mut f32, c_len);
                 gemm_strided(g.m, g.n, g.k, a, b, c, g.ldc, 1, g.accumulate);
             }

@@ -2,12 +2,16 @@
 //! `Driver` seam with two drivers: cudarc on a GPU (`gpu.rs`) and the host emulator
 //! (`emu.rs`, cargo feature `cuda-emu`), which runs the same kernels on CPU threads.
 
+pub mod attention;
 pub mod backbone;
 pub mod backend;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
 pub mod gpu;
+pub mod moe;
+#[cfg(all(test, feature = "cuda-emu"))]
+mod tests;
 
 /// How a kernel is launched: grid and block sizes and dynamic shared-memory bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
