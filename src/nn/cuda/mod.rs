@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
+pub mod experts;
 pub mod gpu;
 
 /// How a kernel is launched: grid and block sizes and dynamic shared-memory bytes.
