@@ -18,6 +18,13 @@
 // elements each partial of the sum of squares covers (as the twin global_norm's chunk).
 #define SUM_BLOCK 256
 #define SQ_CHUNK 16384
+// Threads per block of the product-key top-k (one block a (token, channel)).
+#define ROUTER_BLOCK 64
+// Threads per block of the expert kernels (one block a token, or a pool row; a multiple of 32:
+// each warp takes whole dot products).
+#define EXPERT_BLOCK 128
+// Threads of the one block that sorts the backward's slots by pool row.
+#define EXPERT_SORT_BLOCK 256
 
 #ifdef REPRO_EMU
 // gptr<T> counts bytes; SHARED_ARRAY is one instance per block (blocks run one at a time)

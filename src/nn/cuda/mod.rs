@@ -8,6 +8,7 @@ pub mod backend;
 pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
+pub mod experts;
 pub mod gpu;
 pub mod moe;
 #[cfg(all(test, feature = "cuda-emu"))]
