@@ -9,7 +9,7 @@
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::LaunchDims;
-use super::{attention, moe};
+use super::{attention, experts as ex, moe};
 use crate::nn::backend::{
     Addr, Backend, Elem, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
 };
@@ -110,12 +110,6 @@ impl CudaBackend {
             &[KArg::Buf(partials, n * 8), KArg::Buf(out, 8), int(n)],
         );
         self.download_f64(out)
-    }
-
-    fn unsupported(&self, op: &str) {
-        self.fail(format!(
-            "{op} has no CUDA kernel yet: train this kind with --device cpu"
-        ));
     }
 }
 
@@ -506,52 +500,159 @@ impl Backend for CudaBackend {
     }
     fn product_key_topk_forward(
         &self,
-        _s: ProductKeyShape,
-        _logits: View<f32>,
-        _scores: ViewMut<f32>,
-        _indices: ViewMut<u32>,
+        s: ProductKeyShape,
+        logits: View<f32>,
+        scores: ViewMut<f32>,
+        indices: ViewMut<u32>,
     ) {
-        self.unsupported("the product-key router")
+        let tokens = logits.len() / s.logits_per_token();
+        self.launch(
+            "product_key_topk_forward",
+            ex::router_topk_forward_dims(tokens, s),
+            &[
+                buf(logits),
+                buf_mut(scores),
+                buf_mut(indices),
+                int(tokens),
+                int(s.channels),
+                int(s.sqrt_n),
+                int(s.k),
+            ],
+        )
     }
     fn product_key_topk_backward(
         &self,
-        _s: ProductKeyShape,
-        _indices: View<u32>,
-        _dscores: View<f32>,
-        _dlogits: ViewMut<f32>,
+        s: ProductKeyShape,
+        indices: View<u32>,
+        dscores: View<f32>,
+        dlogits: ViewMut<f32>,
     ) {
-        self.unsupported("the product-key router")
+        let tokens = indices.len() / s.slots_per_token();
+        self.launch(
+            "product_key_topk_backward",
+            ex::router_topk_backward_dims(tokens, s),
+            &[
+                buf(indices),
+                buf(dscores),
+                buf_mut(dlogits),
+                int(tokens),
+                int(s.channels),
+                int(s.sqrt_n),
+                int(s.k),
+            ],
+        )
     }
     fn experts_forward(
         &self,
-        _s: ExpertShape,
-        _mode: ExpertMode,
-        _x: View<f32>,
-        _scores: View<f32>,
-        _indices: View<u32>,
-        _u: View<f32>,
-        _v: View<f32>,
-        _saved: ExpertsSaved,
-        _y: ViewMut<f32>,
+        s: ExpertShape,
+        mode: ExpertMode,
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSaved,
+        y: ViewMut<f32>,
     ) {
-        self.unsupported("the linear experts")
+        let tokens = x.len() / s.d;
+        self.launch(
+            "experts_forward",
+            ex::experts_token_dims(tokens, s),
+            &[
+                buf(x),
+                buf(scores),
+                buf(indices),
+                buf(u),
+                buf(v),
+                buf_mut(saved.a),
+                buf_mut(saved.coef),
+                buf_mut(saved.w),
+                buf_mut(y),
+                int(tokens),
+                int(s.d),
+                int(s.channels),
+                int(s.k),
+                int(s.channel_stride),
+                KArg::I32(ex::expert_mode_arg(mode)),
+            ],
+        )
     }
     fn experts_backward(
         &self,
-        _s: ExpertShape,
-        _mode: ExpertMode,
-        _x: View<f32>,
-        _scores: View<f32>,
-        _indices: View<u32>,
-        _u: View<f32>,
-        _v: View<f32>,
-        _saved: ExpertsSavedRef,
-        _dy: View<f32>,
-        _dscores: ViewMut<f32>,
-        _da: ViewMut<f32>,
-        _grads: ExpertsGrads,
+        s: ExpertShape,
+        mode: ExpertMode,
+        x: View<f32>,
+        scores: View<f32>,
+        indices: View<u32>,
+        u: View<f32>,
+        v: View<f32>,
+        saved: ExpertsSavedRef,
+        dy: View<f32>,
+        dscores: ViewMut<f32>,
+        mut da: ViewMut<f32>,
+        grads: ExpertsGrads,
     ) {
-        self.unsupported("the linear experts")
+        let tokens = x.len() / s.d;
+        // Token-centric: dscores, da and dx.
+        self.launch(
+            "experts_backward_token",
+            ex::experts_token_dims(tokens, s),
+            &[
+                buf(scores),
+                buf(indices),
+                buf(u),
+                buf(v),
+                buf(saved.a),
+                buf(saved.w),
+                buf(dy),
+                buf_mut(dscores),
+                buf_mut(da.rb()),
+                buf_mut(grads.dx),
+                int(tokens),
+                int(s.d),
+                int(s.channels),
+                int(s.k),
+                int(s.channel_stride),
+                KArg::I32(ex::expert_mode_arg(mode)),
+            ],
+        );
+        // Expert-stationary: the slots sorted by pool row, then each row's du and dv summed in
+        // token order (no atomics).
+        let sc = ex::experts_backward_scratch(tokens, s);
+        let area = self.scratch(SLOT_ORDER, sc.bytes);
+        let ends = KArg::Buf(area, sc.ends_len * 4);
+        let order = KArg::Buf(area + sc.order_offset as DevAddr, sc.order_len * 4);
+        self.launch(
+            "experts_slot_order",
+            ex::experts_slot_order_dims(),
+            &[
+                buf(indices),
+                ends,
+                order,
+                int(tokens),
+                int(s.channels),
+                int(s.k),
+                int(s.channel_stride),
+                int(s.pool_rows),
+            ],
+        );
+        self.launch(
+            "experts_backward_pool",
+            ex::experts_backward_pool_dims(s),
+            &[
+                buf(x),
+                buf(dy),
+                buf(da.view()),
+                buf(saved.coef),
+                ends,
+                order,
+                buf_mut(grads.du),
+                buf_mut(grads.dv),
+                int(s.pool_rows),
+                int(s.channels * s.k),
+                int(s.d),
+            ],
+        )
     }
     fn moe_route(
         &self,

@@ -18,8 +18,7 @@ fn cpu() -> Arc<dyn Backend> {
     Arc::new(crate::nn::cpu::CpuBackend::default())
 }
 
-/// The kinds the CUDA backend trains so far.
-const KINDS: [FfnKind; 3] = [FfnKind::Mlp, FfnKind::Swiglu, FfnKind::Moe];
+const KINDS: [FfnKind; 6] = FfnKind::ALL;
 
 /// The two backends sum in different orders (gemm blocking, tree reductions, online softmax),
 /// each step in f32: losses agree to a few ulps of their ~4.2 magnitude, gradients to 1e-4 of
