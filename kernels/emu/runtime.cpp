@@ -8,8 +8,8 @@
 // block starting the next. Creating threads a block cost far more than the kernels' work.
 //
 // Fibers mode (repro_emu_set_fibers) runs the same launches faster: the threads of a block are
-// user-space fibers (ucontext) on the calling thread, resumed round-robin, each running until
-// it waits at a barrier or finishes. The barriers, their completions, the race check, the
+// user-space fibers on the calling thread, resumed round-robin, each running until it waits at
+// a barrier or finishes. The barriers, their completions, the race check, the
 // counts and the errors are the thread mode's; only who runs next differs (deterministic).
 #include "cuda_emu.h"
 
@@ -27,7 +27,9 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #endif
-#include <ucontext.h>
+#if !(defined(__x86_64__) && defined(__linux__))
+#include <ucontext.h>  // see switch_fiber
+#endif
 
 namespace emu {
 
@@ -214,11 +216,11 @@ void switch_fiber(FiberContext &from, FiberContext &to) { repro_emu_fiber_switch
 bool make_fiber(FiberContext &c, char *stack, size_t bytes, void (*entry)()) {
   uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
   uint64_t *sp = reinterpret_cast<uint64_t *>(top);
-  *--sp = 0;                                     // entry's return address: none
-  *--sp = reinterpret_cast<uintptr_t>(entry);   // where the first switch returns to
-  for (int i = 0; i < 6; i++) *--sp = 0;        // rbp rbx r12 r13 r14 r15
-  *--sp = 0x1f80;                                // mxcsr: the defaults
-  *--sp = 0x037f;                                // x87 control word: the defaults
+  *--sp = 0;                                    // entry's return address: none
+  *--sp = reinterpret_cast<uintptr_t>(entry);  // where the first switch returns to
+  for (int i = 0; i < 6; i++) *--sp = 0;       // rbp rbx r12 r13 r14 r15
+  *--sp = 0x1f80;                              // mxcsr: the defaults
+  *--sp = 0x037f;                              // x87 control word: the defaults
   c.sp = sp;
   return true;
 }
