@@ -1,7 +1,8 @@
 // The CUDA built-ins kernels/*.cu use, for running them on the host (cargo feature cuda-emu).
 //
-// A launch runs its blocks one after another; the threads of a block run as real threads, so
-// `__syncthreads()` is a real barrier and a missing one can give a wrong answer. Global memory
+// A launch runs its blocks one after another; the threads of a block run as real threads (or,
+// in fibers mode, as fibers that switch at each barrier), so `__syncthreads()` is a real
+// barrier and a missing one can give a wrong answer. Global memory
 // is read and written through `gptr<T>`, which counts bytes; shared memory through
 // `shared_array` / `shared_dynamic`, whose accesses the race check sees: within one barrier
 // interval, an element written by one thread and read or written by another is a race.

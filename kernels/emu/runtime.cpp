@@ -6,6 +6,11 @@
 // The threads are a pool of persistent workers, worker t being thread t of every block: a
 // launch wakes its workers once, and they run the blocks in turn, the last thread to finish a
 // block starting the next. Creating threads a block cost far more than the kernels' work.
+//
+// Fibers mode (repro_emu_set_fibers) runs the same launches faster: the threads of a block are
+// user-space fibers on the calling thread, resumed round-robin, each running until it waits at
+// a barrier or finishes. The barriers, their completions, the race check, the
+// counts and the errors are the thread mode's; only who runs next differs (deterministic).
 #include "cuda_emu.h"
 
 #include <climits>
@@ -19,7 +24,11 @@
 #include <vector>
 #ifdef __linux__
 #include <linux/futex.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
+#endif
+#if !(defined(__x86_64__) && defined(__linux__))
+#include <ucontext.h>  // see switch_fiber
 #endif
 
 namespace emu {
@@ -115,6 +124,7 @@ struct Block {
   bool over = false;                  // the launch has ended (read after `sequence` moves)
   std::atomic<uint64_t> read{0}, written{0};
   std::string first_race;  // the launch's first race
+  bool fibers = false;     // the threads are fibers on one OS thread (run_fibers)
 };
 
 Block *block = nullptr;
@@ -124,6 +134,7 @@ std::vector<std::pair<uintptr_t, uintptr_t>> buffers;
 std::mutex bounds_lock;
 std::string out_of_bounds;
 bool race_check_on = false;
+bool fibers_on = false;
 std::string last_error;
 
 void clear_touches() {
@@ -159,6 +170,151 @@ void stuck() {
   for (unsigned w = 0; w * 32 < b.threads; w++) release(b.warp_barriers[w]);
 }
 
+// Switching fibers. On x86-64 Linux a few instructions that save the callee-saved registers on
+// the old stack and restore them from the new: swapcontext also sets the signal mask, a system
+// call each switch, which costs more than most kernels' work between two barriers. Elsewhere,
+// ucontext.
+#if defined(__x86_64__) && defined(__linux__)
+extern "C" void repro_emu_fiber_switch(void **save_sp, void *load_sp);
+asm(R"(
+  .text
+  .globl repro_emu_fiber_switch
+  .hidden repro_emu_fiber_switch
+  .type repro_emu_fiber_switch, @function
+repro_emu_fiber_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  fldcw (%rsp)
+  ldmxcsr 8(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size repro_emu_fiber_switch, .-repro_emu_fiber_switch
+)");
+
+struct FiberContext {
+  void *sp = nullptr;
+};
+
+void switch_fiber(FiberContext &from, FiberContext &to) { repro_emu_fiber_switch(&from.sp, to.sp); }
+
+// A context that starts `entry` (which never returns) on the stack [stack, stack + bytes).
+bool make_fiber(FiberContext &c, char *stack, size_t bytes, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t(15);
+  uint64_t *sp = reinterpret_cast<uint64_t *>(top);
+  *--sp = 0;                                    // entry's return address: none
+  *--sp = reinterpret_cast<uintptr_t>(entry);  // where the first switch returns to
+  for (int i = 0; i < 6; i++) *--sp = 0;       // rbp rbx r12 r13 r14 r15
+  *--sp = 0x1f80;                              // mxcsr: the defaults
+  *--sp = 0x037f;                              // x87 control word: the defaults
+  c.sp = sp;
+  return true;
+}
+#else
+struct FiberContext {
+  ucontext_t uc;
+};
+
+void switch_fiber(FiberContext &from, FiberContext &to) { swapcontext(&from.uc, &to.uc); }
+
+bool make_fiber(FiberContext &c, char *stack, size_t bytes, void (*entry)()) {
+  if (getcontext(&c.uc) != 0) return false;
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+  return true;
+}
+#endif
+
+// The fibers of fibers mode, one a thread of the block: grown to the largest block seen, their
+// stacks mapped once and reused. Each fiber loops forever: run its thread of the current block,
+// then hand back to the scheduler (run_fibers), which resumes it for the next block. Nothing
+// here is thread_local: a later launch may come from another OS thread.
+constexpr size_t fiber_stack_bytes = 256 << 10;
+constexpr size_t fiber_guard_bytes = 64 << 10;  // unmapped below the stack: overflow faults
+
+struct Fiber {
+  FiberContext context;
+  Thread me;
+  Barrier *waiting = nullptr;  // the barrier it waits at, or null
+  uint32_t phase = 0;          // that barrier's phase when it arrived
+  bool done = true;            // has finished the current block
+};
+
+struct Fibers {
+  FiberContext scheduler;
+  std::vector<std::unique_ptr<Fiber>> all;
+  Fiber *current = nullptr;  // the fiber running, or last run
+};
+
+Fibers &fibers() {
+  static Fibers *f = new Fibers;  // never destroyed, like the pool
+  return *f;
+}
+
+void fiber_main() {
+  Fibers &fs = fibers();
+  Fiber *f = fs.current;  // this fiber: the scheduler sets `current` before resuming it
+  for (;;) {
+    try {
+      block->kernel->call(block->kernel->fn, block->args);
+    } catch (const Abort &) {
+    }
+    f->done = true;
+    switch_fiber(f->context, fs.scheduler);
+  }
+}
+
+// Grows the fibers to `n`; false (with the reason in `why`) if a stack cannot be had.
+bool grow_fibers(unsigned n, std::string &why) {
+  Fibers &fs = fibers();
+  while (fs.all.size() < n) {
+    auto f = std::make_unique<Fiber>();
+#ifdef __linux__
+    void *m = mmap(nullptr, fiber_guard_bytes + fiber_stack_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED || mprotect(m, fiber_guard_bytes, PROT_NONE) != 0) {
+      why = "cannot map a fiber's stack";
+      return false;
+    }
+    char *stack = static_cast<char *>(m) + fiber_guard_bytes;
+#else
+    char *stack = new char[fiber_stack_bytes];
+#endif
+    if (!make_fiber(f->context, stack, fiber_stack_bytes, fiber_main)) {
+      why = "cannot make a fiber's context";
+      return false;
+    }
+    fs.all.push_back(std::move(f));
+  }
+  return true;
+}
+
+// Called by a fiber at a barrier it is not the last to reach: back to the scheduler, which
+// resumes it once the barrier's phase has moved (completed, or released by `stuck`).
+void fiber_wait(Barrier &r, uint32_t phase) {
+  Fibers &fs = fibers();
+  Fiber *f = fs.current;
+  f->waiting = &r;
+  f->phase = phase;
+  switch_fiber(f->context, fs.scheduler);
+}
+
 // Arrives at `r` and waits for the rest of its threads; the last to arrive runs `complete`
 // first.
 template <class F> void arrive_and_wait(Barrier &r, F complete) {
@@ -167,9 +323,15 @@ template <class F> void arrive_and_wait(Barrier &r, F complete) {
   if (r.arrived.fetch_add(1) + 1 == r.expected) {
     r.arrived.store(0);
     complete();
-    b.running.fetch_add(int(r.expected) - 1);  // on behalf of the threads it releases
-    r.phase.fetch_add(1);
-    wake(r.phase, true);
+    if (b.fibers) {
+      r.phase.fetch_add(1);  // the waiting fibers become runnable; this one carries on
+    } else {
+      b.running.fetch_add(int(r.expected) - 1);  // on behalf of the threads it releases
+      r.phase.fetch_add(1);
+      wake(r.phase, true);
+    }
+  } else if (b.fibers) {
+    fiber_wait(r, phase);
   } else {
     if (b.running.fetch_sub(1) == 1) stuck();
     wait_while(r.phase, phase);
@@ -179,7 +341,7 @@ template <class F> void arrive_and_wait(Barrier &r, F complete) {
 
 // The last thread of a block to finish ends it: keeps its race, and starts the next block or
 // ends the launch. Every other thread of the block is done with it or waits for `sequence`.
-void end_block() {
+void next_block() {
   Block &b = *block;
   if (b.first_race.empty()) b.first_race = b.race;
   b.race.clear();
@@ -197,8 +359,12 @@ void end_block() {
     b.finished = 0;
     b.first_finished = -1;
   }
-  b.sequence.fetch_add(1);
-  wake(b.sequence, true);
+}
+
+void end_block() {
+  next_block();
+  block->sequence.fetch_add(1);
+  wake(block->sequence, true);
 }
 
 // A thread has finished the current block (returned from the kernel, or thrown out of it).
@@ -239,6 +405,49 @@ void run_launch(unsigned t) {
     self = nullptr;
     finish_thread(t);
     wait_while(b.sequence, sequence);
+    if (b.over) return;
+  }
+}
+
+// Fibers mode: runs every block of the launch on the calling thread. Each pass resumes, in
+// order, every fiber that is neither finished nor waiting at a barrier still in the phase it
+// arrived in; a pass that resumes none while some are unfinished is the thread mode's `stuck`.
+void run_fibers() {
+  Block &b = *block;
+  Fibers &fs = fibers();
+  for (;;) {
+    for (unsigned t = 0; t < b.threads; t++) {
+      Fiber &f = *fs.all[t];
+      f.me = Thread{};
+      f.me.tid =
+          dim3{t % block_dim.x, t / block_dim.x % block_dim.y, t / (block_dim.x * block_dim.y)};
+      f.me.bid = b.bid;
+      f.me.linear = t;
+      f.waiting = nullptr;
+      f.done = false;
+    }
+    for (unsigned left = b.threads; left > 0;) {
+      bool resumed = false;
+      for (unsigned t = 0; t < b.threads; t++) {
+        Fiber &f = *fs.all[t];
+        if (f.done || (f.waiting && f.waiting->phase.load() == f.phase)) continue;
+        f.waiting = nullptr;
+        fs.current = &f;
+        self = &f.me;
+        switch_fiber(fs.scheduler, f.context);
+        resumed = true;
+        if (f.done) {
+          left--;
+          b.read += f.me.read_bytes;
+          b.written += f.me.written_bytes;
+          if (b.first_finished.load() < 0) b.first_finished = int(t);
+          b.finished.fetch_add(1);
+        }
+      }
+      if (!resumed && left > 0) stuck();  // releases the waiting fibers, which throw Abort
+    }
+    self = nullptr;
+    next_block();
     if (b.over) return;
   }
 }
@@ -377,6 +586,9 @@ struct ReproEmuStats {
 
 void repro_emu_set_race_check(int on) { race_check_on = on != 0; }
 
+// Runs the threads of each block as fibers on the launching thread (see run_fibers).
+void repro_emu_set_fibers(int on) { fibers_on = on != 0; }
+
 const char *repro_emu_last_error() { return last_error.c_str(); }
 
 // 0 on success; otherwise the reason is in repro_emu_last_error().
@@ -438,14 +650,23 @@ int repro_emu_launch(const char *name, const unsigned grid[3], const unsigned bl
   b->read = b->written = 0;
   block = b;
 
-  Pool &p = pool();
-  p.grow(threads);
-  p.active = threads;
-  for (unsigned t = 0; t < threads; t++) {
-    p.slots[t].go.fetch_add(1);
-    wake(p.slots[t].go, false);
+  b->fibers = fibers_on;
+  if (b->fibers && !grow_fibers(threads, last_error)) {
+    block = nullptr;
+    return 1;
   }
-  for (uint32_t left; (left = p.active.load()) != 0;) wait_while(p.active, left);
+  if (b->fibers) {
+    run_fibers();
+  } else {
+    Pool &p = pool();
+    p.grow(threads);
+    p.active = threads;
+    for (unsigned t = 0; t < threads; t++) {
+      p.slots[t].go.fetch_add(1);
+      wake(p.slots[t].go, false);
+    }
+    for (uint32_t left; (left = p.active.load()) != 0;) wait_while(p.active, left);
+  }
   block = nullptr;
   stats->read_bytes = b->read;
   stats->written_bytes = b->written;

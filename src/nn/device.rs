@@ -44,7 +44,7 @@ impl Device {
 
 #[cfg(feature = "cuda-emu")]
 fn emulator() -> Result<Arc<dyn Backend>, String> {
-    let dr = super::cuda::emu::EmuDriver::new(false);
+    let dr = super::cuda::emu::EmuDriver::with_mode(false, true);
     Ok(Arc::new(CudaBackend::new(Arc::new(dr))))
 }
 

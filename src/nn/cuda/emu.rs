@@ -1,7 +1,9 @@
 //! The host emulator of kernels/*.cu: launch a kernel by name with a grid, a block, dynamic
 //! shared memory and arguments, as the CUDA driver does. Blocks run in turn, the threads of a
-//! block as real threads (kernels/emu/runtime.cpp); each launch reports the global-memory
-//! bytes its threads read and wrote, and, with the race check on, fails on a shared-memory race.
+//! block as real threads (kernels/emu/runtime.cpp), or, in fibers mode, as fibers on the
+//! launching thread (the same barriers, checks and errors, far faster); each launch reports the
+//! global-memory bytes its threads read and wrote, and, with the race check on, fails on a
+//! shared-memory race.
 
 use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::LaunchDims;
@@ -21,6 +23,7 @@ pub struct Traffic {
 
 extern "C" {
     fn repro_emu_set_race_check(on: c_int);
+    fn repro_emu_set_fibers(on: c_int);
     fn repro_emu_last_error() -> *const c_char;
     fn repro_emu_launch(
         name: *const c_char,
@@ -67,8 +70,9 @@ impl Arg {
 /// Launches are serialised: the runtime's launch state is global.
 static LAUNCH: Mutex<()> = Mutex::new(());
 
-/// Runs kernel `name` over `grid` blocks of `block` threads. The caller vouches that the
-/// pointer arguments address buffers the kernel may read and write at these sizes, as on a GPU.
+/// Runs kernel `name` over `grid` blocks of `block` threads, each thread a real thread. The
+/// caller vouches that the pointer arguments address buffers the kernel may read and write at
+/// these sizes, as on a GPU.
 pub fn launch(
     name: &str,
     grid: [u32; 3],
@@ -76,6 +80,20 @@ pub fn launch(
     shared_bytes: usize,
     args: &mut [Arg],
     race_check: bool,
+) -> Result<Traffic, String> {
+    launch_as(name, grid, block, shared_bytes, args, race_check, false)
+}
+
+/// `launch`, with the threads of each block as fibers on the calling thread when `fibers`:
+/// each runs until it waits at a barrier or finishes, in a fixed round-robin order.
+pub fn launch_as(
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: usize,
+    args: &mut [Arg],
+    race_check: bool,
+    fibers: bool,
 ) -> Result<Traffic, String> {
     let c_name = CString::new(name).map_err(|_| format!("bad kernel name {name:?}"))?;
     let ranges: Vec<u64> = args
@@ -93,6 +111,7 @@ pub fn launch(
     // accesses are the caller's promise above.
     let rc = unsafe {
         repro_emu_set_race_check(race_check as c_int);
+        repro_emu_set_fibers(fibers as c_int);
         repro_emu_launch(
             c_name.as_ptr(),
             grid.as_ptr(),
@@ -121,15 +140,23 @@ pub fn launch(
 /// traffic over its launches.
 pub struct EmuDriver {
     race_check: bool,
+    fibers: bool,
     allocations: Mutex<HashMap<DevAddr, usize>>,
     traffic: Mutex<BTreeMap<String, (u64, Traffic)>>,
 }
 
 impl EmuDriver {
-    /// `race_check`: every launch checks shared memory for races (slower; on in tests).
+    /// `race_check`: every launch checks shared memory for races (slower; on in tests). The
+    /// threads of a block are real threads.
     pub fn new(race_check: bool) -> EmuDriver {
+        EmuDriver::with_mode(race_check, false)
+    }
+
+    /// `fibers`: the threads of a block are fibers on the launching thread (see `launch_as`).
+    pub fn with_mode(race_check: bool, fibers: bool) -> EmuDriver {
         EmuDriver {
             race_check,
+            fibers,
             allocations: Mutex::default(),
             traffic: Mutex::default(),
         }
@@ -180,7 +207,12 @@ unsafe fn host_mat<'a>(
 
 impl Driver for EmuDriver {
     fn describe(&self) -> String {
-        "cuda-emu: kernels/*.cu on the host emulator (real threads, counted traffic)".into()
+        let threads = if self.fibers {
+            "fibers"
+        } else {
+            "real threads"
+        };
+        format!("cuda-emu: kernels/*.cu on the host emulator ({threads}, counted traffic)")
     }
     fn alloc(&self, bytes: usize) -> Result<DevAddr, String> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN)
@@ -242,13 +274,14 @@ impl Driver for EmuDriver {
                 KArg::F32(v) => Arg::F32(v),
             })
             .collect();
-        let t = launch(
+        let t = launch_as(
             name,
             dims.grid,
             dims.block,
             dims.shared_bytes,
             &mut args,
             self.race_check,
+            self.fibers,
         )?;
         let mut table = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
         let e = table.entry(name.to_string()).or_default();
@@ -304,140 +337,327 @@ mod tests {
     /// Awkward shapes: a single row, fewer rows than a warp, not multiples of the block.
     const SHAPES: [(usize, usize); 5] = [(1, 1), (1, 7), (5, 33), (129, 3), (300, 17)];
 
-    #[test]
-    fn row_kernels_equal_their_cpu_twins() {
-        let seed = fresh_seed();
-        let mut rng = Rng::new(seed);
+    /// Both ways of running a block's threads: real threads, then fibers.
+    const MODES: [bool; 2] = [false, true];
+
+    fn mode(fibers: bool) -> &'static str {
+        if fibers {
+            "fibers"
+        } else {
+            "threads"
+        }
+    }
+
+    /// The row kernels on the case's inputs in one mode, checked against their CPU twins; their
+    /// outputs and traffic, for comparing the modes.
+    fn row_kernels(
+        rows: usize,
+        d: usize,
+        x: &[f32],
+        b: &[f32],
+        start: &[f32],
+        case: &str,
+        fibers: bool,
+    ) -> Vec<(Vec<f32>, Traffic)> {
         let block = kernel_constant("ROW_BLOCK").expect("ROW_BLOCK in common.cuh");
-        for (rows, d) in SHAPES {
-            let case = format!("seed {seed}, {rows}x{d}");
-            let (x, b) = (random(&mut rng, rows * d), random(&mut rng, d));
-            let mut want = x.clone();
-            rowops::add_row_vector(&mut want, &b);
-            let mut got = x.clone();
-            let grid = ((rows * d) as u32).div_ceil(block).min(7);
-            let t = launch(
-                "add_row_vector",
-                [grid, 1, 1],
+        let case = format!("{case}, {}", mode(fibers));
+        let mut outputs = Vec::new();
+        let mut want = x.to_vec();
+        rowops::add_row_vector(&mut want, b);
+        let mut got = x.to_vec();
+        let grid = ((rows * d) as u32).div_ceil(block).min(7);
+        let t = launch_as(
+            "add_row_vector",
+            [grid, 1, 1],
+            [block, 1, 1],
+            0,
+            &mut [
+                Arg::slice_mut(&mut got),
+                Arg::slice(b),
+                Arg::I32(rows as i32),
+                Arg::I32(d as i32),
+            ],
+            true,
+            fibers,
+        )
+        .unwrap();
+        close(&got, &want, &case);
+        let n = (rows * d) as u64;
+        assert_eq!(
+            t,
+            Traffic {
+                read_bytes: 8 * n,
+                written_bytes: 4 * n
+            },
+            "{case}"
+        );
+        outputs.push((got, t));
+
+        let mut want = start.to_vec();
+        rowops::sum_rows_into(x, &mut want);
+        // sum_rows_warp keeps one float a warp in dynamic shared memory.
+        for (kernel, shared) in [("sum_rows", 0), ("sum_rows_warp", block as usize / 32 * 4)] {
+            let mut got = start.to_vec();
+            let t = launch_as(
+                kernel,
+                [d as u32, 1, 1],
                 [block, 1, 1],
-                0,
+                shared,
                 &mut [
+                    Arg::slice(x),
                     Arg::slice_mut(&mut got),
-                    Arg::slice(&b),
                     Arg::I32(rows as i32),
                     Arg::I32(d as i32),
                 ],
                 true,
+                fibers,
             )
-            .unwrap();
-            close(&got, &want, &case);
-            let n = (rows * d) as u64;
-            assert_eq!(
-                t,
-                Traffic {
-                    read_bytes: 8 * n,
-                    written_bytes: 4 * n
-                },
-                "{case}"
-            );
+            .unwrap_or_else(|e| panic!("{kernel} {case}: {e}"));
+            close(&got, &want, &format!("{kernel} {case}"));
+            outputs.push((got, t));
+        }
+        outputs
+    }
 
+    /// Each row kernel equals its CPU twin in both modes, and the modes agree bit for bit (the
+    /// kernels' reductions have a fixed order) and in traffic.
+    #[test]
+    fn row_kernels_equal_their_cpu_twins() {
+        let seed = fresh_seed();
+        let mut rng = Rng::new(seed);
+        for (rows, d) in SHAPES {
+            let case = format!("seed {seed}, {rows}x{d}");
+            let (x, b) = (random(&mut rng, rows * d), random(&mut rng, d));
             let start = random(&mut rng, d);
-            let mut want = start.clone();
-            rowops::sum_rows_into(&x, &mut want);
-            // sum_rows_warp keeps one float a warp in dynamic shared memory.
-            for (kernel, shared) in [("sum_rows", 0), ("sum_rows_warp", block as usize / 32 * 4)] {
-                let mut got = start.clone();
-                launch(
-                    kernel,
-                    [d as u32, 1, 1],
-                    [block, 1, 1],
-                    shared,
-                    &mut [
-                        Arg::slice(&x),
-                        Arg::slice_mut(&mut got),
-                        Arg::I32(rows as i32),
-                        Arg::I32(d as i32),
-                    ],
-                    true,
-                )
-                .unwrap_or_else(|e| panic!("{kernel}: {e}"));
-                close(&got, &want, &format!("{kernel} {case}"));
+            let [threads, fibers] =
+                MODES.map(|fibers| row_kernels(rows, d, &x, &b, &start, &case, fibers));
+            for (i, ((a, ta), (f, tf))) in threads.iter().zip(&fibers).enumerate() {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(a),
+                    bits(f),
+                    "{case}: kernel {i}, threads against fibers"
+                );
+                assert_eq!(ta, tf, "{case}: kernel {i}, traffic");
             }
         }
     }
 
     #[test]
     fn a_missing_barrier_is_a_race_and_bad_launches_are_refused() {
-        let (rows, d) = (300, 3);
-        let x = vec![1.0f32; rows * d];
-        let mut out = vec![0.0f32; d];
+        for fibers in MODES {
+            let m = mode(fibers);
+            let (rows, d) = (300, 3);
+            let x = vec![1.0f32; rows * d];
+            let mut out = vec![0.0f32; d];
+            let block = kernel_constant("ROW_BLOCK").unwrap();
+            let mut args = [
+                Arg::slice(&x),
+                Arg::slice_mut(&mut out),
+                Arg::I32(rows as i32),
+                Arg::I32(d as i32),
+            ];
+            let err = launch_as(
+                "sum_rows_no_barrier",
+                [d as u32, 1, 1],
+                [block, 1, 1],
+                0,
+                &mut args,
+                true,
+                fibers,
+            )
+            .unwrap_err();
+            assert!(
+                err.contains("sum_rows_no_barrier") && err.contains("race"),
+                "{m}: {err}"
+            );
+            let mut one = vec![0.0f32];
+            let err = launch_as(
+                "all_write_one",
+                [1, 1, 1],
+                [64, 1, 1],
+                0,
+                &mut [Arg::slice_mut(&mut one)],
+                true,
+                fibers,
+            )
+            .unwrap_err();
+            assert!(err.contains("written by two threads"), "{m}: {err}");
+            // The same launch without the check runs (and its answer is some thread's index).
+            launch_as(
+                "all_write_one",
+                [1, 1, 1],
+                [64, 1, 1],
+                0,
+                &mut [Arg::slice_mut(&mut one)],
+                false,
+                fibers,
+            )
+            .unwrap();
+            assert!((0.0..64.0).contains(&one[0]), "{m}");
+            assert!(
+                launch_as(
+                    "no_such_kernel",
+                    [1, 1, 1],
+                    [1, 1, 1],
+                    0,
+                    &mut [],
+                    false,
+                    fibers
+                )
+                .unwrap_err()
+                .contains("no kernel named no_such_kernel"),
+                "{m}"
+            );
+            assert!(
+                launch_as(
+                    "all_write_one",
+                    [1, 1, 1],
+                    [1, 1, 1],
+                    0,
+                    &mut [],
+                    false,
+                    fibers
+                )
+                .unwrap_err()
+                .contains("takes 1 arguments, given 0"),
+                "{m}"
+            );
+            assert!(
+                launch_as(
+                    "all_write_one",
+                    [1, 1, 1],
+                    [2048, 1, 1],
+                    0,
+                    &mut [Arg::slice_mut(&mut one)],
+                    false,
+                    fibers
+                )
+                .is_err(),
+                "{m}"
+            );
+        }
+    }
+
+    /// In fibers mode a missing barrier gives a wrong answer, and the same wrong answer each
+    /// time: a fiber runs on until a barrier, so it reads the partial sums of the threads after
+    /// it before they are written, that is, the previous block's. The first block reads the
+    /// previous launch's (a static shared array keeps its values, as uninitialised shared memory
+    /// may on a GPU), so only the other columns are compared.
+    #[test]
+    fn a_missing_barrier_is_a_deterministic_wrong_answer_in_fibers_mode() {
+        let seed = fresh_seed();
+        let mut rng = Rng::new(seed);
+        let (rows, d) = (300, 5);
+        let x = random(&mut rng, rows * d);
+        let mut want = vec![0.0f32; d];
+        rowops::sum_rows_into(&x, &mut want);
         let block = kernel_constant("ROW_BLOCK").unwrap();
-        let mut args = [
-            Arg::slice(&x),
-            Arg::slice_mut(&mut out),
-            Arg::I32(rows as i32),
-            Arg::I32(d as i32),
+        let run = || {
+            let mut out = vec![0.0f32; d];
+            launch_as(
+                "sum_rows_no_barrier",
+                [d as u32, 1, 1],
+                [block, 1, 1],
+                0,
+                &mut [
+                    Arg::slice(&x),
+                    Arg::slice_mut(&mut out),
+                    Arg::I32(rows as i32),
+                    Arg::I32(d as i32),
+                ],
+                false,
+                true,
+            )
+            .unwrap();
+            out
+        };
+        let first = run();
+        assert_eq!(first[1..], run()[1..], "seed {seed}");
+        assert!(
+            first[1..]
+                .iter()
+                .zip(&want[1..])
+                .any(|(a, b)| (a - b).abs() > 1e-3 * b.abs().max(1.0)),
+            "seed {seed}: {first:?} is the right answer {want:?}"
+        );
+    }
+
+    /// An access outside the launch's buffers fails the launch in both modes, naming the kernel
+    /// and the block; the accesses inside them happen.
+    #[test]
+    fn out_of_bounds_fails_in_both_modes() {
+        let seed = fresh_seed();
+        let mut rng = Rng::new(seed);
+        let (n, d) = (98, 7);
+        let (x, b) = (random(&mut rng, n), random(&mut rng, d));
+        let mut want = x.clone();
+        rowops::add_row_vector(&mut want, &b);
+        for fibers in MODES {
+            let mut got = x.clone();
+            let err = launch_as(
+                "add_row_vector_unguarded",
+                [1, 1, 1],
+                [128, 1, 1],
+                0,
+                &mut [
+                    Arg::slice_mut(&mut got),
+                    Arg::slice(&b),
+                    Arg::I32((n / d) as i32),
+                    Arg::I32(d as i32),
+                ],
+                false,
+                fibers,
+            )
+            .unwrap_err();
+            let m = mode(fibers);
+            assert!(
+                err.starts_with(
+                    "out-of-bounds read in kernel add_row_vector_unguarded, block (0,0,0), thread "
+                ),
+                "{m}: {err}"
+            );
+            close(&got, &want, &format!("seed {seed}, {m}"));
+        }
+    }
+
+    /// `EmuDriver::with_mode(_, true)` launches through the Driver seam in fibers mode.
+    #[test]
+    fn the_driver_runs_fibers() {
+        let dr = EmuDriver::with_mode(true, true);
+        assert!(dr.describe().contains("fibers"));
+        let block = kernel_constant("ROW_BLOCK").unwrap();
+        let (rows, d) = (3, 50);
+        let x: Vec<f32> = (0..rows * d).map(|i| i as f32).collect();
+        let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let (xa, oa) = (dr.alloc(4 * rows * d).unwrap(), dr.alloc(4 * d).unwrap());
+        dr.upload(xa, &bytes(&x)).unwrap();
+        let dims = LaunchDims {
+            grid: [d as u32, 1, 1],
+            block: [block, 1, 1],
+            shared_bytes: 0,
+        };
+        let args = [
+            KArg::Buf(xa, 4 * rows * d),
+            KArg::Buf(oa, 4 * d),
+            KArg::I32(rows as i32),
+            KArg::I32(d as i32),
         ];
-        let err = launch(
-            "sum_rows_no_barrier",
-            [d as u32, 1, 1],
-            [block, 1, 1],
-            0,
-            &mut args,
-            true,
-        )
-        .unwrap_err();
-        assert!(
-            err.contains("sum_rows_no_barrier") && err.contains("race"),
-            "{err}"
-        );
-        let mut one = vec![0.0f32];
-        let err = launch(
-            "all_write_one",
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            &mut [Arg::slice_mut(&mut one)],
-            true,
-        )
-        .unwrap_err();
-        assert!(err.contains("written by two threads"), "{err}");
-        // The same launch without the check runs (and its answer is some thread's index).
-        launch(
-            "all_write_one",
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            &mut [Arg::slice_mut(&mut one)],
-            false,
-        )
-        .unwrap();
-        assert!((0.0..64.0).contains(&one[0]));
-        assert!(
-            launch("no_such_kernel", [1, 1, 1], [1, 1, 1], 0, &mut [], false)
-                .unwrap_err()
-                .contains("no kernel named no_such_kernel")
-        );
-        assert!(
-            launch("all_write_one", [1, 1, 1], [1, 1, 1], 0, &mut [], false)
-                .unwrap_err()
-                .contains("takes 1 arguments, given 0")
-        );
-        assert!(launch(
-            "all_write_one",
-            [1, 1, 1],
-            [2048, 1, 1],
-            0,
-            &mut [Arg::slice_mut(&mut one)],
-            false
-        )
-        .is_err());
+        dr.launch("sum_rows", dims, &args).unwrap();
+        let mut out = vec![0u8; 4 * d];
+        dr.download(oa, &mut out).unwrap();
+        let mut want = vec![0.0f32; d];
+        rowops::sum_rows_into(&x, &mut want);
+        assert_eq!(out, bytes(&want));
+        assert_eq!(dr.traffic()["sum_rows"].0, 1);
+        dr.free(xa);
+        dr.free(oa);
     }
 
     /// The emulator's cost a block, for sizing training runs under it: `add_row_vector` over
     /// 1000 blocks of ROW_BLOCK threads and `sum_rows` over 300, with and without the race
-    /// check. Run with `cargo test --release --features cuda-emu --lib emulator_speed --
-    /// --ignored --nocapture`.
+    /// check, in both modes. Run with `cargo test --release --features cuda-emu --lib
+    /// emulator_speed -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn emulator_speed() {
@@ -446,43 +666,57 @@ mod tests {
         let (rows, d) = (1000, block as usize);
         let mut x = random(&mut rng, rows * d);
         let b = random(&mut rng, d);
-        let per_block = |kernel: &str, grid: u32, args: &mut [Arg], race_check: bool| {
+        let per_block = |kernel: &str, grid: u32, args: &mut [Arg], race_check, fibers| {
             let runs = 5;
             let start = std::time::Instant::now();
             for _ in 0..runs {
-                launch(kernel, [grid, 1, 1], [block, 1, 1], 0, args, race_check).unwrap();
+                launch_as(
+                    kernel,
+                    [grid, 1, 1],
+                    [block, 1, 1],
+                    0,
+                    args,
+                    race_check,
+                    fibers,
+                )
+                .unwrap();
             }
             let us = start.elapsed().as_secs_f64() * 1e6 / f64::from(runs * grid);
             println!(
-                "{kernel}, {grid} blocks of {block}, race check {race_check}: {us:.1} us a block"
+                "{kernel}, {grid} blocks of {block}, {}, race check {race_check}: {us:.1} us a block",
+                mode(fibers)
             );
         };
-        for race_check in [false, true] {
-            per_block(
-                "add_row_vector",
-                1000,
-                &mut [
-                    Arg::slice_mut(&mut x),
-                    Arg::slice(&b),
-                    Arg::I32(rows as i32),
-                    Arg::I32(d as i32),
-                ],
-                race_check,
-            );
-            let (rows, d) = (512, 300);
-            let x = random(&mut rng, rows * d);
-            let mut out = vec![0.0f32; d];
-            per_block(
-                "sum_rows",
-                d as u32,
-                &mut [
-                    Arg::slice(&x),
-                    Arg::slice_mut(&mut out),
-                    Arg::I32(rows as i32),
-                    Arg::I32(d as i32),
-                ],
-                race_check,
-            );
+        for fibers in MODES {
+            for race_check in [false, true] {
+                per_block(
+                    "add_row_vector",
+                    1000,
+                    &mut [
+                        Arg::slice_mut(&mut x),
+                        Arg::slice(&b),
+                        Arg::I32(rows as i32),
+                        Arg::I32(d as i32),
+                    ],
+                    race_check,
+                    fibers,
+                );
+                let (rows, d) = (512, 300);
+                let x = random(&mut rng, rows * d);
+                let mut out = vec![0.0f32; d];
+                per_block(
+                    "sum_rows",
+                    d as u32,
+                    &mut [
+                        Arg::slice(&x),
+                        Arg::slice_mut(&mut out),
+                        Arg::I32(rows as i32),
+                        Arg::I32(d as i32),
+                    ],
+                    race_check,
+                    fibers,
+                );
+            }
         }
     }
 }
