@@ -9,9 +9,16 @@ use crate::nn::train::tests::{pattern_batch, tiny, train_cfg};
 use crate::nn::{FfnKind, Model, Trainer};
 use std::sync::Arc;
 
-/// The emulator with the shared-memory race check on.
+/// The emulator with the shared-memory race check on, every thread of a block a real thread.
 fn emu() -> Arc<dyn Backend> {
     Arc::new(CudaBackend::new(Arc::new(EmuDriver::new(true))))
+}
+
+/// The emulator as `--device cuda-emu` trains: threads of a block as fibers, no race check.
+fn emu_fibers() -> Arc<dyn Backend> {
+    Arc::new(CudaBackend::new(Arc::new(EmuDriver::with_mode(
+        false, true,
+    ))))
 }
 
 fn cpu() -> Arc<dyn Backend> {
@@ -44,6 +51,13 @@ fn one_step_gives_the_cpu_loss_and_gradients() {
         };
         let (want, want_g, m) = on(cpu());
         let (got, got_g, _) = on(emu());
+        // Fibers run the same kernels to the same bits.
+        let (fib, fib_g, _) = on(emu_fibers());
+        assert_eq!(fib.loss.to_bits(), got.loss.to_bits(), "{}", kind.as_str());
+        assert!(fib_g
+            .iter()
+            .zip(&got_g)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         let case = format!("{} seed {seed}", kind.as_str());
         assert_eq!(got.tokens, want.tokens, "{case}");
         assert!(
@@ -81,7 +95,7 @@ fn three_steps_match_and_a_resumed_run_equals_an_uninterrupted_one() {
             (tr, losses)
         };
         let (_, want) = run(cpu(), 0..3, None);
-        let (full, got) = run(emu(), 0..3, None);
+        let (full, got) = run(emu_fibers(), 0..3, None);
         for (s, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
                 (g - w).abs() <= 1e-4 * w,
@@ -90,12 +104,12 @@ fn three_steps_match_and_a_resumed_run_equals_an_uninterrupted_one() {
             );
         }
         // Stop after 2 steps, resume from the checkpoint on the emulator, take the third.
-        let (half, _) = run(emu(), 0..2, None);
+        let (half, _) = run(emu_fibers(), 0..2, None);
         let path = dir.path().join(format!("{}.safetensors", kind.as_str()));
         half.save_checkpoint(&path).unwrap();
         drop(half);
-        let resumed = Trainer::load_checkpoint_on(&path, emu()).unwrap();
-        let (resumed, last) = run(emu(), 2..3, Some(resumed));
+        let resumed = Trainer::load_checkpoint_on(&path, emu_fibers()).unwrap();
+        let (resumed, last) = run(emu_fibers(), 2..3, Some(resumed));
         assert_eq!(
             last[0].to_bits(),
             got[2].to_bits(),
