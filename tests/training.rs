@@ -178,7 +178,10 @@ fn bad_training_configs_are_refused_before_running() {
         ),
         ("ffn: mlp, scale: 0.5, flops: 1e9, steps: 10", "not both"),
         ("ffn: mlp, scale: 0.5", "give with.flops"),
-        ("ffn: mlp, scale: 0.5, steps: 10, device: cuda", "CPU only"),
+        (
+            "ffn: mlp, scale: 0.5, steps: 10, device: tpu",
+            "unknown device `tpu`",
+        ),
         (
             "ffn: mlp, scale: 0.5, steps: 10, lr0: 1",
             "unknown field `lr0`",

@@ -3,10 +3,8 @@
 //! that the ratios between paths are side by side.
 
 use super::train::StepShape;
-use crate::nn::cpu::{
-    activations, adamw, attention, experts, matmul, rmsnorm, xent, AttnShape, ExpertMode,
-    ExpertShape, Isa,
-};
+use crate::nn::backend::{AdamWStep, AttnShape, ExpertMode, ExpertShape};
+use crate::nn::cpu::{activations, adamw, attention, experts, matmul, rmsnorm, xent, Isa};
 use crate::nn::rng::Rng;
 use crate::nn::{FfnKind, ModelConfig};
 use anyhow::Result;
@@ -159,7 +157,7 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
     let params = cfg.total_params();
     let (mut p, g) = (randn(&mut rng, params, 0.1), randn(&mut rng, params, 0.1));
     let (mut m1, mut m2) = (vec![0.0f32; params], vec![0.0f32; params]);
-    let step = adamw::AdamWStep {
+    let step = AdamWStep {
         lr: 1e-3,
         beta1: 0.9,
         beta2: 0.999,

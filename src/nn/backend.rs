@@ -5,8 +5,6 @@
 //! model only ever hands a backend views of its own buffers; nothing but the loss, the
 //! statistics and checkpoints cross to the host.
 
-use super::cpu::adamw::AdamWStep;
-use super::cpu::{AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
@@ -579,6 +577,69 @@ pub trait Backend: Send + Sync {
         v: ViewMut<f32>,
         step: &AdamWStep,
     );
+}
+
+/// Causal multi-head attention over q, k, v of [batch * seq, heads * head_dim].
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// The product-key router: per token, two halves of `channels * sqrt_n` sub-key logits laid out
+/// [half][channel][sub_key]; per channel the top-k of the sqrt_n^2 sums.
+#[derive(Clone, Copy, Debug)]
+pub struct ProductKeyShape {
+    pub channels: usize,
+    pub sqrt_n: usize,
+    pub k: usize,
+}
+
+impl ProductKeyShape {
+    pub fn logits_per_token(&self) -> usize {
+        2 * self.channels * self.sqrt_n
+    }
+    pub fn slots_per_token(&self) -> usize {
+        self.channels * self.k
+    }
+}
+
+/// How a selected linear expert's output is weighted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertMode {
+    /// sgatlin: coef = g * a (the raw router score gates a linear neuron).
+    GatedLinear,
+    /// sgatlin-gelu ablation: coef = gelu(g * a).
+    GatedGelu,
+    /// PEER: coef = gelu(a) * softmax_k(g).
+    PeerSoftmaxGelu,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertShape {
+    pub d: usize,
+    pub channels: usize,
+    pub k: usize,
+    /// Rows per channel pool; the pool row of (c, idx) is `c * channel_stride + idx`
+    /// (channel_stride = N for per-channel pools, 0 for one pool shared by all channels).
+    pub channel_stride: usize,
+    pub pool_rows: usize,
+}
+
+/// One AdamW update of a run of parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// lambda; the applied decay is lr * lambda * theta.
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub t: u64,
+    /// Multiplies the gradient first (global-norm clipping).
+    pub grad_scale: f32,
 }
 
 /// What `experts_forward` saves: a (u.x), coef and PEER's softmax weights, each [tokens, C, k].

@@ -2,9 +2,9 @@
 //! attention and a configurable feedforward, final RMSNorm. Explicit forward and backward
 //! passes; activations are kept in buffers reused across steps.
 
-use super::backend::{Backend, Buf};
+use super::backend::{AttnShape, Backend, Buf};
 use super::config::ModelConfig;
-use super::cpu::{AttnShape, CpuBackend};
+use super::cpu::CpuBackend;
 use super::ffn::{FfnLayer, GateStats, Routing, RoutingOverride};
 use super::rng::Rng;
 use super::tensor::{Init, ParamId, ParamTable};

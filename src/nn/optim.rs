@@ -1,7 +1,6 @@
 //! AdamW (SPEC §4), global-norm clipping and the warmup-stable-sqrt-decay schedule.
 
-use super::backend::{Backend, Buf};
-use super::cpu::adamw::AdamWStep;
+use super::backend::{AdamWStep, Backend, Buf};
 use super::tensor::ParamTable;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

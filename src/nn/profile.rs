@@ -8,10 +8,9 @@
 //! gradient norm, buffer growth) is the step time minus the sum.
 
 use super::backend::{
-    Addr, Backend, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+    AdamWStep, Addr, AttnShape, Backend, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
+    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
-use super::cpu::adamw::AdamWStep;
-use super::cpu::{AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

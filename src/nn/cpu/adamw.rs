@@ -1,20 +1,7 @@
 //! AdamW update with bias correction and decoupled weight decay, elementwise and parallel.
 
+use crate::nn::backend::AdamWStep;
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, Debug)]
-pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    /// lambda; the applied decay is lr * lambda * theta.
-    pub weight_decay: f32,
-    /// 1-based step number, for bias correction.
-    pub t: u64,
-    /// Multiplies the gradient first (global-norm clipping).
-    pub grad_scale: f32,
-}
 
 pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
     let bc1 = 1.0 - (s.beta1 as f64).powi(s.t as i32);

@@ -9,14 +9,8 @@ use super::isa::Isa;
 use super::matmul::{gemm_into_ptr, MatRef};
 use super::real::{Real, SharedMut};
 use super::vmath;
+use crate::nn::backend::AttnShape;
 use rayon::prelude::*;
-
-pub struct AttnShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
 
 /// Rows (or columns) of the score matrix per product.
 const BLOCK: usize = 32;

@@ -10,28 +10,8 @@ use super::activations::{gelu, gelu_grad};
 use super::isa::Isa;
 use super::real::{Real, SharedMut};
 use super::vmath::{self, axpy, dot};
+use crate::nn::backend::{ExpertMode, ExpertShape};
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpertMode {
-    /// sgatlin: coef = g * a (the raw router score gates a linear neuron).
-    GatedLinear,
-    /// sgatlin-gelu ablation: coef = gelu(g * a).
-    GatedGelu,
-    /// PEER: coef = gelu(a) * softmax_k(g).
-    PeerSoftmaxGelu,
-}
-
-#[derive(Clone, Copy, Debug)]
-pub struct ExpertShape {
-    pub d: usize,
-    pub channels: usize,
-    pub k: usize,
-    /// Rows per channel pool; the pool row of (c, idx) is `c * channel_stride + idx`
-    /// (channel_stride = N for per-channel pools, 0 for one pool shared by all channels).
-    pub channel_stride: usize,
-    pub pool_rows: usize,
-}
 
 /// Forward. scores, indices: [tokens, C, k]. Saves a (u.x) and coef, both [tokens, C, k]
 /// (and for PEER the softmax weights in `w`). y: [tokens, d] (overwritten).

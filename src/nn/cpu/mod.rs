@@ -20,13 +20,12 @@ pub mod xent;
 mod tests;
 
 use super::backend::{
-    Addr, Backend, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+    AdamWStep, Addr, AttnShape, Backend, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
+    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
-pub use attention::AttnShape;
-pub use experts::{ExpertMode, ExpertShape, SlotOrder};
+pub use experts::SlotOrder;
 pub use isa::Isa;
 pub use matmul::MatRef;
-pub use router::ProductKeyShape;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::Mutex;
 
@@ -427,7 +426,7 @@ impl Backend for CpuBackend {
         g: View<f32>,
         mm: ViewMut<f32>,
         v: ViewMut<f32>,
-        step: &adamw::AdamWStep,
+        step: &AdamWStep,
     ) {
         adamw::adamw_update(m(p), s(g), m(mm), m(v), step)
     }

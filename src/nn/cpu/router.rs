@@ -6,23 +6,8 @@
 //! two sub-key logits it came from, recovered from the index as (idx / sqrt_n, idx % sqrt_n).
 
 use super::real::Real;
+use crate::nn::backend::ProductKeyShape;
 use rayon::prelude::*;
-
-#[derive(Clone, Copy, Debug)]
-pub struct ProductKeyShape {
-    pub channels: usize,
-    pub sqrt_n: usize,
-    pub k: usize,
-}
-
-impl ProductKeyShape {
-    pub fn logits_per_token(&self) -> usize {
-        2 * self.channels * self.sqrt_n
-    }
-    pub fn slots_per_token(&self) -> usize {
-        self.channels * self.k
-    }
-}
 
 /// Insert (score, index) into the descending list `best` (length k). Ties keep the earlier
 /// entry first, as `jax.lax.top_k` does.

@@ -3,15 +3,16 @@
 //! same backward run in f32 must agree with the f64 differences to ~1e-3.
 
 use super::activations::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
-use super::attention::{attention_backward, attention_forward, AttnShape};
-use super::experts::{experts_backward, experts_forward, ExpertMode, ExpertShape, SlotOrder};
+use super::attention::{attention_backward, attention_forward};
+use super::experts::{experts_backward, experts_forward, SlotOrder};
 use super::isa::Isa;
 use super::matmul::matmul;
 use super::real::Real;
 use super::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use super::rope::{rope_apply, rope_tables};
-use super::router::{product_key_topk_backward, product_key_topk_forward, ProductKeyShape};
+use super::router::{product_key_topk_backward, product_key_topk_forward};
 use super::xent::softmax_xent;
+use crate::nn::backend::{AdamWStep, AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::rng::{fresh_seed, Rng};
 
 fn cast<T: Real>(x: &[f64]) -> Vec<T> {
@@ -685,7 +686,7 @@ fn every_instruction_set_agrees_with_the_scalar_path() {
 
 #[test]
 fn adamw_and_row_ops_agree_on_every_path() {
-    use super::adamw::{adamw_update, AdamWStep};
+    use super::adamw::adamw_update;
     use super::rowops::{add_assign, add_row_vector, sum_rows_into};
     let mut rng = Rng::new(fresh_seed());
     let n = 10_007;

@@ -10,7 +10,7 @@
 //! [batch, heads, seq] f32.
 
 use super::{kernel_constant, LaunchDims};
-use crate::nn::cpu::AttnShape;
+use crate::nn::backend::AttnShape;
 use std::sync::LazyLock;
 
 static TILE: LazyLock<u32> =

@@ -606,7 +606,7 @@ mod tests {
         for n in [1, 7, 1000, 8193] {
             for t in [1u64, 1000] {
                 let case = format!("seed {seed}, n {n}, step {t}");
-                let s = adamw::AdamWStep {
+                let s = crate::nn::backend::AdamWStep {
                     lr: 1e-3,
                     beta1: 0.9,
                     beta2: 0.999,

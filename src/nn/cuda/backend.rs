@@ -11,10 +11,9 @@ use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::LaunchDims;
 use super::{attention, experts as ex, moe};
 use crate::nn::backend::{
-    Addr, Backend, Elem, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+    AdamWStep, Addr, AttnShape, Backend, Elem, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
+    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
-use crate::nn::cpu::adamw::AdamWStep;
-use crate::nn::cpu::{AttnShape, ExpertMode, ExpertShape, ProductKeyShape};
 use std::sync::{Arc, Mutex};
 
 pub struct CudaBackend {

@@ -9,7 +9,7 @@
 //! its slots in token order, as the CPU twin).
 
 use super::{kernel_constant, LaunchDims};
-use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape};
+use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use std::sync::LazyLock;
 
 fn constant(name: &str) -> u32 {

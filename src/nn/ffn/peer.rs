@@ -6,8 +6,8 @@ use super::GateStats;
 use crate::nn::backend::{
     zero, Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
 };
+use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::config::ModelConfig;
-use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
 use std::sync::Arc;
 

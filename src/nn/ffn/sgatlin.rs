@@ -5,8 +5,8 @@ use super::GateStats;
 use crate::nn::backend::{
     zero, Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, View, ViewMut,
 };
+use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::config::{FfnKind, ModelConfig};
-use crate::nn::cpu::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::tensor::{Init, ParamId, ParamTable};
 use std::sync::Arc;
 
