@@ -31,12 +31,6 @@ pub struct ParamId {
 }
 
 impl ParamId {
-    pub fn of<'a>(&self, buf: &'a [f32]) -> &'a [f32] {
-        &buf[self.offset..self.offset + self.len]
-    }
-    pub fn of_mut<'a>(&self, buf: &'a mut [f32]) -> &'a mut [f32] {
-        &mut buf[self.offset..self.offset + self.len]
-    }
     pub fn range(&self) -> std::ops::Range<usize> {
         self.offset..self.offset + self.len
     }

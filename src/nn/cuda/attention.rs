@@ -9,17 +9,13 @@
 //! q, k, v, out and their gradients are [batch * seq, heads * hd]; lse and delta are
 //! [batch, heads, seq] f32.
 
-use super::{kernel_constant, LaunchDims};
+use super::{constant, LaunchDims};
 use crate::nn::backend::AttnShape;
 use std::sync::LazyLock;
 
-static TILE: LazyLock<u32> =
-    LazyLock::new(|| kernel_constant("ATTN_TILE").expect("ATTN_TILE in common.cuh"));
-static THREADS: LazyLock<u32> =
-    LazyLock::new(|| kernel_constant("ATTN_THREADS").expect("ATTN_THREADS in common.cuh"));
-static MAX_HEAD_DIM: LazyLock<u32> = LazyLock::new(|| {
-    kernel_constant("ATTN_MAX_HEAD_DIM").expect("ATTN_MAX_HEAD_DIM in common.cuh")
-});
+static TILE: LazyLock<u32> = LazyLock::new(|| constant("ATTN_TILE"));
+static THREADS: LazyLock<u32> = LazyLock::new(|| constant("ATTN_THREADS"));
+static MAX_HEAD_DIM: LazyLock<u32> = LazyLock::new(|| constant("ATTN_MAX_HEAD_DIM"));
 
 /// The largest head dimension the kernels take (each lane keeps its share of a row in
 /// registers).
@@ -77,17 +73,9 @@ pub fn dq_dims(s: &AttnShape) -> LaunchDims {
 mod tests {
     use super::*;
     use crate::nn::cpu::attention::{attention_backward, attention_forward};
-    use crate::nn::cuda::emu::{launch, Arg};
+    use crate::nn::cuda::emu::Arg;
+    use crate::nn::cuda::testing::{go, randn};
     use crate::nn::rng::{fresh_seed, Rng};
-
-    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.normal() as f32).collect()
-    }
-
-    fn run(name: &str, dims: LaunchDims, args: &mut [Arg]) {
-        launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
 
     /// Within `tol` of `want`, relative to max(|want|, 1). Both sides are f32 sums of the same
     /// terms in different orders (the twin's gemm blocks and exp against the kernels' tiles,
@@ -168,10 +156,10 @@ mod tests {
         let n = s.batch * s.seq * s.heads * s.head_dim;
         let stats = s.batch * s.heads * s.seq;
         let (q, k, v, dout) = (
-            random(rng, n),
-            random(rng, n),
-            random(rng, n),
-            random(rng, n),
+            randn(rng, n, 1.0),
+            randn(rng, n, 1.0),
+            randn(rng, n, 1.0),
+            randn(rng, n, 1.0),
         );
         let mut out = vec![0.0f32; n];
         let mut att = vec![0.0f32; s.batch * s.heads * s.seq * s.seq];
@@ -183,7 +171,7 @@ mod tests {
         // Outputs start as NaN: every element must be written (overwritten, not accumulated).
         let mut got = vec![f32::NAN; n];
         let mut lse = vec![f32::NAN; stats];
-        run(
+        go(
             "attention_forward",
             forward_dims(s),
             &mut [
@@ -199,7 +187,7 @@ mod tests {
             ],
         );
         let mut delta = vec![f32::NAN; stats];
-        run(
+        go(
             "attention_backward_delta",
             delta_dims(s),
             &mut [
@@ -213,7 +201,7 @@ mod tests {
             ],
         );
         let (mut gdq, mut gdk, mut gdv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-        run(
+        go(
             "attention_backward_dkdv",
             dkdv_dims(s),
             &mut [
@@ -231,7 +219,7 @@ mod tests {
                 dims(s.head_dim),
             ],
         );
-        run(
+        go(
             "attention_backward_dq",
             dq_dims(s),
             &mut [

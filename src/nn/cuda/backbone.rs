@@ -3,48 +3,18 @@
 //! (the kernels loop over what a capped grid leaves: grid-stride), so any shape is a valid
 //! launch. Used by both drivers, so nothing here depends on the emulator.
 
-use super::{kernel_constant, LaunchDims};
+use super::{constant, dims, elementwise_dims, per_row, LaunchDims};
 use std::sync::LazyLock;
 
-fn constant(name: &str) -> u32 {
-    kernel_constant(name).unwrap_or_else(|| panic!("{name} is not in kernels/common.cuh"))
-}
-
 static ROW_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ROW_BLOCK"));
-static ROW_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("ROW_GRID_MAX"));
-static ELEM_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ELEM_BLOCK"));
-static ELEM_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("ELEM_GRID_MAX"));
 static RMS_ROWS_PER_PARTIAL: LazyLock<u32> = LazyLock::new(|| constant("RMS_ROWS_PER_PARTIAL"));
 static XENT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("XENT_BLOCK"));
 static SUM_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("SUM_BLOCK"));
 static SQ_CHUNK: LazyLock<u32> = LazyLock::new(|| constant("SQ_CHUNK"));
 
-/// `blocks` blocks of `block` threads, at least one block and at most `cap`.
-fn dims(blocks: usize, cap: u32, block: u32) -> LaunchDims {
-    LaunchDims {
-        grid: [blocks.clamp(1, cap as usize) as u32, 1, 1],
-        block: [block, 1, 1],
-        shared_bytes: 0,
-    }
-}
-
-/// One thread an element over `n` elements.
-fn elementwise(n: usize) -> LaunchDims {
-    dims(
-        n.div_ceil(*ELEM_BLOCK as usize),
-        *ELEM_GRID_MAX,
-        *ELEM_BLOCK,
-    )
-}
-
-/// One block a row.
-fn per_row(rows: usize, block: u32) -> LaunchDims {
-    dims(rows, *ROW_GRID_MAX, block)
-}
-
 /// `rmsnorm_forward(x, scale, y, rstd, rows, d)`.
 pub fn rmsnorm_forward_dims(rows: usize) -> LaunchDims {
-    per_row(rows, *ROW_BLOCK)
+    per_row(rows, *ROW_BLOCK, 0)
 }
 
 /// Rows of the scale-gradient partials `rmsnorm_backward` writes: the partial buffer is
@@ -55,39 +25,38 @@ pub fn rmsnorm_partials(rows: usize) -> usize {
 
 /// `rmsnorm_backward(x, scale, rstd, dy, dx, dscale_partial, rows, d)`: one block a partial.
 pub fn rmsnorm_backward_dims(rows: usize) -> LaunchDims {
-    per_row(rmsnorm_partials(rows), *ROW_BLOCK)
+    per_row(rmsnorm_partials(rows), *ROW_BLOCK, 0)
 }
 
-/// `sum_rows(dscale_partial, dscale, rmsnorm_partials(rows), d)`: dscale += the partials' column
-/// sums, one block a column.
-pub fn rmsnorm_dscale_dims(d: usize) -> LaunchDims {
-    dims(d, i32::MAX as u32, *ROW_BLOCK)
+/// `sum_rows(x, out, rows, d)`: out += the column sums of x, one block a column (the bias
+/// gradients, and rmsnorm's dscale from its partials).
+pub fn column_sums_dims(d: usize) -> LaunchDims {
+    dims(d, i32::MAX as u32, *ROW_BLOCK, 0)
 }
 
 /// `rope(x, cos, sin, rows, seq, heads, hd, inverse)`: one thread a rotated pair.
 pub fn rope_dims(rows: usize, heads: usize, head_dim: usize) -> LaunchDims {
-    elementwise(rows * heads * (head_dim / 2))
+    elementwise_dims(rows * heads * (head_dim / 2))
 }
 
 /// `gelu_forward(x, y, n)` and `gelu_backward(x, dy, dx, n)`.
 pub fn gelu_dims(n: usize) -> LaunchDims {
-    elementwise(n)
+    elementwise_dims(n)
 }
 
 /// `swiglu_forward(z, y, rows, f)` and `swiglu_backward(z, dy, dz, rows, f)`.
 pub fn swiglu_dims(rows: usize, f: usize) -> LaunchDims {
-    elementwise(rows * f)
+    elementwise_dims(rows * f)
 }
 
 /// `softmax_xent(logits, targets, loss, rows, vocab, pad, want_grad, inv_count)`.
 pub fn xent_dims(rows: usize) -> LaunchDims {
-    per_row(rows, *XENT_BLOCK)
+    per_row(rows, *XENT_BLOCK, 0)
 }
 
-/// The `inv_count` of `softmax_xent`: 1 / (targets that are not `pad`), as the twin scales the
-/// gradient (0 when every target is padding).
-pub fn xent_inv_count(targets: &[u32], pad: Option<u32>) -> f32 {
-    let counted = targets.iter().filter(|&&t| Some(t) != pad).count();
+/// The `inv_count` of `softmax_xent` for `counted` targets that are not padding, as the twin
+/// scales the gradient (0 when every target is padding).
+pub fn xent_inv_count(counted: usize) -> f32 {
     if counted > 0 {
         (1.0 / counted as f64) as f32
     } else {
@@ -102,13 +71,13 @@ pub fn xent_pad(pad: Option<u32>) -> i32 {
 
 /// `sum_f64(x, out, n)`: one block.
 pub fn sum_f64_dims() -> LaunchDims {
-    dims(1, 1, *SUM_BLOCK)
+    dims(1, 1, *SUM_BLOCK, 0)
 }
 
 /// `adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_sqrt_bc2,
 /// grad_scale)`.
 pub fn adamw_dims(n: usize) -> LaunchDims {
-    elementwise(n)
+    elementwise_dims(n)
 }
 
 /// `(inv_bc1, inv_sqrt_bc2)` of step `t` (1-based), in f64 exactly as the twin
@@ -126,18 +95,18 @@ pub fn sum_squares_partials(n: usize) -> usize {
 
 /// `sum_squares_partial(x, n, partial)`: one block a chunk.
 pub fn sum_squares_dims(n: usize) -> LaunchDims {
-    per_row(sum_squares_partials(n), *SUM_BLOCK)
+    per_row(sum_squares_partials(n), *SUM_BLOCK, 0)
 }
 
 /// `embedding_forward(table, tokens, out, n, d)`.
 pub fn embedding_forward_dims(n: usize, d: usize) -> LaunchDims {
-    elementwise(n * d)
+    elementwise_dims(n * d)
 }
 
 /// `embedding_backward(dx, order, starts, seg_tokens, dtable, segments, d)`: one block a
 /// segment.
 pub fn embedding_backward_dims(segments: usize) -> LaunchDims {
-    per_row(segments, *ROW_BLOCK)
+    per_row(segments, *ROW_BLOCK, 0)
 }
 
 /// The segments of `embedding_backward`: `order` lists the positions of `tokens` grouped by
@@ -161,52 +130,16 @@ pub fn embedding_segments(tokens: &[u32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
 
 /// `add_assign(y, x, n)`.
 pub fn add_assign_dims(n: usize) -> LaunchDims {
-    elementwise(n)
+    elementwise_dims(n)
 }
 
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
     use crate::nn::cpu::{activations, adamw, rmsnorm, rope, rowops, xent};
-    use crate::nn::cuda::emu::{launch, Arg};
+    use crate::nn::cuda::emu::Arg;
+    use crate::nn::cuda::testing::{below, bits, close, go, grids, randn};
     use crate::nn::rng::{fresh_seed, Rng};
-
-    fn go(name: &str, dims: LaunchDims, args: &mut [Arg]) {
-        launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
-
-    /// The launch function's dims, and the same with a grid of 2 blocks, so that the
-    /// grid-stride loops run past the grid as they do when a large shape meets the cap.
-    fn grids(d: LaunchDims) -> [LaunchDims; 2] {
-        let mut small = d;
-        small.grid[0] = 2;
-        [d, small]
-    }
-
-    fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (rng.normal() * std) as f32).collect()
-    }
-
-    fn below(rng: &mut Rng, n: usize) -> u32 {
-        (rng.next_u64() % n as u64) as u32
-    }
-
-    fn bits(x: &[f32]) -> Vec<u32> {
-        x.iter().map(|v| v.to_bits()).collect()
-    }
-
-    /// |got - want| <= 1e-5 · max(|want|, scale[i]): the kernel does the twin's f32 arithmetic
-    /// with other reduction orders and exp/tanh, so each result is within a few ulp of the
-    /// terms that make it; `scale` is their magnitude where they cancel (0 where a relative
-    /// bound holds).
-    fn close(got: &[f32], want: &[f32], scale: &[f32], case: &str) {
-        assert_eq!(got.len(), want.len(), "{case}");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let tol = 1e-5 * w.abs().max(scale[i]);
-            assert!((g - w).abs() <= tol, "{case}: element {i}: {g} against {w}");
-        }
-    }
 
     #[test]
     fn rmsnorm_equals_its_twin_and_is_deterministic() {
@@ -290,7 +223,7 @@ mod tests {
                 );
                 go(
                     "sum_rows",
-                    rmsnorm_dscale_dims(d),
+                    column_sums_dims(d),
                     &mut [
                         Arg::slice(&partial),
                         Arg::slice_mut(&mut dscale),
@@ -522,7 +455,8 @@ mod tests {
                 (vec![p; rows], Some(p)),
             ];
             for (targets, pad) in cases {
-                let inv = xent_inv_count(&targets, pad);
+                let counted = targets.iter().filter(|&&t| Some(t) != pad).count();
+                let inv = xent_inv_count(counted);
                 for want_grad in [false, true] {
                     let case =
                         format!("seed {seed}, {rows}x{vocab}, pad {pad:?}, want_grad {want_grad}");
@@ -789,7 +723,7 @@ mod tests {
         let big = [
             rmsnorm_forward_dims(1 << 26),
             rmsnorm_backward_dims(1 << 31),
-            rmsnorm_dscale_dims(1 << 20),
+            column_sums_dims(1 << 20),
             rope_dims(1 << 24, 64, 128),
             gelu_dims(i32::MAX as usize),
             swiglu_dims(1 << 20, 1 << 14),

@@ -8,8 +8,8 @@
 
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
-use super::LaunchDims;
 use super::{attention, experts as ex, moe};
+use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
     AdamWStep, Addr, AttnShape, Backend, Elem, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
     ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
@@ -48,10 +48,6 @@ impl CudaBackend {
             error: Mutex::default(),
             scratch: Mutex::default(),
         }
-    }
-
-    pub fn driver(&self) -> &Arc<dyn Driver> {
-        &self.dr
     }
 
     fn fail(&self, e: String) {
@@ -293,7 +289,7 @@ impl Backend for CudaBackend {
         );
         self.launch(
             "sum_rows",
-            bb::rmsnorm_dscale_dims(d),
+            bb::column_sums_dims(d),
             &[partial, buf_mut(dscale), int(parts), int(d)],
         )
     }
@@ -476,11 +472,6 @@ impl Backend for CudaBackend {
     ) -> f64 {
         let rows = targets.len();
         let losses = self.scratch(SLOT_PARTIALS, rows * 8);
-        let inv = if counted > 0 {
-            (1.0 / counted as f64) as f32
-        } else {
-            0.0
-        };
         self.launch(
             "softmax_xent",
             bb::xent_dims(rows),
@@ -492,7 +483,7 @@ impl Backend for CudaBackend {
                 int(vocab),
                 KArg::I32(bb::xent_pad(pad)),
                 int(want_grad as usize),
-                KArg::F32(inv),
+                KArg::F32(bb::xent_inv_count(counted)),
             ],
         );
         self.total(losses, rows)
@@ -814,7 +805,7 @@ impl Backend for CudaBackend {
         let (n, d) = (x.len(), b.len());
         self.launch(
             "add_row_vector",
-            bb::add_assign_dims(n),
+            elementwise_dims(n),
             &[buf_mut(x), buf(b), int(n / d), int(d)],
         )
     }
@@ -823,7 +814,7 @@ impl Backend for CudaBackend {
         if d > 0 {
             self.launch(
                 "sum_rows",
-                bb::rmsnorm_dscale_dims(d),
+                bb::column_sums_dims(d),
                 &[buf(x), buf_mut(out), int(x.len() / d), int(d)],
             )
         }
@@ -840,7 +831,7 @@ impl Backend for CudaBackend {
         let n = x.len();
         self.launch(
             "scale",
-            bb::add_assign_dims(n),
+            elementwise_dims(n),
             &[buf_mut(x), KArg::F32(factor), int(n)],
         )
     }

@@ -319,11 +319,8 @@ mod tests {
     use crate::interp::testing::fresh_seed;
     use crate::nn::cpu::rowops;
     use crate::nn::cuda::kernel_constant;
+    use crate::nn::cuda::testing::randn;
     use crate::nn::rng::Rng;
-
-    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.normal() as f32).collect()
-    }
 
     fn close(a: &[f32], b: &[f32], case: &str) {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -427,8 +424,8 @@ mod tests {
         let mut rng = Rng::new(seed);
         for (rows, d) in SHAPES {
             let case = format!("seed {seed}, {rows}x{d}");
-            let (x, b) = (random(&mut rng, rows * d), random(&mut rng, d));
-            let start = random(&mut rng, d);
+            let (x, b) = (randn(&mut rng, rows * d, 1.0), randn(&mut rng, d, 1.0));
+            let start = randn(&mut rng, d, 1.0);
             let [threads, fibers] =
                 MODES.map(|fibers| row_kernels(rows, d, &x, &b, &start, &case, fibers));
             for (i, ((a, ta), (f, tf))) in threads.iter().zip(&fibers).enumerate() {
@@ -549,7 +546,7 @@ mod tests {
         let seed = fresh_seed();
         let mut rng = Rng::new(seed);
         let (rows, d) = (300, 5);
-        let x = random(&mut rng, rows * d);
+        let x = randn(&mut rng, rows * d, 1.0);
         let mut want = vec![0.0f32; d];
         rowops::sum_rows_into(&x, &mut want);
         let block = kernel_constant("ROW_BLOCK").unwrap();
@@ -590,7 +587,7 @@ mod tests {
         let seed = fresh_seed();
         let mut rng = Rng::new(seed);
         let (n, d) = (98, 7);
-        let (x, b) = (random(&mut rng, n), random(&mut rng, d));
+        let (x, b) = (randn(&mut rng, n, 1.0), randn(&mut rng, d, 1.0));
         let mut want = x.clone();
         rowops::add_row_vector(&mut want, &b);
         for fibers in MODES {
@@ -664,8 +661,8 @@ mod tests {
         let block = kernel_constant("ROW_BLOCK").unwrap();
         let mut rng = Rng::new(fresh_seed());
         let (rows, d) = (1000, block as usize);
-        let mut x = random(&mut rng, rows * d);
-        let b = random(&mut rng, d);
+        let mut x = randn(&mut rng, rows * d, 1.0);
+        let b = randn(&mut rng, d, 1.0);
         let per_block = |kernel: &str, grid: u32, args: &mut [Arg], race_check, fibers| {
             let runs = 5;
             let start = std::time::Instant::now();
@@ -702,7 +699,7 @@ mod tests {
                     fibers,
                 );
                 let (rows, d) = (512, 300);
-                let x = random(&mut rng, rows * d);
+                let x = randn(&mut rng, rows * d, 1.0);
                 let mut out = vec![0.0f32; d];
                 per_block(
                     "sum_rows",

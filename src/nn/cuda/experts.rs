@@ -8,48 +8,27 @@
 //! sort by one block, into the scratch), `experts_backward_pool` (du, dv; one block a pool row,
 //! its slots in token order, as the CPU twin).
 
-use super::{kernel_constant, LaunchDims};
+use super::{constant, dims, elementwise_dims, per_row, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use std::sync::LazyLock;
 
-fn constant(name: &str) -> u32 {
-    kernel_constant(name).unwrap_or_else(|| panic!("{name} is not in kernels/common.cuh"))
-}
-
-static ROW_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("ROW_GRID_MAX"));
-static ELEM_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ELEM_BLOCK"));
-static ELEM_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("ELEM_GRID_MAX"));
 static ROUTER_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ROUTER_BLOCK"));
 static EXPERT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BLOCK"));
 static EXPERT_SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_SORT_BLOCK"));
-
-/// `blocks` blocks of `block` threads (at least one block, at most `cap`: the kernels loop).
-fn dims(blocks: usize, cap: u32, block: u32, shared_bytes: usize) -> LaunchDims {
-    LaunchDims {
-        grid: [blocks.clamp(1, cap as usize) as u32, 1, 1],
-        block: [block, 1, 1],
-        shared_bytes,
-    }
-}
 
 /// `product_key_topk_forward(logits, scores, indices, tokens, channels, sqrt_n, k)`: one block
 /// a (token, channel); shared memory holds each half's top min(k, sqrt_n) (score, index).
 /// Needs 1 <= k <= sqrt_n² (the twin in src/nn/cpu/router.rs is right for k <= sqrt_n only).
 pub fn router_topk_forward_dims(tokens: usize, s: ProductKeyShape) -> LaunchDims {
     let m = s.k.min(s.sqrt_n);
-    dims(tokens * s.channels, *ROW_GRID_MAX, *ROUTER_BLOCK, 16 * m)
+    per_row(tokens * s.channels, *ROUTER_BLOCK, 16 * m)
 }
 
 /// `product_key_topk_backward(indices, dscores, dlogits, tokens, channels, sqrt_n, k)`: one
 /// thread a logit.
 pub fn router_topk_backward_dims(tokens: usize, s: ProductKeyShape) -> LaunchDims {
     let n = tokens * s.logits_per_token();
-    dims(
-        n.div_ceil(*ELEM_BLOCK as usize),
-        *ELEM_GRID_MAX,
-        *ELEM_BLOCK,
-        0,
-    )
+    elementwise_dims(n)
 }
 
 /// The `mode` argument of the expert kernels.
@@ -66,7 +45,7 @@ pub fn expert_mode_arg(mode: ExpertMode) -> i32 {
 /// da, dx, tokens, d, channels, k, channel_stride, mode)`: one block a token, two floats of
 /// shared memory a slot (channels * k of them: at most 6144 in the default 48 KiB).
 pub fn experts_token_dims(tokens: usize, s: ExpertShape) -> LaunchDims {
-    dims(tokens, *ROW_GRID_MAX, *EXPERT_BLOCK, 8 * s.channels * s.k)
+    per_row(tokens, *EXPERT_BLOCK, 8 * s.channels * s.k)
 }
 
 /// `experts_slot_order(indices, ends, order, tokens, channels, k, channel_stride, pool_rows)`:
@@ -78,7 +57,7 @@ pub fn experts_slot_order_dims() -> LaunchDims {
 /// `experts_backward_pool(x, dy, da, coef, ends, order, du, dv, pool_rows, channels * k, d)`:
 /// one block a pool row.
 pub fn experts_backward_pool_dims(s: ExpertShape) -> LaunchDims {
-    dims(s.pool_rows, *ROW_GRID_MAX, *EXPERT_BLOCK, 0)
+    per_row(s.pool_rows, *EXPERT_BLOCK, 0)
 }
 
 /// Where the experts' backward keeps its slot order in its scratch buffer: `ends` (u32,
@@ -112,45 +91,9 @@ mod tests {
     use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
     use crate::nn::cpu::router::{product_key_topk_backward, product_key_topk_forward};
     use crate::nn::cpu::Isa;
-    use crate::nn::cuda::emu::{launch, Arg};
+    use crate::nn::cuda::emu::Arg;
+    use crate::nn::cuda::testing::{below, bits, close, go, grids, randn};
     use crate::nn::rng::{fresh_seed, Rng};
-
-    fn go(name: &str, dims: LaunchDims, args: &mut [Arg]) {
-        launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
-
-    /// The launch function's dims, and the same with a grid of 2 blocks, so that the
-    /// grid-stride loops run past the grid as they do when a large shape meets the cap.
-    fn grids(d: LaunchDims) -> [LaunchDims; 2] {
-        let mut small = d;
-        small.grid[0] = 2;
-        [d, small]
-    }
-
-    fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (rng.normal() * std) as f32).collect()
-    }
-
-    fn below(rng: &mut Rng, n: usize) -> u32 {
-        (rng.next_u64() % n as u64) as u32
-    }
-
-    fn bits(x: &[f32]) -> Vec<u32> {
-        x.iter().map(|v| v.to_bits()).collect()
-    }
-
-    /// |got - want| <= 1e-5 · max(|want|, scale[i]): the kernels keep the twin's order of
-    /// operations (often giving the same bits); what differs is tanhf/expf against the twin's
-    /// own, a few ulp each, carried through the arithmetic after them. `scale` is the magnitude
-    /// of the terms a result is made of, where they may cancel.
-    fn close(got: &[f32], want: &[f32], scale: &[f32], case: &str) {
-        assert_eq!(got.len(), want.len(), "{case}");
-        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-            let tol = 1e-5 * w.abs().max(scale[i]);
-            assert!((g - w).abs() <= tol, "{case}: element {i}: {g} against {w}");
-        }
-    }
 
     /// The product-key top-k by brute force over all N pairs, the twin's tie rule: each half
     /// ranked best first (lower index first among equals), pairs in (rank 1, rank 2) order,

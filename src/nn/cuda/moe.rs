@@ -12,32 +12,16 @@
 //! Indices are u32: routes [rows, 2] (token, expert), starts [ne + 1], token_rows and chosen
 //! [n, k]; floats f32. Every output is overwritten except dh (+=).
 
-use super::{kernel_constant, LaunchDims};
+use super::{constant, elementwise_dims, LaunchDims};
 use std::sync::LazyLock;
 
-static BLOCK: LazyLock<u32> =
-    LazyLock::new(|| kernel_constant("MOE_BLOCK").expect("MOE_BLOCK in common.cuh"));
-static SORT_THREADS: LazyLock<u32> =
-    LazyLock::new(|| kernel_constant("MOE_SORT_THREADS").expect("MOE_SORT_THREADS in common.cuh"));
-static MAX_EXPERTS: LazyLock<u32> =
-    LazyLock::new(|| kernel_constant("MOE_MAX_EXPERTS").expect("MOE_MAX_EXPERTS in common.cuh"));
+static BLOCK: LazyLock<u32> = LazyLock::new(|| constant("MOE_BLOCK"));
+static SORT_THREADS: LazyLock<u32> = LazyLock::new(|| constant("MOE_SORT_THREADS"));
+static MAX_EXPERTS: LazyLock<u32> = LazyLock::new(|| constant("MOE_MAX_EXPERTS"));
 
 /// The most experts `moe_topk_softmax` takes.
 pub fn max_experts() -> usize {
     *MAX_EXPERTS as usize
-}
-
-/// One thread an element of `total`, grid-stride past 65535 blocks.
-fn elementwise(total: usize) -> LaunchDims {
-    LaunchDims {
-        grid: [
-            (total as u64).div_ceil(*BLOCK as u64).clamp(1, 65535) as u32,
-            1,
-            1,
-        ],
-        block: [*BLOCK, 1, 1],
-        shared_bytes: 0,
-    }
 }
 
 /// One warp a token.
@@ -72,17 +56,17 @@ pub fn sort_routes_dims(ne: usize) -> LaunchDims {
 
 /// `moe_gather`: rows * d elements.
 pub fn gather_dims(rows: usize, d: usize) -> LaunchDims {
-    elementwise(rows * d)
+    elementwise_dims(rows * d)
 }
 
 /// `moe_combine`: n * d elements.
 pub fn combine_dims(n: usize, d: usize) -> LaunchDims {
-    elementwise(n * d)
+    elementwise_dims(n * d)
 }
 
 /// `moe_combine_backward`: rows * d elements.
 pub fn combine_backward_dims(rows: usize, d: usize) -> LaunchDims {
-    elementwise(rows * d)
+    elementwise_dims(rows * d)
 }
 
 /// `moe_dprob`: one block a token.
@@ -101,26 +85,18 @@ pub fn softmax_backward_dims(n: usize) -> LaunchDims {
 
 /// `moe_scatter_add`: n * d elements.
 pub fn scatter_add_dims(n: usize, d: usize) -> LaunchDims {
-    elementwise(n * d)
+    elementwise_dims(n * d)
 }
 
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
     use crate::nn::cpu::moe as twin;
-    use crate::nn::cuda::emu::{launch, Arg};
+    use crate::nn::cuda::emu::Arg;
+    use crate::nn::cuda::testing::{go, randn};
     use crate::nn::rng::{fresh_seed, Rng};
 
     const EPS: f32 = f32::EPSILON;
-
-    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.normal() as f32).collect()
-    }
-
-    fn run(name: &str, dims: LaunchDims, args: &mut [Arg]) {
-        launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-    }
 
     fn i(x: usize) -> Arg {
         Arg::I32(x as i32)
@@ -153,7 +129,7 @@ mod tests {
 
     fn logits(rng: &mut Rng, n: usize, ne: usize, kind: Logits) -> Vec<f32> {
         match kind {
-            Logits::Normal => random(rng, n * ne),
+            Logits::Normal => randn(rng, n * ne, 1.0),
             Logits::Ties => (0..n * ne)
                 .map(|_| (rng.uniform() * 3.0).floor() as f32 * 0.5)
                 .collect(),
@@ -205,7 +181,7 @@ mod tests {
             assert!(chosen.chunks(k).all(|c| c[0] == (ne / 2) as u32));
         }
         let (mut gprobs, mut gchosen) = (vec![f32::NAN; n * ne], vec![u32::MAX; rows]);
-        run(
+        go(
             "moe_topk_softmax",
             topk_softmax_dims(n, ne, k),
             &mut [
@@ -234,7 +210,7 @@ mod tests {
             vec![u32::MAX; ne + 1],
             vec![u32::MAX; rows],
         );
-        run(
+        go(
             "moe_sort_routes",
             sort_routes_dims(ne),
             &mut [
@@ -253,13 +229,13 @@ mod tests {
         assert_eq!(gtoken_rows, token_rows, "token_rows, {case}");
 
         // Gather, combine, scatter: the same products and sums in the same order: equal.
-        let h = random(rng, n * d);
+        let h = randn(rng, n * d, 1.0);
         let mut hx = vec![0.0f32; rows * d];
         twin::gather(&h, &routes, d, &mut hx);
-        let o = random(rng, rows * d);
+        let o = randn(rng, rows * d, 1.0);
         let mut out = vec![0.0f32; n * d];
         twin::combine(&o, &probs, &routes, &token_rows, ne, k, d, &mut out);
-        let (dhx, dh0) = (random(rng, rows * d), random(rng, n * d));
+        let (dhx, dh0) = (randn(rng, rows * d, 1.0), randn(rng, n * d, 1.0));
         let mut dh = dh0.clone();
         twin::scatter_add(&dhx, &token_rows, k, d, &mut dh);
         // Each with its launch size, then with 2 blocks (the grid-stride loop).
@@ -271,7 +247,7 @@ mod tests {
                 dims
             };
             let mut ghx = vec![f32::NAN; rows * d];
-            run(
+            go(
                 "moe_gather",
                 shrink(gather_dims(rows, d)),
                 &mut [
@@ -284,7 +260,7 @@ mod tests {
             );
             assert_eq!(ghx, hx, "hx, {case}");
             let mut gout = vec![f32::NAN; n * d];
-            run(
+            go(
                 "moe_combine",
                 shrink(combine_dims(n, d)),
                 &mut [
@@ -301,7 +277,7 @@ mod tests {
             );
             within(&gout, &out, |_| 0.0, &format!("combine, {case}"));
             let mut gdh = dh0.clone();
-            run(
+            go(
                 "moe_scatter_add",
                 shrink(scatter_add_dims(n, d)),
                 &mut [
@@ -318,11 +294,11 @@ mod tests {
 
         // Combine backward: dout equal (one product); dprob's dots of d terms summed in other
         // orders, each within d eps sum|terms| of exact.
-        let dy = random(rng, n * d);
+        let dy = randn(rng, n * d, 1.0);
         let (mut dout, mut dprob) = (vec![0.0f32; rows * d], vec![0.0f32; n * ne]);
         twin::combine_backward(&dy, &o, &probs, &routes, ne, d, &mut dout, &mut dprob);
         let mut gdout = vec![f32::NAN; rows * d];
-        run(
+        go(
             "moe_combine_backward",
             combine_backward_dims(rows, d),
             &mut [
@@ -337,7 +313,7 @@ mod tests {
         );
         within(&gdout, &dout, |_| 0.0, &format!("dout, {case}"));
         let mut gdprob = vec![f32::NAN; n * ne];
-        run(
+        go(
             "moe_dprob",
             dprob_dims(n),
             &mut [
@@ -370,7 +346,7 @@ mod tests {
         let mut dlogits = vec![0.0f32; n * ne];
         twin::softmax_backward(&probs, &dprob, ne, &mut dlogits);
         let mut gdlogits = vec![f32::NAN; n * ne];
-        run(
+        go(
             "moe_softmax_backward",
             softmax_backward_dims(n),
             &mut [
@@ -396,9 +372,10 @@ mod tests {
 
     #[test]
     fn launch_sizes_follow_the_shape() {
+        let (elem, cap) = (constant("ELEM_BLOCK"), constant("ELEM_GRID_MAX"));
+        assert_eq!(combine_dims(7, 33).grid[0], (7u32 * 33).div_ceil(elem));
+        assert_eq!(gather_dims(1 << 30, 64).grid[0], cap);
         let block = *BLOCK;
-        assert_eq!(combine_dims(7, 33).grid[0], (7u32 * 33).div_ceil(block));
-        assert_eq!(gather_dims(1 << 30, 64).grid[0], 65535);
         assert_eq!(topk_softmax_dims(130, 64, 2).grid[0] * block / 32, 132);
         assert_eq!(sort_routes_dims(5).grid, [5, 1, 1]);
         assert!(std::panic::catch_unwind(|| topk_softmax_dims(1, max_experts() + 1, 1)).is_err());

@@ -5,11 +5,11 @@ pub mod mlp;
 pub mod moe;
 pub mod peer;
 pub mod sgatlin;
+pub mod slots;
 pub mod swiglu;
 
 use super::backend::{Backend, Buf, View, ViewMut};
 use super::config::{FfnKind, ModelConfig};
-use super::model::host_or_copy;
 use super::tensor::ParamTable;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -191,8 +191,8 @@ impl FfnLayer {
 
     pub fn set_routing_override(&mut self, overrides: Vec<RoutingOverride>) -> Result<(), String> {
         match self {
-            FfnLayer::Sgatlin(l) => l.overrides = overrides,
-            FfnLayer::Peer(l) => l.overrides = overrides,
+            FfnLayer::Sgatlin(l) => l.slots.overrides = overrides,
+            FfnLayer::Peer(l) => l.slots.overrides = overrides,
             _ => {
                 return Err(
                     "routing overrides apply to product-key kinds (sgatlin, sgatlin-gelu, peer)"
@@ -235,8 +235,8 @@ impl FfnLayer {
     /// for product-key kinds: the raw material of feedforward circuits.
     pub fn last_routing(&self) -> Option<Routing<'_>> {
         match self {
-            FfnLayer::Sgatlin(l) => Some((host_or_copy(&l.scores), host_or_copy(&l.indices))),
-            FfnLayer::Peer(l) => Some((host_or_copy(&l.scores), host_or_copy(&l.indices))),
+            FfnLayer::Sgatlin(l) => Some(l.slots.routing()),
+            FfnLayer::Peer(l) => Some(l.slots.routing()),
             _ => None,
         }
     }

@@ -2,40 +2,29 @@
 //! query projection and sqrt(N) sub-keys, similarity scaled by 1/sqrt(2 d_key); output
 //! gelu(u.x) * softmax_k(scores) * v. Keys are per head, as in the reference code.
 
+use super::slots::Slots;
 use super::GateStats;
 use crate::nn::backend::{
-    zero, Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Strided, View, ViewMut,
+    Backend, Buf, ExpertMode, ExpertShape, ProductKeyShape, Strided, View, ViewMut,
 };
-use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use crate::nn::config::ModelConfig;
 use crate::nn::tensor::{Init, ParamId, ParamTable};
 use std::sync::Arc;
 
 pub struct Peer {
-    shape: ProductKeyShape,
-    eshape: ExpertShape,
     d: usize,
     d_key: usize,
     /// Query projection [d, 2 * C * d_key], columns laid out [half][head][d_key].
     w_query: ParamId,
     /// Sub-keys [2 * C * sqrt_n, d_key], rows laid out [half][head][key].
     keys: ParamId,
-    u: ParamId,
-    v: ParamId,
+    /// One pool of N experts shared by the C heads.
+    pub slots: Slots,
     q: Buf<f32>,
     logits: Buf<f32>,
-    pub scores: Buf<f32>,
-    pub indices: Buf<u32>,
-    a: Buf<f32>,
-    coef: Buf<f32>,
-    w: Buf<f32>,
-    dscores: Buf<f32>,
-    da: Buf<f32>,
     dlogits: Buf<f32>,
     dq: Buf<f32>,
     pub stats: GateStats,
-    /// Forced router outputs (gating patching); empty in training.
-    pub overrides: Vec<super::RoutingOverride>,
 }
 
 impl Peer {
@@ -67,37 +56,28 @@ impl Peer {
             Init::TruncatedNormal(std),
             true,
         );
+        let router = ProductKeyShape {
+            channels: c,
+            sqrt_n: s,
+            k,
+        };
+        let experts = ExpertShape {
+            d,
+            channels: c,
+            k,
+            channel_stride: 0,
+            pool_rows: n,
+        };
         Peer {
-            shape: ProductKeyShape {
-                channels: c,
-                sqrt_n: s,
-                k,
-            },
-            eshape: ExpertShape {
-                d,
-                channels: c,
-                k,
-                channel_stride: 0,
-                pool_rows: n,
-            },
             d,
             d_key: dk,
             w_query,
             keys,
-            u,
-            v,
+            slots: Slots::new(be, router, experts, ExpertMode::PeerSoftmaxGelu, (u, v)),
             q: Buf::empty(be),
             logits: Buf::empty(be),
-            scores: Buf::empty(be),
-            indices: Buf::empty(be),
-            a: Buf::empty(be),
-            coef: Buf::empty(be),
-            w: Buf::empty(be),
-            dscores: Buf::empty(be),
-            da: Buf::empty(be),
             dlogits: Buf::empty(be),
             dq: Buf::empty(be),
-            overrides: Vec::new(),
             stats: GateStats::new(n),
         }
     }
@@ -115,16 +95,11 @@ impl Peer {
         out: ViewMut<f32>,
         stats: bool,
     ) -> Result<(), String> {
-        let (d, dk, s) = (self.d, self.d_key, self.shape.sqrt_n);
-        let parts = 2 * self.shape.channels;
-        let lw = self.shape.logits_per_token();
-        let slots = self.shape.slots_per_token();
+        let (d, dk, s) = (self.d, self.d_key, self.slots.router.sqrt_n);
+        let parts = 2 * self.slots.router.channels;
+        let lw = self.slots.router.logits_per_token();
         self.q.ensure(n * parts * dk)?;
         self.logits.ensure(n * lw)?;
-        for b in [&mut self.scores, &mut self.a, &mut self.coef, &mut self.w] {
-            b.ensure(n * slots)?;
-        }
-        self.indices.ensure(n * slots)?;
         be.matmul(
             n,
             parts * dk,
@@ -161,30 +136,10 @@ impl Peer {
         }
         let sc = self.scale();
         be.scale(self.logits.view_mut(), sc);
-        be.product_key_topk_forward(
-            self.shape,
-            self.logits.view(),
-            self.scores.view_mut(),
-            self.indices.view_mut(),
-        );
-        super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
-        be.experts_forward(
-            self.eshape,
-            ExpertMode::PeerSoftmaxGelu,
-            h,
-            self.scores.view(),
-            self.indices.view(),
-            self.u.view(p),
-            self.v.view(p),
-            ExpertsSaved {
-                a: self.a.view_mut(),
-                coef: self.coef.view_mut(),
-                w: self.w.view_mut(),
-            },
-            out,
-        );
+        self.slots.forward(&**be, p, self.logits.view(), h, out)?;
         if stats {
-            for (&ix, &w) in self.indices.to_vec().iter().zip(&self.w.to_vec()) {
+            let (indices, w) = (self.slots.indices.to_vec(), self.slots.w.to_vec());
+            for (&ix, &w) in indices.iter().zip(&w) {
                 self.stats.selected[ix as usize] += 1;
                 self.stats.mass[ix as usize] += w as f64;
             }
@@ -203,47 +158,13 @@ impl Peer {
         n: usize,
         mut dh: ViewMut<f32>,
     ) -> Result<(), String> {
-        let (d, dk, s) = (self.d, self.d_key, self.shape.sqrt_n);
-        let parts = 2 * self.shape.channels;
-        let lw = self.shape.logits_per_token();
-        let slots = self.shape.slots_per_token();
-        self.dscores.ensure(n * slots)?;
-        self.da.ensure(n * slots)?;
+        let (d, dk, s) = (self.d, self.d_key, self.slots.router.sqrt_n);
+        let parts = 2 * self.slots.router.channels;
+        let lw = self.slots.router.logits_per_token();
         self.dlogits.ensure(n * lw)?;
         self.dq.ensure(n * parts * dk)?;
-        zero(&**be, dh.rb());
-        let (gu, gv) = {
-            let (lo, hi) = g.view_mut().split_at(self.v.offset);
-            (lo.range(self.u.range()), hi.range(0..self.v.len))
-        };
-        be.experts_backward(
-            self.eshape,
-            ExpertMode::PeerSoftmaxGelu,
-            h,
-            self.scores.view(),
-            self.indices.view(),
-            self.u.view(p),
-            self.v.view(p),
-            ExpertsSavedRef {
-                a: self.a.view(),
-                coef: self.coef.view(),
-                w: self.w.view(),
-            },
-            dy,
-            self.dscores.view_mut(),
-            self.da.view_mut(),
-            ExpertsGrads {
-                dx: dh.rb(),
-                du: gu,
-                dv: gv,
-            },
-        );
-        be.product_key_topk_backward(
-            self.shape,
-            self.indices.view(),
-            self.dscores.view(),
-            self.dlogits.view_mut(),
-        );
+        let dlogits = self.dlogits.view_mut();
+        self.slots.backward(&**be, p, g, h, dy, dh.rb(), dlogits)?;
         let sc = self.scale();
         be.scale(self.dlogits.view_mut(), sc);
         let (keys, dlogits, q) = (self.keys.view(p), self.dlogits.view(), self.q.view());
@@ -315,21 +236,10 @@ impl Peer {
 impl Peer {
     /// Bytes held by the saved activations and scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        [
-            &self.q,
-            &self.logits,
-            &self.scores,
-            &self.a,
-            &self.coef,
-            &self.w,
-            &self.dscores,
-            &self.da,
-            &self.dlogits,
-            &self.dq,
-        ]
-        .iter()
-        .map(|b| b.bytes())
-        .sum::<usize>()
-            + self.indices.bytes()
+        self.slots.bytes()
+            + [&self.q, &self.logits, &self.dlogits, &self.dq]
+                .iter()
+                .map(|b| b.bytes())
+                .sum::<usize>()
     }
 }
