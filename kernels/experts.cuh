@@ -1,0 +1,41 @@
+// What the expert kernels share (kernels/experts.cu, the forward; kernels/experts_backward.cu):
+// the activation and its derivative, the mode numbers, and the pool row of a slot.
+#pragma once
+#include "common.cuh"
+
+namespace experts_k {
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluC = 0.044715f;
+// ExpertMode as an int (src/nn/cuda/experts.rs: expert_mode_arg).
+constexpr int kGatedLinear = 0, kGatedGelu = 1, kPeer = 2;
+
+__device__ float gelu(float x) {
+  float inner = kSqrt2OverPi * (x + kGeluC * x * x * x);
+  return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+__device__ float gelu_grad(float x) {
+  float th = tanhf(kSqrt2OverPi * (x + kGeluC * x * x * x));
+  return 0.5f * (1.0f + th) +
+         0.5f * x * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kGeluC * x * x);
+}
+
+// p . q over d elements by one whole warp, in the twin's order (vmath::dot): lane l sums
+// elements l, l + 32, ... of the full 32-chunks, the 32 sums fold pairwise (16, 8, ... apart),
+// then the tail past the last full chunk is added. The result is valid in lane 0.
+__device__ float warp_dot(gptr<const float> p, gptr<const float> q, int d) {
+  const int lane = threadIdx.x % 32, full = d - d % 32;
+  float acc = 0.0f;
+  for (int i = lane; i < full; i += 32) acc = fmaf(p[i], q[i], acc);
+  for (int w = 16; w > 0; w /= 2) acc += __shfl_down_sync(0xffffffffu, acc, w);
+  float tail = 0.0f;
+  if (lane == 0)
+    for (int i = full; i < d; i++) tail = fmaf(p[i], q[i], tail);
+  return acc + tail;
+}
+
+__device__ long pool_row(gptr<const unsigned> indices, long slot, int slots, int k,
+                         int channel_stride) {
+  return long(int(slot % slots) / k) * channel_stride + indices[slot];
+}
+}  // namespace experts_k
