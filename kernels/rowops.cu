@@ -61,3 +61,16 @@ __global__ void scale(gptr<float> x, float factor, int n) {
     x[i] *= factor;
 }
 REPRO_KERNEL(scale)
+
+// out[i] = x[i] rounded to the nearest bfloat16, ties to even (the twin: Bf16::from_f32 in
+// src/nn/backend.rs); NaN stays a quiet NaN. One thread an element, grid-stride.
+__global__ void round_bf16(gptr<const float> x, gptr<unsigned short> out, int n) {
+  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n;
+       i += long(gridDim.x) * blockDim.x) {
+    const float v = x[i];
+    const unsigned b = __float_as_uint(v);
+    out[i] = v != v ? (unsigned short)((b >> 16) | 0x40u)
+                    : (unsigned short)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+  }
+}
+REPRO_KERNEL(round_bf16)

@@ -182,3 +182,14 @@ template <class T> inline T __shfl_up_sync(unsigned m, T v, unsigned delta) {
   unsigned lane = emu_lane();
   return __shfl_sync(m, v, int(lane >= delta ? lane - delta : lane));
 }
+
+inline unsigned __float_as_uint(float v) {
+  unsigned b;
+  __builtin_memcpy(&b, &v, 4);
+  return b;
+}
+inline float __uint_as_float(unsigned b) {
+  float v;
+  __builtin_memcpy(&v, &b, 4);
+  return v;
+}

@@ -18,6 +18,28 @@ pub trait Elem: Copy + Default + Send + Sync + 'static {}
 impl Elem for f32 {}
 impl Elem for u32 {}
 impl Elem for f64 {}
+impl Elem for Bf16 {}
+
+/// A bfloat16: the top 16 bits of an f32 (8 exponent bits, 7 mantissa bits). Storage only:
+/// expert pools may be kept as a bf16 copy whose rows the kernels read and widen to f32.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bf16(pub u16);
+
+impl Bf16 {
+    /// Rounded to the nearest bf16, ties to even (as the hardware conversion); NaN stays a
+    /// (quiet) NaN, and values beyond the largest bf16 round to infinity.
+    pub fn from_f32(x: f32) -> Bf16 {
+        let b = x.to_bits();
+        if x.is_nan() {
+            return Bf16((b >> 16) as u16 | 0x40);
+        }
+        Bf16((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+    }
+    pub fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+}
 
 /// Memory owned by one backend: `len` elements (the allocation may be larger, so that buffers
 /// can be reused across batches of different sizes). Freed by its backend when dropped.
@@ -567,6 +589,8 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, y: ViewMut<f32>, x: View<f32>);
     /// x *= factor
     fn scale(&self, x: ViewMut<f32>, factor: f32);
+    /// out[i] = x[i] rounded to bf16 (`Bf16::from_f32`).
+    fn round_bf16(&self, x: View<f32>, out: ViewMut<Bf16>);
     /// The sum of squares of `x` in f64, in a fixed order (the global gradient norm).
     fn sum_squares(&self, x: View<f32>) -> f64;
     fn adamw_update(

@@ -8,7 +8,7 @@
 //! gradient norm, buffer growth) is the step time minus the sum.
 
 use super::backend::{
-    AdamWStep, Addr, AttnShape, Backend, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
+    AdamWStep, Addr, AttnShape, Backend, Bf16, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
     ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
 use serde::{Deserialize, Serialize};
@@ -522,6 +522,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn scale(&self, x: ViewMut<f32>, factor: f32) {
         self.time(("scale", None), || self.inner.scale(x, factor))
+    }
+    fn round_bf16(&self, x: View<f32>, out: ViewMut<Bf16>) {
+        self.time(("round_bf16", None), || self.inner.round_bf16(x, out))
     }
     fn sum_squares(&self, x: View<f32>) -> f64 {
         self.time(("sum_squares", None), || self.inner.sum_squares(x))

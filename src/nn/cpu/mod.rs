@@ -20,7 +20,7 @@ pub mod xent;
 mod tests;
 
 use super::backend::{
-    AdamWStep, Addr, AttnShape, Backend, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
+    AdamWStep, Addr, AttnShape, Backend, Bf16, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
     ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
 pub use experts::SlotOrder;
@@ -416,6 +416,9 @@ impl Backend for CpuBackend {
     }
     fn scale(&self, x: ViewMut<f32>, factor: f32) {
         rowops::scale(m(x), factor)
+    }
+    fn round_bf16(&self, x: View<f32>, out: ViewMut<Bf16>) {
+        rowops::round_bf16(s(x), m(out))
     }
     fn sum_squares(&self, x: View<f32>) -> f64 {
         rowops::sum_squares(s(x))

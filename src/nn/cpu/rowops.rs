@@ -2,6 +2,7 @@
 
 use super::isa::Isa;
 use super::real::Real;
+use crate::nn::backend::Bf16;
 use rayon::prelude::*;
 
 const ROWS_PER_PARTIAL: usize = 64;
@@ -76,6 +77,13 @@ pub fn scale(x: &mut [f32], factor: f32) {
 }
 
 /// out[t] = table[tokens[t]], rows of `d`.
+/// out[i] = x[i] rounded to bf16 (the CUDA twin: kernels/rowops.cu `round_bf16`).
+pub fn round_bf16(x: &[f32], out: &mut [Bf16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = Bf16::from_f32(v);
+    }
+}
+
 pub fn gather_rows<T: Real>(table: &[T], tokens: &[u32], d: usize, out: &mut [T]) {
     out.par_chunks_mut(d)
         .zip(tokens.par_iter())

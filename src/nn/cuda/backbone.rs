@@ -136,6 +136,7 @@ pub fn add_assign_dims(n: usize) -> LaunchDims {
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
+    use crate::nn::backend::Bf16;
     use crate::nn::cpu::{activations, adamw, rmsnorm, rope, rowops, xent};
     use crate::nn::cuda::emu::Arg;
     use crate::nn::cuda::testing::{below, bits, close, go, grids, randn};
@@ -715,6 +716,88 @@ mod tests {
                 );
                 assert_eq!(bits(&y), bits(&want), "seed {seed}, n {n}");
             }
+        }
+    }
+
+    /// The nearest bf16 by search: of the two bf16 around x (truncation and the next one up in
+    /// magnitude), the closer in f64, the even one on a tie.
+    fn nearest_bf16(x: f32) -> u16 {
+        let lo = (x.to_bits() >> 16) as u16;
+        if x.is_infinite() {
+            return lo;
+        }
+        let hi = lo + 1;
+        let widen = |h: u16| f64::from(f32::from_bits(u32::from(h) << 16));
+        if hi & 0x7f80 == 0x7f80 && hi & 0x7f == 0 && widen(lo).is_finite() {
+            // lo is the largest finite; past it the next one up is infinity.
+            let gap = widen(lo) - widen(lo - 1);
+            let half_up = widen(lo).abs() + gap / 2.0;
+            return if f64::from(x).abs() >= half_up {
+                hi
+            } else {
+                lo
+            };
+        }
+        let (dl, dh) = (
+            (f64::from(x) - widen(lo)).abs(),
+            (widen(hi) - f64::from(x)).abs(),
+        );
+        if dl < dh || (dl == dh && lo % 2 == 0) {
+            lo
+        } else {
+            hi
+        }
+    }
+
+    #[test]
+    fn round_bf16_equals_its_twin_and_rounds_to_nearest_even() {
+        let seed = fresh_seed();
+        let mut rng = Rng::new(seed);
+        let mut x = randn(&mut rng, 3000, 10.0);
+        // Ties (exactly half a bf16 step) both ways, subnormals, the largest finite f32 and
+        // bf16 neighbours, infinities, zeros and NaN.
+        x.extend(
+            [
+                0x3f80_8000u32,
+                0x3f81_8000,
+                0xbf80_8000,
+                0x0000_0001,
+                0x0001_8000,
+                0x7f7f_ffff,
+                0x7f7f_7fff,
+                0x7f7f_8000,
+                0xff7f_ffff,
+                0x7f80_0000,
+                0xff80_0000,
+                0,
+                0x8000_0000,
+            ]
+            .map(f32::from_bits),
+        );
+        x.extend((0..500).map(|_| f32::from_bits(rng.next_u64() as u32)));
+        let mut want = vec![Bf16::default(); x.len()];
+        rowops::round_bf16(&x, &mut want);
+        for (&v, w) in x.iter().zip(&want) {
+            if v.is_nan() {
+                assert!(w.to_f32().is_nan(), "seed {seed}: NaN {:#x}", v.to_bits());
+            } else {
+                assert_eq!(
+                    w.0,
+                    nearest_bf16(v),
+                    "seed {seed}: {v:e} ({:#x})",
+                    v.to_bits()
+                );
+            }
+        }
+        let n = x.len();
+        for dims in grids(elementwise_dims(n)) {
+            let mut got = vec![Bf16(0xdead); n];
+            go(
+                "round_bf16",
+                dims,
+                &mut [Arg::slice(&x), Arg::slice_mut(&mut got), Arg::I32(n as i32)],
+            );
+            assert_eq!(got, want, "seed {seed}");
         }
     }
 

@@ -11,8 +11,8 @@ use super::driver::{DevAddr, Driver, Gemm, KArg};
 use super::{attention, experts as ex, moe};
 use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
-    AdamWStep, Addr, AttnShape, Backend, Elem, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
-    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
+    AdamWStep, Addr, AttnShape, Backend, Bf16, Elem, ExpertMode, ExpertShape, ExpertsGrads,
+    ExpertsSaved, ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
 };
 use std::sync::{Arc, Mutex};
 
@@ -833,6 +833,14 @@ impl Backend for CudaBackend {
             "scale",
             elementwise_dims(n),
             &[buf_mut(x), KArg::F32(factor), int(n)],
+        )
+    }
+    fn round_bf16(&self, x: View<f32>, out: ViewMut<Bf16>) {
+        let n = x.len();
+        self.launch(
+            "round_bf16",
+            elementwise_dims(n),
+            &[buf(x), buf_mut(out), int(n)],
         )
     }
     fn sum_squares(&self, x: View<f32>) -> f64 {
