@@ -499,8 +499,7 @@ pub trait Backend: Send + Sync {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     );
@@ -512,8 +511,7 @@ pub trait Backend: Send + Sync {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSavedRef,
         dy: View<f32>,
         dscores: ViewMut<f32>,
@@ -664,6 +662,32 @@ pub struct AdamWStep {
     pub t: u64,
     /// Multiplies the gradient first (global-norm clipping).
     pub grad_scale: f32,
+}
+
+/// How the expert kernels read the pools of sgatlin and PEER: the f32 parameters, or a bf16
+/// copy of them made at each forward pass (half the bytes of every gathered row; the
+/// parameters, their gradients and the optimiser stay f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    F32,
+    Bf16,
+}
+
+/// The expert pools u (down) and v (up), [pool_rows, d] each, as the expert ops read them: the
+/// f32 parameters themselves, or a bf16 copy of them (rows widened to f32 on load, f32
+/// arithmetic); the gradients are f32 in both cases.
+#[derive(Clone, Copy)]
+pub enum Pool<'a> {
+    F32 {
+        u: View<'a, f32>,
+        v: View<'a, f32>,
+    },
+    Bf16 {
+        u: View<'a, Bf16>,
+        v: View<'a, Bf16>,
+    },
 }
 
 /// What `experts_forward` saves: a (u.x), coef and PEER's softmax weights, each [tokens, C, k].

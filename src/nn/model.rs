@@ -2,7 +2,7 @@
 //! attention and a configurable feedforward, final RMSNorm. Explicit forward and backward
 //! passes; activations are kept in buffers reused across steps.
 
-use super::backend::{AttnShape, Backend, Buf};
+use super::backend::{AttnShape, Backend, Buf, Storage};
 use super::config::ModelConfig;
 use super::cpu::CpuBackend;
 use super::ffn::{FfnLayer, GateStats, Routing, RoutingOverride};
@@ -283,6 +283,22 @@ impl Model {
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
+    }
+
+    /// How the expert kernels read the pools (sgatlin, sgatlin-gelu, PEER); bf16 is refused
+    /// for kinds without product-key experts.
+    pub fn set_expert_storage(&mut self, storage: Storage) -> Result<(), String> {
+        for b in &mut self.blocks {
+            match b.ffn.slots_mut() {
+                Some(s) => s.storage = storage,
+                None if storage == Storage::Bf16 => return Err(
+                    "bf16 expert storage: only sgatlin, sgatlin-gelu and peer have expert pools"
+                        .into(),
+                ),
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     /// The parameters (borrowed on the CPU, copied from a device).

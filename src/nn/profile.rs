@@ -9,7 +9,7 @@
 
 use super::backend::{
     AdamWStep, Addr, AttnShape, Backend, Bf16, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
-    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
+    ExpertsSavedRef, Pool, ProductKeyShape, Strided, View, ViewMut,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -402,14 +402,13 @@ impl<B: Backend> Backend for Profiled<B> {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     ) {
         self.time(("experts_forward", None), || {
             self.inner
-                .experts_forward(s, mode, x, scores, indices, u, v, saved, y)
+                .experts_forward(s, mode, x, scores, indices, pool, saved, y)
         })
     }
     fn experts_backward(
@@ -419,8 +418,7 @@ impl<B: Backend> Backend for Profiled<B> {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSavedRef,
         dy: View<f32>,
         dscores: ViewMut<f32>,
@@ -429,7 +427,7 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.time(("experts_backward", None), || {
             self.inner.experts_backward(
-                s, mode, x, scores, indices, u, v, saved, dy, dscores, da, grads,
+                s, mode, x, scores, indices, pool, saved, dy, dscores, da, grads,
             )
         })
     }

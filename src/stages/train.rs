@@ -23,7 +23,7 @@ use super::{
 };
 use crate::data::shards::{Batcher, BatcherConfig, Sampling, TokenShard};
 use crate::data::tokenize::TokensManifest;
-use crate::nn::backend::Backend;
+use crate::nn::backend::{Backend, Storage};
 use crate::nn::device::Device;
 use crate::nn::memory::{self, MemoryEstimate};
 use crate::nn::{flops, FfnKind, ModelConfig, TrainConfig, Trainer};
@@ -76,6 +76,10 @@ pub struct With {
     pub seed: u64,
     #[serde(default = "default_device")]
     pub device: String,
+    /// How the expert kernels read the pools of sgatlin and PEER: `f32` (the parameters) or
+    /// `bf16` (a copy made at each forward pass; parameters and optimiser stay f32).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub expert_storage: Storage,
     /// Seconds between resume checkpoints (0: after every step).
     #[serde(default = "default_checkpoint_s")]
     pub checkpoint_s: f64,
@@ -116,6 +120,9 @@ fn default_lr() -> f64 {
 }
 fn default_clip() -> f64 {
     1.0
+}
+fn is_f32(s: &Storage) -> bool {
+    *s == Storage::F32
 }
 fn default_device() -> String {
     "cpu".into()
@@ -246,6 +253,17 @@ impl With {
             }
         }
         Device::parse(&self.device).map_err(|e| format!("with.device: {e}"))?;
+        if self.expert_storage == Storage::Bf16
+            && !matches!(
+                self.ffn,
+                FfnKind::Sgatlin | FfnKind::SgatlinGelu | FfnKind::Peer
+            )
+        {
+            return Err(format!(
+                "with.expert_storage: bf16 is for the product-key experts (sgatlin, sgatlin-gelu, peer); ffn {} has no expert pools",
+                self.ffn.as_str()
+            ));
+        }
         parse_max_memory(self.max_memory.as_ref())?;
         Ok(())
     }
@@ -379,6 +397,10 @@ impl StageKind for Train {
             },
         )?;
 
+        trainer
+            .model
+            .set_expert_storage(w.expert_storage)
+            .map_err(|e| anyhow!("with.expert_storage: {e}"))?;
         let mut progress = Progress::from_env();
         let tokens_per_step = w.batch as f64 * w.seq_len as f64;
         let t0 = Instant::now();
@@ -559,6 +581,7 @@ mod tests {
         w.insert("max_memory".into(), json!("4G"));
         w.insert("clip".into(), json!(0));
         w.insert("checkpoint_s".into(), json!(0));
+        w.insert("expert_storage".into(), json!("bf16"));
         inputs(&w).unwrap();
         let explicit = json!({"tokens": "t", "ffn": "mlp", "d_model": 32, "layers": 1, "steps": 1, "warmup": 1});
         inputs(explicit.as_object().unwrap()).unwrap();
@@ -659,6 +682,14 @@ mod tests {
     #[test]
     fn other_fields_name_themselves() {
         refused(json!({"device": "tpu"}), &[], "device");
+        refused(json!({"expert_storage": "fp8"}), &[], "expert_storage");
+        for ffn in ["mlp", "swiglu", "moe"] {
+            refused(
+                json!({"ffn": ffn, "expert_storage": "bf16"}),
+                &[],
+                "expert_storage",
+            );
+        }
         refused(json!({"ffn": "dense"}), &[], "ffn");
         refused(json!({"tokens": 5}), &[], "tokens");
         refused(json!({"lrr": 1}), &[], "lrr");

@@ -21,12 +21,13 @@ mod tests;
 
 use super::backend::{
     AdamWStep, Addr, AttnShape, Backend, Bf16, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
-    ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
+    ExpertsSavedRef, Pool, ProductKeyShape, Strided, View, ViewMut,
 };
 pub use experts::SlotOrder;
 pub use isa::Isa;
 pub use matmul::MatRef;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 /// The CPU backend: host memory, `gemm` for matrix products, rayon for everything else.
@@ -41,6 +42,18 @@ const ALIGN: usize = 64;
 
 fn s<T: super::backend::Elem>(v: View<'_, T>) -> &[T] {
     v.host().expect("the cpu backend computes in host memory")
+}
+
+/// The pools as f32 rows: the parameters, or a bf16 copy widened (the values the CUDA
+/// kernels compute with when they load bf16 rows).
+fn pool_rows(pool: Pool<'_>) -> (Cow<'_, [f32]>, Cow<'_, [f32]>) {
+    let widen = |x: View<'_, Bf16>| -> Cow<'_, [f32]> {
+        Cow::Owned(s(x).iter().map(|b| b.to_f32()).collect())
+    };
+    match pool {
+        Pool::F32 { u, v } => (Cow::Borrowed(s(u)), Cow::Borrowed(s(v))),
+        Pool::Bf16 { u, v } => (widen(u), widen(v)),
+    }
 }
 
 fn m<T: super::backend::Elem>(v: ViewMut<'_, T>) -> &mut [T] {
@@ -267,19 +280,19 @@ impl Backend for CpuBackend {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     ) {
+        let (u, v) = pool_rows(pool);
         experts::experts_forward(
             es,
             mode,
             s(x),
             s(scores),
             s(indices),
-            s(u),
-            s(v),
+            &u,
+            &v,
             m(saved.a),
             m(saved.coef),
             m(saved.w),
@@ -293,14 +306,14 @@ impl Backend for CpuBackend {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSavedRef,
         dy: View<f32>,
         dscores: ViewMut<f32>,
         da: ViewMut<f32>,
         grads: ExpertsGrads,
     ) {
+        let (u, v) = pool_rows(pool);
         let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
         experts::experts_backward(
             es,
@@ -308,8 +321,8 @@ impl Backend for CpuBackend {
             s(x),
             s(scores),
             s(indices),
-            s(u),
-            s(v),
+            &u,
+            &v,
             s(saved.a),
             s(saved.coef),
             s(saved.w),

@@ -12,7 +12,7 @@ use super::{attention, experts as ex, moe};
 use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
     AdamWStep, Addr, AttnShape, Backend, Bf16, Elem, ExpertMode, ExpertShape, ExpertsGrads,
-    ExpertsSaved, ExpertsSavedRef, ProductKeyShape, Strided, View, ViewMut,
+    ExpertsSaved, ExpertsSavedRef, Pool, ProductKeyShape, Strided, View, ViewMut,
 };
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +65,18 @@ impl CudaBackend {
 
     fn launch(&self, name: &str, dims: LaunchDims, args: &[KArg]) {
         self.check(self.dr.launch(name, dims, args));
+    }
+
+    /// The f32 pools, or None (the op failed) for bf16 pools, whose kernels come with the
+    /// fused expert kernels.
+    fn f32_pool<'a>(&self, pool: Pool<'a>) -> Option<(View<'a, f32>, View<'a, f32>)> {
+        match pool {
+            Pool::F32 { u, v } => Some((u, v)),
+            Pool::Bf16 { .. } => {
+                self.fail("experts: bf16 pools are not supported by this backend yet".into());
+                None
+            }
+        }
     }
 
     /// Scratch area `slot` of at least `bytes` (its contents are whatever was left there).
@@ -539,11 +551,13 @@ impl Backend for CudaBackend {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     ) {
+        let Some((u, v)) = self.f32_pool(pool) else {
+            return;
+        };
         let tokens = x.len() / s.d;
         self.launch(
             "experts_forward",
@@ -574,14 +588,16 @@ impl Backend for CudaBackend {
         x: View<f32>,
         scores: View<f32>,
         indices: View<u32>,
-        u: View<f32>,
-        v: View<f32>,
+        pool: Pool,
         saved: ExpertsSavedRef,
         dy: View<f32>,
         dscores: ViewMut<f32>,
         mut da: ViewMut<f32>,
         grads: ExpertsGrads,
     ) {
+        let Some((u, v)) = self.f32_pool(pool) else {
+            return;
+        };
         let tokens = x.len() / s.d;
         // Token-centric: dscores, da and dx.
         self.launch(

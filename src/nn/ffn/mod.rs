@@ -120,6 +120,15 @@ impl FfnLayer {
         }
     }
 
+    /// The product-key slots (sgatlin, sgatlin-gelu, PEER), if this kind has them.
+    pub fn slots_mut(&mut self) -> Option<&mut slots::Slots> {
+        match self {
+            FfnLayer::Peer(l) => Some(&mut l.slots),
+            FfnLayer::Sgatlin(l) => Some(&mut l.slots),
+            _ => None,
+        }
+    }
+
     /// out[n, d] = FFW(h) (overwritten).
     pub fn forward(
         &mut self,

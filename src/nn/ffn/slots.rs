@@ -3,12 +3,32 @@
 
 use super::RoutingOverride;
 use crate::nn::backend::{
-    zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef,
-    ProductKeyShape, View, ViewMut,
+    zero, Backend, Bf16, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef,
+    Pool, ProductKeyShape, Storage, View, ViewMut,
 };
 use crate::nn::model::host_or_copy;
 use crate::nn::tensor::ParamId;
 use std::sync::Arc;
+
+/// The pools as the expert ops read them (the shadow holds u then v).
+fn pool<'a>(
+    storage: Storage,
+    u: ParamId,
+    v: ParamId,
+    p: &'a Buf<f32>,
+    shadow: &'a Buf<Bf16>,
+) -> Pool<'a> {
+    match storage {
+        Storage::F32 => Pool::F32 {
+            u: u.view(p),
+            v: v.view(p),
+        },
+        Storage::Bf16 => Pool::Bf16 {
+            u: shadow.range(0..u.len),
+            v: shadow.range(u.len..u.len + v.len),
+        },
+    }
+}
 
 pub struct Slots {
     pub router: ProductKeyShape,
@@ -17,6 +37,10 @@ pub struct Slots {
     /// The pools: u (down) and v (up); v follows u in the parameter table.
     pub u: ParamId,
     pub v: ParamId,
+    pub storage: Storage,
+    /// With bf16 storage: the copy of u and v (adjacent, as in the table) that the experts
+    /// read, made at each forward pass.
+    shadow: Buf<Bf16>,
     /// The router's outputs (raw scores and pool indices) of the last forward pass.
     pub scores: Buf<f32>,
     pub indices: Buf<u32>,
@@ -45,6 +69,8 @@ impl Slots {
             mode,
             u,
             v,
+            storage: Storage::F32,
+            shadow: Buf::empty(be),
             scores: Buf::empty(be),
             indices: Buf::empty(be),
             a: Buf::empty(be),
@@ -79,14 +105,18 @@ impl Slots {
             self.indices.view_mut(),
         );
         super::apply_overrides(&self.overrides, &mut self.scores, &mut self.indices);
+        if self.storage == Storage::Bf16 {
+            let pools = self.u.offset..self.v.offset + self.v.len;
+            self.shadow.ensure(pools.len())?;
+            be.round_bf16(p.range(pools), self.shadow.view_mut());
+        }
         be.experts_forward(
             self.experts,
             self.mode,
             h,
             self.scores.view(),
             self.indices.view(),
-            self.u.view(p),
-            self.v.view(p),
+            pool(self.storage, self.u, self.v, p, &self.shadow),
             ExpertsSaved {
                 a: self.a.view_mut(),
                 coef: self.coef.view_mut(),
@@ -125,8 +155,7 @@ impl Slots {
             h,
             self.scores.view(),
             self.indices.view(),
-            self.u.view(p),
-            self.v.view(p),
+            pool(self.storage, self.u, self.v, p, &self.shadow),
             ExpertsSavedRef {
                 a: self.a.view(),
                 coef: self.coef.view(),
@@ -169,5 +198,79 @@ impl Slots {
         .map(|b| b.bytes())
         .sum::<usize>()
             + self.indices.bytes()
+            + self.shadow.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::interp::testing::fresh_seed;
+    use crate::nn::backend::{Bf16, Storage};
+    use crate::nn::train::tests::{pattern_batch, tiny, train_cfg};
+    use crate::nn::{FfnKind, Trainer};
+
+    /// The model's parameters with every expert pool rounded to bf16.
+    fn pools_rounded(t: &Trainer) -> Vec<f32> {
+        let mut p = t.model.param_values().to_vec();
+        for info in &t.model.table.infos {
+            if info.name.ends_with(".experts.u") || info.name.ends_with(".experts.v") {
+                for x in &mut p[info.offset..info.offset + info.len] {
+                    *x = Bf16::from_f32(*x).to_f32();
+                }
+            }
+        }
+        p
+    }
+
+    /// Training with bf16 storage computes with the pools rounded to bf16 at every step (the
+    /// copy follows the optimiser's updates), and keeps the f32 parameters: each step's loss
+    /// and gradients equal those of an f32 model whose pools are the rounded ones.
+    #[test]
+    fn bf16_storage_computes_with_rounded_pools_and_keeps_f32_parameters() {
+        let seed = fresh_seed();
+        for kind in [FfnKind::Sgatlin, FfnKind::SgatlinGelu, FfnKind::Peer] {
+            let cfg = tiny(kind);
+            let mut bf = Trainer::new(&cfg, train_cfg(3)).unwrap();
+            bf.model.set_expert_storage(Storage::Bf16).unwrap();
+            let mut reference = Trainer::new(&cfg, train_cfg(3)).unwrap();
+            for step in 0..3 {
+                let batch = pattern_batch(step + seed as usize % 7, 2, cfg.seq_len);
+                reference.model.set_params(&pools_rounded(&bf)).unwrap();
+                let (inputs, targets): (Vec<u32>, Vec<u32>) = batch
+                    .chunks(cfg.seq_len + 1)
+                    .flat_map(|r| r[..cfg.seq_len].iter().zip(&r[1..]).map(|(&a, &b)| (a, b)))
+                    .unzip();
+                let want = reference
+                    .model
+                    .forward_backward(&inputs, &targets, None)
+                    .unwrap();
+                let before = bf.model.param_values().to_vec();
+                let got = bf.step(&batch).unwrap();
+                let case = format!("{} seed {seed} step {step}", kind.as_str());
+                assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{case}");
+                assert_eq!(
+                    bf.model.grad_values().to_vec(),
+                    reference.model.grad_values().to_vec(),
+                    "{case}"
+                );
+                // The update applies to the unrounded f32 parameters.
+                let after = bf.model.param_values();
+                assert!(after.iter().zip(&before).any(|(a, b)| a != b), "{case}");
+                assert!(
+                    after.iter().any(|&x| Bf16::from_f32(x).to_f32() != x),
+                    "{case}: parameters were rounded"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_storage_is_refused_without_expert_pools() {
+        for kind in [FfnKind::Mlp, FfnKind::Swiglu, FfnKind::Moe] {
+            let mut t = Trainer::new(&tiny(kind), train_cfg(1)).unwrap();
+            let err = t.model.set_expert_storage(Storage::Bf16).unwrap_err();
+            assert!(err.contains("expert pools"), "{err}");
+            t.model.set_expert_storage(Storage::F32).unwrap();
+        }
     }
 }
