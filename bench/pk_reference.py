@@ -97,7 +97,7 @@ def main():
         try:
             f, b = measure(args, tokens, dev)
             break
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             tokens //= 2

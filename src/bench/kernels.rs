@@ -18,7 +18,7 @@ pub struct KernelsArgs {
     pub scale: f64,
     #[command(flatten)]
     pub shape: StepShape,
-    /// Rounds; each round times every path once, in turn.
+    /// Rounds; each round times every path once, in turn (--device cuda: timed runs of each op).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Only kernels whose name contains this.

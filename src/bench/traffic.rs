@@ -484,9 +484,11 @@ pub fn emulate(case: LayerCase, tokens: usize, seed: u64) -> Result<CaseTraffic,
     })
 }
 
+const NO_EMULATOR: &str = "device cuda-emu: this build has no emulator (build with `cargo build --release --features cuda-emu`)";
+
 #[cfg(not(feature = "cuda-emu"))]
 pub fn emulate(_: LayerCase, _: usize, _: u64) -> Result<CaseTraffic, String> {
-    Err("device cuda-emu: this build has no emulator (build with `cargo build --release --features cuda-emu`)".into())
+    Err(NO_EMULATOR.into())
 }
 
 /// One op timed on a GPU.
@@ -571,13 +573,17 @@ impl DeviceArgs {
 
 /// `--device cuda-emu`: the traffic table of every case.
 pub fn report_emulated(a: &DeviceArgs) -> Result<(), String> {
+    if cfg!(not(feature = "cuda-emu")) {
+        return Err(NO_EMULATOR.into());
+    }
     let tokens = a.tokens.unwrap_or(512);
+    let cases = a.cases()?;
     println!(
         "repro bench kernels --device cuda-emu: global bytes counted by the emulator against the \
          floor (f32 activations and pools; µs at {} GB/s)",
         a.peak_gbs
     );
-    for case in a.cases()? {
+    for case in cases {
         let t0 = std::time::Instant::now();
         let r = emulate(case, tokens, 1)?;
         print!("{}", r.render(a.peak_gbs));
@@ -589,6 +595,9 @@ pub fn report_emulated(a: &DeviceArgs) -> Result<(), String> {
 /// `--device cuda`: every case timed per op, and the PyTorch reference when it can run.
 pub fn report_gpu(a: &DeviceArgs, reps: usize) -> Result<(), String> {
     let tokens = a.tokens.unwrap_or(65536);
+    let cases = a.cases()?;
+    // Fails here, with the driver's own message, on a machine without a GPU.
+    drop(crate::nn::cuda::gpu::Gpu::open(0)?);
     let torch = torch_reference_available(&a.python);
     println!(
         "repro bench kernels --device cuda: {tokens} tokens, median of {reps} synchronized runs; \
@@ -600,7 +609,7 @@ pub fn report_gpu(a: &DeviceArgs, reps: usize) -> Result<(), String> {
             "; no PyTorch with CUDA: no reference"
         }
     );
-    for case in a.cases()? {
+    for case in cases {
         let times = time_on_gpu(case, tokens, reps)?;
         // The reference's fwd and bwd ms for `tokens` (scaled up where it ran on fewer).
         let reference = if torch {
