@@ -1,6 +1,7 @@
 //! `repro bench kernels`: each CPU kernel on every instruction set this CPU supports, at the
 //! shapes of a ladder model's training step, timed in alternating rounds in one process so
-//! that the ratios between paths are side by side.
+//! that the ratios between paths are side by side. `--device cuda-emu` and `--device cuda`
+//! measure the product-key layer on the CUDA backend instead (traffic.rs).
 
 use super::train::StepShape;
 use crate::nn::backend::{AdamWStep, AttnShape, ExpertMode, ExpertShape};
@@ -17,12 +18,14 @@ pub struct KernelsArgs {
     pub scale: f64,
     #[command(flatten)]
     pub shape: StepShape,
-    /// Rounds; each round times every path once, in turn.
+    /// Rounds; each round times every path once, in turn (--device cuda: timed runs of each op).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Only kernels whose name contains this.
     #[arg(long)]
     pub only: Option<String>,
+    #[command(flatten)]
+    pub device: super::traffic::DeviceArgs,
 }
 
 /// A kernel with its inputs allocated, ready to run again and again.
@@ -218,6 +221,16 @@ fn cases(a: &KernelsArgs) -> Vec<Case> {
 }
 
 pub fn run(a: &KernelsArgs) -> Result<()> {
+    match a.device.device.as_str() {
+        "cpu" => {}
+        "cuda-emu" => {
+            return super::traffic::report_emulated(&a.device).map_err(anyhow::Error::msg)
+        }
+        "cuda" => {
+            return super::traffic::report_gpu(&a.device, a.rounds).map_err(anyhow::Error::msg)
+        }
+        d => anyhow::bail!("bench kernels: unknown device `{d}` (cpu, cuda-emu or cuda)"),
+    }
     let paths: Vec<Isa> = Isa::supported_all()
         .into_iter()
         .filter(|&p| p <= Isa::process())

@@ -2,8 +2,10 @@
 //! ratios against a reference run side by side in the same command, never timed tests.
 
 mod engine;
+mod floor;
 mod kernels;
 mod neighbours;
+mod traffic;
 mod train;
 
 use anyhow::Result;
@@ -19,7 +21,8 @@ pub struct BenchArgs {
 enum Bench {
     /// The pipeline engine: no-op runs, hashing, scheduling; DVC side by side if installed.
     Engine(engine::EngineArgs),
-    /// Each CPU kernel on every instruction set this CPU supports, side by side.
+    /// Each CPU kernel on every instruction set this CPU supports, side by side; with
+    /// --device cuda-emu|cuda, the product-key layer's traffic or times against its floor.
     Kernels(kernels::KernelsArgs),
     /// Nearest neighbours between circuits: the inverted index against the dense scan.
     Neighbours(neighbours::NeighboursArgs),

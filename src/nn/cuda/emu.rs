@@ -162,12 +162,27 @@ impl EmuDriver {
         }
     }
 
-    /// Per kernel: launches, and the global bytes they read and wrote.
+    /// Per kernel: launches, and the global bytes they read and wrote. Device-side zeroing and
+    /// copies count too, as `(memset)` and `(memcpy)`: a GPU moves those bytes as well.
     pub fn traffic(&self) -> BTreeMap<String, (u64, Traffic)> {
         self.traffic
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// `traffic()`, and the count starts again from zero (what one op moved: take before, take
+    /// after).
+    pub fn take_traffic(&self) -> BTreeMap<String, (u64, Traffic)> {
+        std::mem::take(&mut *self.traffic.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn count(&self, name: &str, t: Traffic) {
+        let mut table = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        let e = table.entry(name.to_string()).or_default();
+        e.0 += 1;
+        e.1.read_bytes += t.read_bytes;
+        e.1.written_bytes += t.written_bytes;
     }
 }
 
@@ -257,11 +272,26 @@ impl Driver for EmuDriver {
     fn copy(&self, dst: DevAddr, src: DevAddr, bytes: usize) -> Result<(), String> {
         // SAFETY: two buffers of this driver of at least `bytes`.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
+        let b = bytes as u64;
+        self.count(
+            "(memcpy)",
+            Traffic {
+                read_bytes: b,
+                written_bytes: b,
+            },
+        );
         Ok(())
     }
     fn zero(&self, dst: DevAddr, bytes: usize) -> Result<(), String> {
         // SAFETY: a buffer of this driver of at least `bytes`.
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        self.count(
+            "(memset)",
+            Traffic {
+                read_bytes: 0,
+                written_bytes: bytes as u64,
+            },
+        );
         Ok(())
     }
     fn launch(&self, name: &str, dims: LaunchDims, args: &[KArg]) -> Result<(), String> {
@@ -283,11 +313,7 @@ impl Driver for EmuDriver {
             self.race_check,
             self.fibers,
         )?;
-        let mut table = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
-        let e = table.entry(name.to_string()).or_default();
-        e.0 += 1;
-        e.1.read_bytes += t.read_bytes;
-        e.1.written_bytes += t.written_bytes;
+        self.count(name, t);
         Ok(())
     }
     fn gemm(&self, g: &Gemm) -> Result<(), String> {
@@ -646,7 +672,25 @@ mod tests {
         let mut want = vec![0.0f32; d];
         rowops::sum_rows_into(&x, &mut want);
         assert_eq!(out, bytes(&want));
-        assert_eq!(dr.traffic()["sum_rows"].0, 1);
+        let sum_rows = dr.traffic()["sum_rows"];
+        assert_eq!(sum_rows.0, 1);
+        // Zeroing and copies count; taking the table starts it again.
+        dr.zero(oa, 4 * d).unwrap();
+        dr.copy(oa, xa, 8).unwrap();
+        let t = dr.take_traffic();
+        assert_eq!(t["sum_rows"], sum_rows);
+        assert_eq!(
+            t["(memset)"],
+            (
+                1,
+                Traffic {
+                    read_bytes: 0,
+                    written_bytes: 4 * d as u64
+                }
+            )
+        );
+        assert_eq!(t["(memcpy)"].1.read_bytes, 8);
+        assert!(dr.traffic().is_empty());
         dr.free(xa);
         dr.free(oa);
     }
