@@ -10,7 +10,7 @@
 use super::floor::{floor, seconds, Floor, FloorBytes, FloorShape, PassFloor};
 use crate::nn::backend::{
     zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef,
-    ProductKeyShape,
+    Pool, ProductKeyShape,
 };
 use crate::nn::rng::Rng;
 use crate::nn::{FfnKind, ModelConfig};
@@ -250,8 +250,10 @@ impl Layer {
                 self.x.view(),
                 self.scores.view(),
                 self.indices.view(),
-                self.u.view(),
-                self.v.view(),
+                Pool::F32 {
+                    u: self.u.view(),
+                    v: self.v.view(),
+                },
                 ExpertsSaved {
                     a: self.a.view_mut(),
                     coef: self.coef.view_mut(),
@@ -267,8 +269,10 @@ impl Layer {
                     self.x.view(),
                     self.scores.view(),
                     self.indices.view(),
-                    self.u.view(),
-                    self.v.view(),
+                    Pool::F32 {
+                        u: self.u.view(),
+                        v: self.v.view(),
+                    },
                     ExpertsSavedRef {
                         a: self.a.view(),
                         coef: self.coef.view(),
