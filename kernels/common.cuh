@@ -51,3 +51,14 @@ template <class T> using gptr = T*;
 #define MOE_BLOCK 128
 #define MOE_SORT_THREADS 128
 #define MOE_MAX_EXPERTS 1024
+
+// Device stable group-by-key (kernels/sort.cu): an LSD radix sort of SORT_RADIX_BITS a pass,
+// SORT_BLOCK threads a block (= 1 << SORT_RADIX_BITS: thread d owns digit d), at least
+// SORT_ITEMS items a block and at most SORT_GRID_MAX blocks (beyond it the chunks grow); the
+// run ends come from a merge of the sorted keys with 0..key_bound in tiles of SORT_ENDS_TILE
+// merged positions (a multiple of SORT_BLOCK).
+#define SORT_RADIX_BITS 8
+#define SORT_BLOCK 256
+#define SORT_ITEMS 4096
+#define SORT_GRID_MAX 512
+#define SORT_ENDS_TILE 1024
