@@ -18,8 +18,12 @@
 // elements each partial of the sum of squares covers (as the twin global_norm's chunk).
 #define SUM_BLOCK 256
 #define SQ_CHUNK 16384
-// Threads per block of the product-key top-k (one block a (token, channel)).
-#define ROUTER_BLOCK 64
+// Product-key top-k (kernels/router.cu): one warp a (token, channel), ROUTER_BLOCK threads a
+// block (a multiple of 32). A lane holds ROUTER_MAX_SQRT_N / 32 logits of each half, and its
+// ROUTER_QUEUE best candidates of a pass (32 * ROUTER_QUEUE candidates in one pass: k <= 33).
+#define ROUTER_BLOCK 128
+#define ROUTER_MAX_SQRT_N 128
+#define ROUTER_QUEUE 4
 // Threads per block of the expert kernels (one block a token, or a pool row; a multiple of 32:
 // each warp takes whole dot products).
 #define EXPERT_BLOCK 128

@@ -9,26 +9,47 @@ use super::real::Real;
 use crate::nn::backend::ProductKeyShape;
 use rayon::prelude::*;
 
-/// Insert (score, index) into the descending list `best` (length k). Ties keep the earlier
-/// entry first, as `jax.lax.top_k` does.
+/// Whether score `p` comes before score `q` (descending): a NaN comes after every number, and
+/// equal scores (-0 and +0 alike; NaN and NaN) keep their order.
+#[inline(always)]
+fn before<T: Real>(p: T, q: T) -> bool {
+    match (p.partial_cmp(&p), q.partial_cmp(&q)) {
+        (None, _) => false,
+        (_, None) => true,
+        _ => p > q,
+    }
+}
+
+/// Insert (score, index) into the descending list `best` (at most `best.len()` entries, `len`
+/// filled). Ties keep the earlier entry first, as `jax.lax.top_k` does.
 #[inline(always)]
 fn push_topk<T: Real>(best: &mut [(T, u32)], len: &mut usize, score: T, index: u32) {
-    let k = best.len();
-    if *len == k && score.partial_cmp(&best[k - 1].0) != Some(std::cmp::Ordering::Greater) {
+    let cap = best.len();
+    if *len == cap && !before(score, best[cap - 1].0) {
         return;
     }
-    let mut pos = if *len < k { *len } else { k - 1 };
-    while pos > 0 && score > best[pos - 1].0 {
+    let mut pos = if *len < cap { *len } else { cap - 1 };
+    while pos > 0 && before(score, best[pos - 1].0) {
         best[pos] = best[pos - 1];
         pos -= 1;
     }
     best[pos] = (score, index);
-    if *len < k {
+    if *len < cap {
         *len += 1;
     }
 }
 
-/// logits: [tokens, 2*C*sqrt_n]; scores, indices: [tokens, C, k], best first.
+/// logits: [tokens, 2*C*sqrt_n]; scores, indices: [tokens, C, k], best first. Needs
+/// 1 <= k <= sqrt_n².
+///
+/// What it guarantees, for every such k: per (token, channel) the k best pairs of the
+/// sqrt_n x sqrt_n grid of sums s1[a] + s2[b], ordered as `jax.lax.top_k` orders them when each
+/// half is ranked best first (lower index first among equal logits) and the pairs are listed
+/// in (rank in half 1, rank in half 2) order: by score, then earlier in that order. A NaN
+/// (logit or sum) comes after every number. Only the candidates with
+/// (rank1 + 1)(rank2 + 1) <= k are summed; that is exact unless a half holds +inf and the other
+/// -inf (then inf + -inf = NaN breaks the dominance the pruning relies on). The CUDA kernel
+/// (kernels/router.cu) gives the same bits in every case.
 pub fn product_key_topk_forward<T: Real>(
     shape: ProductKeyShape,
     logits: &[T],
@@ -40,6 +61,13 @@ pub fn product_key_topk_forward<T: Real>(
         sqrt_n,
         k,
     } = shape;
+    assert!(
+        (1..=sqrt_n * sqrt_n).contains(&k),
+        "product-key top-k: k = {k} out of 1..={}",
+        sqrt_n * sqrt_n
+    );
+    // Each half's list: the best m; no candidate uses a rank past it.
+    let m = k.min(sqrt_n);
     let per_tok = shape.logits_per_token();
     let slots = shape.slots_per_token();
     scores
@@ -49,8 +77,8 @@ pub fn product_key_topk_forward<T: Real>(
         .for_each_init(
             || {
                 (
-                    vec![(T::ZERO, 0u32); k],
-                    vec![(T::ZERO, 0u32); k],
+                    vec![(T::ZERO, 0u32); m],
+                    vec![(T::ZERO, 0u32); m],
                     vec![(T::ZERO, 0u32); k],
                 )
             },
@@ -67,12 +95,13 @@ pub fn product_key_topk_forward<T: Real>(
                     }
                     // Pair (a, b) is dominated by every (a', b') with a' <= a, b' <= b (higher or
                     // equal score, earlier in a-major order, which wins ties), so only pairs with
-                    // (a + 1) * (b + 1) <= k can reach the final top-k. Same result as all k*k.
+                    // (a + 1) * (b + 1) <= k can reach the final top-k. Same result as all N.
                     for (a, &(s1, i1)) in b1.iter().enumerate() {
                         for &(s2, i2) in b2.iter().take(k / (a + 1)) {
                             push_topk(fin, &mut nf, s1 + s2, i1 * sqrt_n as u32 + i2);
                         }
                     }
+                    debug_assert_eq!(nf, k);
                     for (i, &(s, idx)) in fin.iter().enumerate() {
                         sc[c * k + i] = s;
                         ix[c * k + i] = idx;

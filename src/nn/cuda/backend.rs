@@ -8,7 +8,7 @@
 
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
-use super::{attention, experts as ex, moe};
+use super::{attention, experts as ex, moe, router};
 use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
     AdamWStep, Addr, AttnShape, Backend, Bf16, Elem, ExpertMode, ExpertShape, ExpertsGrads,
@@ -507,10 +507,13 @@ impl Backend for CudaBackend {
         scores: ViewMut<f32>,
         indices: ViewMut<u32>,
     ) {
+        if let Err(e) = router::check_shape(s) {
+            return self.fail(e);
+        }
         let tokens = logits.len() / s.logits_per_token();
         self.launch(
             "product_key_topk_forward",
-            ex::router_topk_forward_dims(tokens, s),
+            router::router_topk_forward_dims(tokens, s),
             &[
                 buf(logits),
                 buf_mut(scores),
@@ -529,10 +532,13 @@ impl Backend for CudaBackend {
         dscores: View<f32>,
         dlogits: ViewMut<f32>,
     ) {
+        if let Err(e) = router::check_shape(s) {
+            return self.fail(e);
+        }
         let tokens = indices.len() / s.slots_per_token();
         self.launch(
             "product_key_topk_backward",
-            ex::router_topk_backward_dims(tokens, s),
+            router::router_topk_backward_dims(tokens, s),
             &[
                 buf(indices),
                 buf(dscores),

@@ -1,6 +1,6 @@
-//! Launch sizes of the product-key router and the linear experts (kernels/router.cu,
-//! kernels/experts.cu), and the scratch the experts' backward needs. First, simple kernels:
-//! correct and deterministic (no float atomics), not fast. Used by both drivers, so nothing
+//! Launch sizes of the linear experts (kernels/experts.cu), and the scratch the experts'
+//! backward needs (the router's are in router.rs). First, simple kernels: correct and
+//! deterministic (no float atomics), not fast. Used by both drivers, so nothing
 //! here depends on the emulator.
 //!
 //! The backward of the experts is three launches: `experts_backward_token` (dscores, da, dx;
@@ -8,28 +8,12 @@
 //! sort by one block, into the scratch), `experts_backward_pool` (du, dv; one block a pool row,
 //! its slots in token order, as the CPU twin).
 
-use super::{constant, dims, elementwise_dims, per_row, LaunchDims};
-use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
+use super::{constant, dims, per_row, LaunchDims};
+use crate::nn::backend::{ExpertMode, ExpertShape};
 use std::sync::LazyLock;
 
-static ROUTER_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ROUTER_BLOCK"));
 static EXPERT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BLOCK"));
 static EXPERT_SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_SORT_BLOCK"));
-
-/// `product_key_topk_forward(logits, scores, indices, tokens, channels, sqrt_n, k)`: one block
-/// a (token, channel); shared memory holds each half's top min(k, sqrt_n) (score, index).
-/// Needs 1 <= k <= sqrt_n² (the twin in src/nn/cpu/router.rs is right for k <= sqrt_n only).
-pub fn router_topk_forward_dims(tokens: usize, s: ProductKeyShape) -> LaunchDims {
-    let m = s.k.min(s.sqrt_n);
-    per_row(tokens * s.channels, *ROUTER_BLOCK, 16 * m)
-}
-
-/// `product_key_topk_backward(indices, dscores, dlogits, tokens, channels, sqrt_n, k)`: one
-/// thread a logit.
-pub fn router_topk_backward_dims(tokens: usize, s: ProductKeyShape) -> LaunchDims {
-    let n = tokens * s.logits_per_token();
-    elementwise_dims(n)
-}
 
 /// The `mode` argument of the expert kernels.
 pub fn expert_mode_arg(mode: ExpertMode) -> i32 {
@@ -88,148 +72,13 @@ pub fn experts_backward_scratch(tokens: usize, s: ExpertShape) -> ExpertScratch 
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
+    use crate::nn::backend::ProductKeyShape;
     use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
-    use crate::nn::cpu::router::{product_key_topk_backward, product_key_topk_forward};
     use crate::nn::cpu::Isa;
     use crate::nn::cuda::emu::Arg;
+    use crate::nn::cuda::router::tests::{router_logits, topk_reference};
     use crate::nn::cuda::testing::{below, bits, close, go, grids, randn};
     use crate::nn::rng::{fresh_seed, Rng};
-
-    /// The product-key top-k by brute force over all N pairs, the twin's tie rule: each half
-    /// ranked best first (lower index first among equals), pairs in (rank 1, rank 2) order,
-    /// then a stable sort by score. Right for every k <= N.
-    fn topk_reference(s: ProductKeyShape, logits: &[f32]) -> (Vec<f32>, Vec<u32>) {
-        let (c_n, n, k) = (s.channels, s.sqrt_n, s.k);
-        let (mut sc, mut ix) = (Vec::new(), Vec::new());
-        for row in logits.chunks(s.logits_per_token()) {
-            for c in 0..c_n {
-                let half = |h: usize| {
-                    let v = &row[(h * c_n + c) * n..(h * c_n + c + 1) * n];
-                    let mut r: Vec<usize> = (0..n).collect();
-                    r.sort_by(|&p, &q| v[q].partial_cmp(&v[p]).unwrap());
-                    r.into_iter().map(|j| (v[j], j as u32)).collect::<Vec<_>>()
-                };
-                let (h1, h2) = (half(0), half(1));
-                let mut all: Vec<(f32, u32)> = h1
-                    .iter()
-                    .flat_map(|&(s1, i1)| {
-                        h2.iter()
-                            .map(move |&(s2, i2)| (s1 + s2, i1 * n as u32 + i2))
-                    })
-                    .collect();
-                all.sort_by(|p, q| q.0.partial_cmp(&p.0).unwrap());
-                sc.extend(all[..k].iter().map(|p| p.0));
-                ix.extend(all[..k].iter().map(|p| p.1));
-            }
-        }
-        (sc, ix)
-    }
-
-    /// Logits of three kinds: normal; small integers (ties everywhere: in each half and
-    /// among the sums); every token the same row (every token choosing the same experts).
-    fn router_logits(rng: &mut Rng, kind: usize, tokens: usize, per_token: usize) -> Vec<f32> {
-        match kind {
-            0 => randn(rng, tokens * per_token, 1.0),
-            1 => (0..tokens * per_token)
-                .map(|_| below(rng, 3) as f32)
-                .collect(),
-            _ => randn(rng, per_token, 1.0).repeat(tokens),
-        }
-    }
-
-    fn router_forward(
-        s: ProductKeyShape,
-        tokens: usize,
-        logits: &[f32],
-        dims: LaunchDims,
-    ) -> (Vec<f32>, Vec<u32>) {
-        let n = tokens * s.slots_per_token();
-        let (mut sc, mut ix) = (vec![f32::NAN; n], vec![u32::MAX; n]);
-        go(
-            "product_key_topk_forward",
-            dims,
-            &mut [
-                Arg::slice(logits),
-                Arg::slice_mut(&mut sc),
-                Arg::slice_mut(&mut ix),
-                Arg::I32(tokens as i32),
-                Arg::I32(s.channels as i32),
-                Arg::I32(s.sqrt_n as i32),
-                Arg::I32(s.k as i32),
-            ],
-        );
-        (sc, ix)
-    }
-
-    #[test]
-    fn product_key_topk_equals_its_twin() {
-        let seed = fresh_seed();
-        let mut rng = Rng::new(seed);
-        for tokens in [1, 3, 17] {
-            for channels in [1, 3] {
-                for sqrt_n in [2, 3, 5] {
-                    let mut ks = vec![1, 2, 3, sqrt_n * sqrt_n];
-                    ks.dedup();
-                    for k in ks {
-                        let s = ProductKeyShape {
-                            channels,
-                            sqrt_n,
-                            k,
-                        };
-                        for kind in 0..3 {
-                            let case = format!(
-                                "seed {seed}, tokens {tokens}, channels {channels}, \
-                                 sqrt_n {sqrt_n}, k {k}, logits kind {kind}"
-                            );
-                            let logits =
-                                router_logits(&mut rng, kind, tokens, s.logits_per_token());
-                            let (sc_r, ix_r) = topk_reference(s, &logits);
-                            // The twin is right up to k = sqrt_n (its per-half lists hold k
-                            // entries, only sqrt_n of them filled): there the reference is it.
-                            if k <= sqrt_n {
-                                let n = tokens * s.slots_per_token();
-                                let (mut sc_w, mut ix_w) = (vec![0.0; n], vec![0; n]);
-                                product_key_topk_forward(s, &logits, &mut sc_w, &mut ix_w);
-                                assert_eq!(ix_w, ix_r, "reference against twin {case}");
-                                assert_eq!(
-                                    bits(&sc_w),
-                                    bits(&sc_r),
-                                    "reference against twin {case}"
-                                );
-                            }
-                            for dims in grids(router_topk_forward_dims(tokens, s)) {
-                                let (sc, ix) = router_forward(s, tokens, &logits, dims);
-                                assert_eq!(ix, ix_r, "indices {case}");
-                                // The same single addition of two logits: the same bits.
-                                assert_eq!(bits(&sc), bits(&sc_r), "scores {case}");
-                            }
-                            // Backward: the twin's additions in the twin's order.
-                            let ds = randn(&mut rng, ix_r.len(), 1.0);
-                            let mut dl_w = vec![0.0; logits.len()];
-                            product_key_topk_backward(s, &ix_r, &ds, &mut dl_w);
-                            for dims in grids(router_topk_backward_dims(tokens, s)) {
-                                let mut dl = vec![f32::NAN; logits.len()];
-                                go(
-                                    "product_key_topk_backward",
-                                    dims,
-                                    &mut [
-                                        Arg::slice(&ix_r),
-                                        Arg::slice(&ds),
-                                        Arg::slice_mut(&mut dl),
-                                        Arg::I32(tokens as i32),
-                                        Arg::I32(channels as i32),
-                                        Arg::I32(sqrt_n as i32),
-                                        Arg::I32(k as i32),
-                                    ],
-                                );
-                                assert_eq!(bits(&dl), bits(&dl_w), "backward {case}");
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
 
     /// Indices of three kinds: the router's (distinct within a channel; the logits have ties);
     /// every token the same experts; uniform with repeats within a channel.
@@ -599,11 +448,6 @@ mod tests {
 
     #[test]
     fn grids_stay_valid_for_large_shapes() {
-        let ps = ProductKeyShape {
-            channels: 16,
-            sqrt_n: 88,
-            k: 8,
-        };
         let es = ExpertShape {
             d: 768,
             channels: 16,
@@ -613,12 +457,9 @@ mod tests {
         };
         let tokens = 1 << 20;
         let big = [
-            router_topk_forward_dims(tokens, ps),
-            router_topk_backward_dims(tokens, ps),
             experts_token_dims(tokens, es),
             experts_slot_order_dims(),
             experts_backward_pool_dims(es),
-            router_topk_forward_dims(0, ps),
             experts_token_dims(0, es),
         ];
         for d in big {
@@ -629,7 +470,6 @@ mod tests {
         // Whole warps: the expert kernels give each warp whole dot products.
         assert_eq!(experts_token_dims(1, es).block[0] % 32, 0);
         assert_eq!(experts_slot_order_dims().grid[0], 1);
-        assert_eq!(router_topk_forward_dims(1, ps).shared_bytes, 16 * 8);
         let scratch = experts_backward_scratch(3, es);
         assert_eq!(scratch.bytes, 4 * (16 * 7744 + 3 * 16 * 8));
         assert_eq!(scratch.order_offset, 4 * 16 * 7744);

@@ -11,6 +11,7 @@ pub mod emu;
 pub mod experts;
 pub mod gpu;
 pub mod moe;
+pub mod router;
 pub mod sort;
 #[cfg(all(test, feature = "cuda-emu"))]
 mod testing;
