@@ -27,6 +27,13 @@
 // Threads per block of the expert kernels (one block a token, or a pool row; a multiple of 32:
 // each warp takes whole dot products).
 #define EXPERT_BLOCK 128
+// The fused expert forward: one warp a token, EXPERT_WARPS warps a block. Each lane holds
+// EXPERT_MAX_D / 32 elements of x and y, and EXPERT_MAX_K / 32 slots of a channel (both
+// multiples of 32); EXPERT_ROWS_IN_FLIGHT pool rows are loaded before their dot products.
+#define EXPERT_WARPS 4
+#define EXPERT_MAX_D 1024
+#define EXPERT_MAX_K 128
+#define EXPERT_ROWS_IN_FLIGHT 4
 // Threads of the one block that sorts the backward's slots by pool row.
 #define EXPERT_SORT_BLOCK 256
 

@@ -38,4 +38,24 @@ __device__ long pool_row(gptr<const unsigned> indices, long slot, int slots, int
                          int channel_stride) {
   return long(int(slot % slots) / k) * channel_stride + indices[slot];
 }
+
+// The lowest finite float: the start of a max (NVRTC has no INFINITY without headers).
+constexpr float kLowest = -3.402823466e38f;
+
+// A pool element as f32: the one place the expert kernels read a pool row, so a bf16 pool
+// (unsigned short rows, widened on load) is one more overload.
+__device__ float pool_elem(gptr<const float> p, long i) { return p[i]; }
+
+// The sum of one value a lane, in every lane: xor butterfly 16, 8, 4, 2, 1. Lane 0 adds in
+// vmath's fold order (acc[j] += acc[j + w]) and the others the same pairs swapped (x + y ==
+// y + x), so every lane holds the same bits.
+__device__ float warp_sum(float s) {
+  for (int m = 16; m > 0; m /= 2) s += __shfl_xor_sync(0xffffffffu, s, m);
+  return s;
+}
+
+__device__ float warp_max(float s) {
+  for (int m = 16; m > 0; m /= 2) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, m));
+  return s;
+}
 }  // namespace experts_k

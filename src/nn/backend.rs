@@ -690,7 +690,10 @@ pub enum Pool<'a> {
     },
 }
 
-/// What `experts_forward` saves: a (u.x), coef and PEER's softmax weights, each [tokens, C, k].
+/// Where `experts_forward` saves what the same backend's `experts_backward` reads, each
+/// [tokens, C, k]: a (u.x), coef and PEER's softmax weights w. A backend's forward saves what its
+/// own backward needs: the CPU one a, coef and w; the CUDA one a and PEER's w (its backward
+/// recomputes the coefficient from the scores, a and w), leaving coef as it was.
 pub struct ExpertsSaved<'a> {
     pub a: ViewMut<'a, f32>,
     pub coef: ViewMut<'a, f32>,

@@ -137,6 +137,7 @@ const SLOT_TOTAL: usize = 1;
 const SLOT_ORDER: usize = 2;
 const SLOT_STARTS: usize = 3;
 const SLOT_SEGMENTS: usize = 4;
+const SLOT_COEF_UNTIL_NEW_BACKWARD: usize = 5;
 
 /// The gemm operand of a strided matrix: unit column stride (row-major), or unit row stride
 /// (stored transposed).
@@ -561,13 +562,17 @@ impl Backend for CudaBackend {
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     ) {
+        if let Some(why) = ex::experts_forward_fits(s) {
+            return self.fail(why);
+        }
         let Some((u, v)) = self.f32_pool(pool) else {
             return;
         };
         let tokens = x.len() / s.d;
+        // Saves a and PEER's w (what experts_backward needs), not the coefficient.
         self.launch(
             "experts_forward",
-            ex::experts_token_dims(tokens, s),
+            ex::experts_forward_dims(tokens),
             &[
                 buf(x),
                 buf(scores),
@@ -575,7 +580,6 @@ impl Backend for CudaBackend {
                 buf(u),
                 buf(v),
                 buf_mut(saved.a),
-                buf_mut(saved.coef),
                 buf_mut(saved.w),
                 buf_mut(y),
                 int(tokens),
@@ -630,6 +634,22 @@ impl Backend for CudaBackend {
         );
         // Expert-stationary: the slots sorted by pool row, then each row's du and dv summed in
         // token order (no atomics).
+        // Until the new backward lands (the merge drops this): the forward no longer saves the
+        // coefficient, so recompute it from (g, a, w) into scratch for experts_backward_pool.
+        let n = scores.len();
+        let coef = KArg::Buf(self.scratch(SLOT_COEF_UNTIL_NEW_BACKWARD, n * 4), n * 4);
+        self.launch(
+            "experts_coef_until_new_backward",
+            elementwise_dims(n),
+            &[
+                buf(scores),
+                buf(saved.a),
+                buf(saved.w),
+                coef,
+                int(n),
+                KArg::I32(ex::expert_mode_arg(mode)),
+            ],
+        );
         let sc = ex::experts_backward_scratch(tokens, s);
         let area = self.scratch(SLOT_ORDER, sc.bytes);
         let ends = KArg::Buf(area, sc.ends_len * 4);
@@ -655,7 +675,7 @@ impl Backend for CudaBackend {
                 buf(x),
                 buf(dy),
                 buf(da.view()),
-                buf(saved.coef),
+                coef,
                 ends,
                 order,
                 buf_mut(grads.du),
