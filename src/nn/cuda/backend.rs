@@ -8,7 +8,7 @@
 
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
-use super::{attention, experts as ex, moe};
+use super::{attention, experts as ex, experts_backward as eb, moe};
 use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
     AdamWStep, Addr, AttnShape, Backend, Elem, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved,
@@ -88,6 +88,17 @@ impl CudaBackend {
             }
         }
         s.areas[slot].0
+    }
+
+    /// `order`: the `n` slots grouped by `keys` (below `num_keys`), stably; `ends[r]`: the end
+    /// of key r's group. The one place the grouping is launched: the device radix sort
+    /// (sort.rs) replaces the one-block kernel here.
+    fn group_by_key(&self, keys: KArg, n: usize, num_keys: usize, order: KArg, ends: KArg) {
+        self.launch(
+            "experts_group_one_block",
+            eb::group_one_block_dims(),
+            &[keys, ends, order, int(n), int(num_keys)],
+        )
     }
 
     fn download_f64(&self, addr: DevAddr) -> f64 {
@@ -578,69 +589,100 @@ impl Backend for CudaBackend {
         v: View<f32>,
         saved: ExpertsSavedRef,
         dy: View<f32>,
-        dscores: ViewMut<f32>,
+        mut dscores: ViewMut<f32>,
         mut da: ViewMut<f32>,
-        grads: ExpertsGrads,
+        mut grads: ExpertsGrads,
     ) {
         let tokens = x.len() / s.d;
-        // Token-centric: dscores, da and dx.
+        if s.d > eb::max_d() {
+            return self.fail(format!(
+                "experts backward: d {} is above the kernels' maximum {}",
+                s.d,
+                eb::max_d()
+            ));
+        }
+        let sc = eb::experts_backward_scratch(tokens, s);
+        let n = sc.n;
+        let tile = eb::expert_tile();
+        let area = self.scratch(SLOT_ORDER, sc.bytes);
+        let at = |off: usize, bytes: usize| KArg::Buf(area + off as DevAddr, bytes);
+        let keys = at(sc.keys, 4 * n);
+        let order = at(sc.order, 4 * n);
+        let ends = at(sc.ends, 4 * s.pool_rows);
+        let partial = at(sc.partial, 4 * sc.partial_len);
+        let mode = KArg::I32(ex::expert_mode_arg(mode));
+        // The pool row of every slot, then the slots grouped by it (stable).
         self.launch(
-            "experts_backward_token",
-            ex::experts_token_dims(tokens, s),
+            "experts_bwd_keys",
+            eb::keys_dims(n),
             &[
-                buf(scores),
                 buf(indices),
-                buf(u),
-                buf(v),
+                keys,
+                int(n),
+                int(s.channels * s.k),
+                int(s.k),
+                int(s.channel_stride),
+            ],
+        );
+        self.group_by_key(keys, n, s.pool_rows, order, ends);
+        // Expert-stationary: dscores (PEER: dw), da, and du, dv in tiles of the grouped order;
+        // then the rows that cross tiles get their later pieces, in tile order.
+        self.launch(
+            "experts_bwd_pool",
+            eb::pool_dims(n, tile),
+            &[
+                buf(x),
+                buf(dy),
+                buf(scores),
                 buf(saved.a),
                 buf(saved.w),
-                buf(dy),
-                buf_mut(dscores),
+                buf(v),
+                keys,
+                order,
+                ends,
+                buf_mut(dscores.rb()),
                 buf_mut(da.rb()),
+                buf_mut(grads.du.rb()),
+                buf_mut(grads.dv.rb()),
+                partial,
+                int(n),
+                int(s.d),
+                int(s.channels * s.k),
+                mode,
+                int(tile),
+            ],
+        );
+        self.launch(
+            "experts_bwd_fixup",
+            eb::pool_dims(n, tile),
+            &[
+                keys,
+                order,
+                ends,
+                partial,
+                buf_mut(grads.du),
+                buf_mut(grads.dv),
+                int(n),
+                int(s.d),
+                int(tile),
+            ],
+        );
+        // Token-centric: dx, and PEER's softmax backward.
+        self.launch(
+            "experts_bwd_token",
+            eb::token_dims(tokens),
+            &[
+                buf(u),
+                keys,
+                buf(da.view()),
+                buf(saved.w),
+                buf_mut(dscores),
                 buf_mut(grads.dx),
                 int(tokens),
                 int(s.d),
                 int(s.channels),
                 int(s.k),
-                int(s.channel_stride),
-                KArg::I32(ex::expert_mode_arg(mode)),
-            ],
-        );
-        // Expert-stationary: the slots sorted by pool row, then each row's du and dv summed in
-        // token order (no atomics).
-        let sc = ex::experts_backward_scratch(tokens, s);
-        let area = self.scratch(SLOT_ORDER, sc.bytes);
-        let ends = KArg::Buf(area, sc.ends_len * 4);
-        let order = KArg::Buf(area + sc.order_offset as DevAddr, sc.order_len * 4);
-        self.launch(
-            "experts_slot_order",
-            ex::experts_slot_order_dims(),
-            &[
-                buf(indices),
-                ends,
-                order,
-                int(tokens),
-                int(s.channels),
-                int(s.k),
-                int(s.channel_stride),
-                int(s.pool_rows),
-            ],
-        );
-        self.launch(
-            "experts_backward_pool",
-            ex::experts_backward_pool_dims(s),
-            &[
-                buf(x),
-                buf(dy),
-                buf(da.view()),
-                buf(saved.coef),
-                ends,
-                order,
-                buf_mut(grads.du),
-                buf_mut(grads.dv),
-                int(s.pool_rows),
-                int(s.channels * s.k),
-                int(s.d),
+                mode,
             ],
         )
     }
