@@ -1,20 +1,14 @@
 //! Launch sizes of the product-key router and the linear experts (kernels/router.cu,
-//! kernels/experts.cu), and the scratch the experts' backward needs. First, simple kernels:
+//! kernels/experts.cu). First, simple kernels:
 //! correct and deterministic (no float atomics), not fast. Used by both drivers, so nothing
 //! here depends on the emulator.
-//!
-//! The backward of the experts is three launches: `experts_backward_token` (dscores, da, dx;
-//! one block a token), `experts_slot_order` (the slots grouped by pool row, a stable counting
-//! sort by one block, into the scratch), `experts_backward_pool` (du, dv; one block a pool row,
-//! its slots in token order, as the CPU twin).
 
-use super::{constant, dims, elementwise_dims, per_row, LaunchDims};
+use super::{constant, elementwise_dims, per_row, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape, ProductKeyShape};
 use std::sync::LazyLock;
 
 static ROUTER_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("ROUTER_BLOCK"));
 static EXPERT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BLOCK"));
-static EXPERT_SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_SORT_BLOCK"));
 
 /// `product_key_topk_forward(logits, scores, indices, tokens, channels, sqrt_n, k)`: one block
 /// a (token, channel); shared memory holds each half's top min(k, sqrt_n) (score, index).
@@ -41,54 +35,16 @@ pub fn expert_mode_arg(mode: ExpertMode) -> i32 {
 }
 
 /// `experts_forward(x, scores, indices, u, v, a, coef, w, y, tokens, d, channels, k,
-/// channel_stride, mode)` and `experts_backward_token(scores, indices, u, v, a, w, dy, dscores,
-/// da, dx, tokens, d, channels, k, channel_stride, mode)`: one block a token, two floats of
+/// channel_stride, mode)`: one block a token, two floats of
 /// shared memory a slot (channels * k of them: at most 6144 in the default 48 KiB).
 pub fn experts_token_dims(tokens: usize, s: ExpertShape) -> LaunchDims {
     per_row(tokens, *EXPERT_BLOCK, 8 * s.channels * s.k)
 }
 
-/// `experts_slot_order(indices, ends, order, tokens, channels, k, channel_stride, pool_rows)`:
-/// one block.
-pub fn experts_slot_order_dims() -> LaunchDims {
-    dims(1, 1, *EXPERT_SORT_BLOCK, 0)
-}
-
-/// `experts_backward_pool(x, dy, da, coef, ends, order, du, dv, pool_rows, channels * k, d)`:
-/// one block a pool row.
-pub fn experts_backward_pool_dims(s: ExpertShape) -> LaunchDims {
-    per_row(s.pool_rows, *EXPERT_BLOCK, 0)
-}
-
-/// Where the experts' backward keeps its slot order in its scratch buffer: `ends` (u32,
-/// `pool_rows` of them) at byte 0 and `order` (u32, one a slot: tokens * channels * k) at byte
-/// `order_offset`; `bytes` in all. Neither needs initialising.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExpertScratch {
-    pub ends_len: usize,
-    pub order_offset: usize,
-    pub order_len: usize,
-    pub bytes: usize,
-}
-
-pub fn experts_backward_scratch(tokens: usize, s: ExpertShape) -> ExpertScratch {
-    let slots = tokens * s.channels * s.k;
-    assert!(
-        slots <= u32::MAX as usize && s.pool_rows <= i32::MAX as usize,
-        "the slot order indexes with u32"
-    );
-    ExpertScratch {
-        ends_len: s.pool_rows,
-        order_offset: 4 * s.pool_rows,
-        order_len: slots,
-        bytes: 4 * (s.pool_rows + slots),
-    }
-}
-
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
-    use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
+    use crate::nn::cpu::experts::experts_forward;
     use crate::nn::cpu::router::{product_key_topk_backward, product_key_topk_forward};
     use crate::nn::cpu::Isa;
     use crate::nn::cuda::emu::Arg;
@@ -245,26 +201,12 @@ mod tests {
         }
     }
 
-    /// The slots grouped by pool row, in slot order within a row, and each row's end.
-    fn slot_order_reference(s: ExpertShape, indices: &[u32]) -> (Vec<u32>, Vec<u32>) {
-        let slots = s.channels * s.k;
-        let row = |j: usize| (j % slots / s.k) * s.channel_stride + indices[j] as usize;
-        let mut order: Vec<u32> = (0..indices.len() as u32).collect();
-        order.sort_by_key(|&j| row(j as usize));
-        let ends = (0..s.pool_rows)
-            .map(|r| (0..indices.len()).filter(|&j| row(j) <= r).count() as u32)
-            .collect();
-        (order, ends)
-    }
-
     struct Scales {
         coef: Vec<f32>,
-        ds: Vec<f32>,
-        da: Vec<f32>,
     }
 
-    /// The magnitudes each slot's results are made of (see `close`): A = Σ|u·x|, D = Σ|v·dy|,
-    /// and the factors around them (|gelu| <= |z|, |gelu'| < 1.2, |gelu''| < 1).
+    /// The magnitudes each slot's results are made of (see `close`): A = Σ|u·x|,
+    /// and the factors around them (|gelu| <= |z|).
     #[allow(clippy::too_many_arguments)]
     fn scales(
         s: ExpertShape,
@@ -273,49 +215,25 @@ mod tests {
         g: &[f32],
         indices: &[u32],
         u: &[f32],
-        v: &[f32],
         w: &[f32],
-        dy: &[f32],
     ) -> Scales {
         let (d, slots) = (s.d, s.channels * s.k);
         let n = indices.len();
-        let (mut coef, mut ds, mut da) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        let mut wide = vec![0.0f32; n];
+        let mut coef = vec![0.0; n];
         for j in 0..n {
             let t = j / slots;
             let row = (j % slots / s.k) * s.channel_stride + indices[j] as usize;
             let mag = |p: &[f32], q: &[f32]| -> f32 {
                 (0..d).map(|i| (p[row * d + i] * q[t * d + i]).abs()).sum()
             };
-            let (a, dd, gj) = (mag(u, x), mag(v, dy), g[j].abs());
-            match mode {
-                ExpertMode::GatedLinear => {
-                    coef[j] = gj * a;
-                    ds[j] = dd * a;
-                    da[j] = dd * gj;
-                }
-                ExpertMode::GatedGelu => {
-                    coef[j] = 1.2 * gj * a;
-                    let dpre = dd * (1.2 + gj * a);
-                    ds[j] = dpre * a;
-                    da[j] = dpre * gj;
-                }
-                ExpertMode::PeerSoftmaxGelu => {
-                    coef[j] = 1.2 * a * w[j];
-                    wide[j] = dd * 1.2 * a;
-                    da[j] = dd * w[j] * (1.2 + a);
-                }
-            }
+            let (a, gj) = (mag(u, x), g[j].abs());
+            coef[j] = match mode {
+                ExpertMode::GatedLinear => gj * a,
+                ExpertMode::GatedGelu => 1.2 * gj * a,
+                ExpertMode::PeerSoftmaxGelu => 1.2 * a * w[j],
+            };
         }
-        if mode == ExpertMode::PeerSoftmaxGelu {
-            for c0 in (0..n).step_by(s.k) {
-                let sum: f32 = (c0..c0 + s.k).map(|i| wide[i] * w[i]).sum();
-                for j in c0..c0 + s.k {
-                    ds[j] = w[j] * (wide[j] + sum);
-                }
-            }
-        }
-        Scales { coef, ds, da }
+        Scales { coef }
     }
 
     /// out[t or row, i] = |start| + Σ over slots of scale[slot] · |m[row or t, i]|.
@@ -404,7 +322,6 @@ mod tests {
         let g = randn(rng, n, 1.0);
         let u = randn(rng, s.pool_rows * d, 1.0);
         let v = randn(rng, s.pool_rows * d, 1.0);
-        let dy = randn(rng, tokens * d, 1.0);
         let peer = mode == ExpertMode::PeerSoftmaxGelu;
         // Without tanh and exp, and with the twin's fused multiply-adds, the kernels do the
         // twin's very operations: the same bits.
@@ -432,7 +349,7 @@ mod tests {
             &mut w_w,
             &mut y_w,
         );
-        let sc = scales(s, mode, &x, &g, &indices, &u, &v, &w_w, &dy);
+        let sc = scales(s, mode, &x, &g, &indices, &u, &w_w);
         let row = |j: usize| (j % slots / s.k) * s.channel_stride + indices[j] as usize;
         let y_scale = spread(&vec![0.0; tokens * d], &sc.coef, &v, d, |j| j / slots, row);
         let a_scale: Vec<f32> = (0..n)
@@ -483,118 +400,6 @@ mod tests {
             runs.push((bits(&y), bits(&a), bits(&coef), bits(&w)));
         }
         assert_eq!(runs[0], runs[1], "forward twice {case}");
-
-        // Backward, from the twin's saved tensors, adding into nonzero dx, du, dv.
-        let (dx0, du0, dv0) = (
-            randn(rng, tokens * d, 1.0),
-            randn(rng, s.pool_rows * d, 1.0),
-            randn(rng, s.pool_rows * d, 1.0),
-        );
-        let (mut ds_w, mut da_w) = (vec![0.0; n], vec![0.0; n]);
-        let (mut dx_w, mut du_w, mut dv_w) = (dx0.clone(), du0.clone(), dv0.clone());
-        experts_backward(
-            s,
-            mode,
-            &x,
-            &g,
-            &indices,
-            &u,
-            &v,
-            &a_w,
-            &coef_w,
-            &w_w,
-            &dy,
-            &mut ds_w,
-            &mut da_w,
-            &mut dx_w,
-            &mut du_w,
-            &mut dv_w,
-            &mut SlotOrder::default(),
-        );
-        let dx_scale = spread(&dx0, &sc.da, &u, d, |j| j / slots, row);
-        let du_scale = spread(&du0, &sc.da, &x, d, row, |j| j / slots);
-        let dv_scale = spread(&dv0, &sc.coef, &dy, d, row, |j| j / slots);
-        let (order_r, ends_r) = slot_order_reference(s, &indices);
-        let scratch = experts_backward_scratch(tokens, s);
-        assert_eq!((scratch.ends_len, scratch.order_len), (s.pool_rows, n));
-        let mut runs = Vec::new();
-        for (dims, pool_dims) in grids(experts_token_dims(tokens, s))
-            .into_iter()
-            .zip(grids(experts_backward_pool_dims(s)))
-        {
-            let (mut ds, mut da) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            let (mut dx, mut du, mut dv) = (dx0.clone(), du0.clone(), dv0.clone());
-            go(
-                "experts_backward_token",
-                dims,
-                &mut [
-                    Arg::slice(&g),
-                    Arg::slice(&indices),
-                    Arg::slice(&u),
-                    Arg::slice(&v),
-                    Arg::slice(&a_w),
-                    Arg::slice(&w_w),
-                    Arg::slice(&dy),
-                    Arg::slice_mut(&mut ds),
-                    Arg::slice_mut(&mut da),
-                    Arg::slice_mut(&mut dx),
-                    i32_(tokens),
-                    i32_(d),
-                    i32_(s.channels),
-                    i32_(s.k),
-                    i32_(s.channel_stride),
-                    Arg::I32(expert_mode_arg(mode)),
-                ],
-            );
-            // The scratch starts as garbage: the sort initialises what it uses.
-            let mut scratch_buf = vec![0xdead_beefu32; scratch.bytes / 4];
-            let (ends, order) = scratch_buf.split_at_mut(scratch.order_offset / 4);
-            go(
-                "experts_slot_order",
-                experts_slot_order_dims(),
-                &mut [
-                    Arg::slice(&indices),
-                    Arg::slice_mut(ends),
-                    Arg::slice_mut(order),
-                    i32_(tokens),
-                    i32_(s.channels),
-                    i32_(s.k),
-                    i32_(s.channel_stride),
-                    i32_(s.pool_rows),
-                ],
-            );
-            assert_eq!(ends, &ends_r[..], "ends {case}");
-            assert_eq!(order, &order_r[..], "order {case}");
-            go(
-                "experts_backward_pool",
-                pool_dims,
-                &mut [
-                    Arg::slice(&x),
-                    Arg::slice(&dy),
-                    Arg::slice(&da),
-                    Arg::slice(&coef_w),
-                    Arg::slice(ends),
-                    Arg::slice(order),
-                    Arg::slice_mut(&mut du),
-                    Arg::slice_mut(&mut dv),
-                    i32_(s.pool_rows),
-                    i32_(slots),
-                    i32_(d),
-                ],
-            );
-            close(&ds, &ds_w, &sc.ds, &format!("dscores {case}"));
-            close(&da, &da_w, &sc.da, &format!("da {case}"));
-            close(&dx, &dx_w, &dx_scale, &format!("dx {case}"));
-            close(&du, &du_w, &du_scale, &format!("du {case}"));
-            close(&dv, &dv_w, &dv_scale, &format!("dv {case}"));
-            same(&ds, &ds_w, "dscores");
-            same(&da, &da_w, "da");
-            same(&dx, &dx_w, "dx");
-            same(&du, &du_w, "du");
-            same(&dv, &dv_w, "dv");
-            runs.push([ds, da, dx, du, dv].map(|t| bits(&t)));
-        }
-        assert_eq!(runs[0], runs[1], "backward twice {case}");
     }
 
     #[test]
@@ -616,8 +421,6 @@ mod tests {
             router_topk_forward_dims(tokens, ps),
             router_topk_backward_dims(tokens, ps),
             experts_token_dims(tokens, es),
-            experts_slot_order_dims(),
-            experts_backward_pool_dims(es),
             router_topk_forward_dims(0, ps),
             experts_token_dims(0, es),
         ];
@@ -628,10 +431,6 @@ mod tests {
         }
         // Whole warps: the expert kernels give each warp whole dot products.
         assert_eq!(experts_token_dims(1, es).block[0] % 32, 0);
-        assert_eq!(experts_slot_order_dims().grid[0], 1);
         assert_eq!(router_topk_forward_dims(1, ps).shared_bytes, 16 * 8);
-        let scratch = experts_backward_scratch(3, es);
-        assert_eq!(scratch.bytes, 4 * (16 * 7744 + 3 * 16 * 8));
-        assert_eq!(scratch.order_offset, 4 * 16 * 7744);
     }
 }
