@@ -8,7 +8,7 @@
 
 use super::backbone as bb;
 use super::driver::{DevAddr, Driver, Gemm, KArg};
-use super::{attention, experts as ex, moe, router};
+use super::{attention, experts as ex, experts_backward as eb, moe, router, sort};
 use super::{elementwise_dims, LaunchDims};
 use crate::nn::backend::{
     AdamWStep, Addr, AttnShape, Backend, Bf16, Elem, ExpertMode, ExpertShape, ExpertsGrads,
@@ -102,6 +102,25 @@ impl CudaBackend {
         s.areas[slot].0
     }
 
+    /// `order`: the `n` slots grouped by `keys` (below `num_keys`), stably; `ends[r]`: the end
+    /// of key r's group. The one place the grouping is launched: the device radix sort
+    /// (sort.rs) replaces the one-block kernel here.
+    /// The items 0..n grouped by their keys (< num_keys), stably: `order` and the runs' `ends`
+    /// (src/nn/cuda/sort.rs: a radix sort over many blocks, deterministic).
+    fn group_by_key(&self, keys: KArg, n: usize, num_keys: usize, order: KArg, ends: KArg) {
+        let addr = |a: KArg| match a {
+            KArg::Buf(p, _) => p,
+            _ => unreachable!("group_by_key takes buffers"),
+        };
+        let bytes = sort::group_by_key_scratch(n, num_keys).bytes;
+        let scratch = self.scratch(SLOT_SORT, bytes);
+        for (name, dims, args) in
+            sort::group_by_key_launches(addr(keys), n, num_keys, addr(order), addr(ends), scratch)
+        {
+            self.launch(name, dims, &args);
+        }
+    }
+
     fn download_f64(&self, addr: DevAddr) -> f64 {
         let mut b = [0u8; 8];
         self.check(self.dr.download(addr, &mut b));
@@ -137,7 +156,7 @@ const SLOT_TOTAL: usize = 1;
 const SLOT_ORDER: usize = 2;
 const SLOT_STARTS: usize = 3;
 const SLOT_SEGMENTS: usize = 4;
-const SLOT_COEF_UNTIL_NEW_BACKWARD: usize = 5;
+const SLOT_SORT: usize = 5;
 
 /// The gemm operand of a strided matrix: unit column stride (row-major), or unit row stride
 /// (stored transposed).
@@ -601,88 +620,103 @@ impl Backend for CudaBackend {
         pool: Pool,
         saved: ExpertsSavedRef,
         dy: View<f32>,
-        dscores: ViewMut<f32>,
+        mut dscores: ViewMut<f32>,
         mut da: ViewMut<f32>,
-        grads: ExpertsGrads,
+        mut grads: ExpertsGrads,
     ) {
         let Some((u, v)) = self.f32_pool(pool) else {
             return;
         };
         let tokens = x.len() / s.d;
-        // Token-centric: dscores, da and dx.
+        if s.d > eb::max_d() {
+            return self.fail(format!(
+                "experts backward: d {} is above the kernels' maximum {}",
+                s.d,
+                eb::max_d()
+            ));
+        }
+        let sc = eb::experts_backward_scratch(tokens, s);
+        let n = sc.n;
+        let tile = eb::expert_tile();
+        let area = self.scratch(SLOT_ORDER, sc.bytes);
+        let at = |off: usize, bytes: usize| KArg::Buf(area + off as DevAddr, bytes);
+        let keys = at(sc.keys, 4 * n);
+        let order = at(sc.order, 4 * n);
+        let ends = at(sc.ends, 4 * s.pool_rows);
+        let partial = at(sc.partial, 4 * sc.partial_len);
+        let mode = KArg::I32(ex::expert_mode_arg(mode));
+        // The pool row of every slot, then the slots grouped by it (stable).
         self.launch(
-            "experts_backward_token",
-            ex::experts_token_dims(tokens, s),
+            "experts_bwd_keys",
+            eb::keys_dims(n),
             &[
-                buf(scores),
                 buf(indices),
-                buf(u),
-                buf(v),
+                keys,
+                int(n),
+                int(s.channels * s.k),
+                int(s.k),
+                int(s.channel_stride),
+            ],
+        );
+        self.group_by_key(keys, n, s.pool_rows, order, ends);
+        // Expert-stationary: dscores (PEER: dw), da, and du, dv in tiles of the grouped order;
+        // then the rows that cross tiles get their later pieces, in tile order.
+        self.launch(
+            "experts_bwd_pool",
+            eb::pool_dims(n, tile),
+            &[
+                buf(x),
+                buf(dy),
+                buf(scores),
                 buf(saved.a),
                 buf(saved.w),
-                buf(dy),
-                buf_mut(dscores),
+                buf(v),
+                keys,
+                order,
+                ends,
+                buf_mut(dscores.rb()),
                 buf_mut(da.rb()),
+                buf_mut(grads.du.rb()),
+                buf_mut(grads.dv.rb()),
+                partial,
+                int(n),
+                int(s.d),
+                int(s.channels * s.k),
+                mode,
+                int(tile),
+            ],
+        );
+        self.launch(
+            "experts_bwd_fixup",
+            eb::pool_dims(n, tile),
+            &[
+                keys,
+                order,
+                ends,
+                partial,
+                buf_mut(grads.du),
+                buf_mut(grads.dv),
+                int(n),
+                int(s.d),
+                int(tile),
+            ],
+        );
+        // Token-centric: dx, and PEER's softmax backward.
+        self.launch(
+            "experts_bwd_token",
+            eb::token_dims(tokens),
+            &[
+                buf(u),
+                keys,
+                buf(da.view()),
+                buf(saved.w),
+                buf_mut(dscores),
                 buf_mut(grads.dx),
                 int(tokens),
                 int(s.d),
                 int(s.channels),
                 int(s.k),
-                int(s.channel_stride),
-                KArg::I32(ex::expert_mode_arg(mode)),
-            ],
-        );
-        // Expert-stationary: the slots sorted by pool row, then each row's du and dv summed in
-        // token order (no atomics).
-        // Until the new backward lands (the merge drops this): the forward no longer saves the
-        // coefficient, so recompute it from (g, a, w) into scratch for experts_backward_pool.
-        let n = scores.len();
-        let coef = KArg::Buf(self.scratch(SLOT_COEF_UNTIL_NEW_BACKWARD, n * 4), n * 4);
-        self.launch(
-            "experts_coef_until_new_backward",
-            elementwise_dims(n),
-            &[
-                buf(scores),
-                buf(saved.a),
-                buf(saved.w),
-                coef,
-                int(n),
-                KArg::I32(ex::expert_mode_arg(mode)),
-            ],
-        );
-        let sc = ex::experts_backward_scratch(tokens, s);
-        let area = self.scratch(SLOT_ORDER, sc.bytes);
-        let ends = KArg::Buf(area, sc.ends_len * 4);
-        let order = KArg::Buf(area + sc.order_offset as DevAddr, sc.order_len * 4);
-        self.launch(
-            "experts_slot_order",
-            ex::experts_slot_order_dims(),
-            &[
-                buf(indices),
-                ends,
-                order,
-                int(tokens),
-                int(s.channels),
-                int(s.k),
-                int(s.channel_stride),
-                int(s.pool_rows),
-            ],
-        );
-        self.launch(
-            "experts_backward_pool",
-            ex::experts_backward_pool_dims(s),
-            &[
-                buf(x),
-                buf(dy),
-                buf(da.view()),
-                coef,
-                ends,
-                order,
-                buf_mut(grads.du),
-                buf_mut(grads.dv),
-                int(s.pool_rows),
-                int(s.channels * s.k),
-                int(s.d),
+                mode,
             ],
         )
     }

@@ -5,18 +5,11 @@
 //! The forward is one fused launch, `experts_forward`: one warp a token, x and y in registers,
 //! the pool rows gathered several at a time, nothing [tokens, C, k, d] in device memory; it
 //! moves exactly `experts_forward_bytes`.
-//!
-//! The backward of the experts is three launches: `experts_backward_token` (dscores, da, dx;
-//! one block a token), `experts_slot_order` (the slots grouped by pool row, a stable counting
-//! sort by one block, into the scratch), `experts_backward_pool` (du, dv; one block a pool row,
-//! its slots in token order, as the CPU twin).
 
-use super::{constant, dims, per_row, LaunchDims};
+use super::{constant, per_row, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape};
 use std::sync::LazyLock;
 
-static EXPERT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BLOCK"));
-static EXPERT_SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_SORT_BLOCK"));
 static EXPERT_WARPS: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_WARPS"));
 static EXPERT_MAX_D: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_MAX_D"));
 static EXPERT_MAX_K: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_MAX_K"));
@@ -72,60 +65,16 @@ pub fn experts_forward_bytes(tokens: usize, s: ExpertShape, mode: ExpertMode) ->
     (read, t * d * 4 + p * 4 * saved)
 }
 
-/// `experts_backward_token(scores, indices, u, v, a, w, dy, dscores, da, dx, tokens, d, channels,
-/// k, channel_stride, mode)`: one block a token, two floats of shared memory a slot (channels *
-/// k of them: at most 6144 in the default 48 KiB).
-pub fn experts_token_dims(tokens: usize, s: ExpertShape) -> LaunchDims {
-    per_row(tokens, *EXPERT_BLOCK, 8 * s.channels * s.k)
-}
-
-/// `experts_slot_order(indices, ends, order, tokens, channels, k, channel_stride, pool_rows)`:
-/// one block.
-pub fn experts_slot_order_dims() -> LaunchDims {
-    dims(1, 1, *EXPERT_SORT_BLOCK, 0)
-}
-
-/// `experts_backward_pool(x, dy, da, coef, ends, order, du, dv, pool_rows, channels * k, d)`:
-/// one block a pool row.
-pub fn experts_backward_pool_dims(s: ExpertShape) -> LaunchDims {
-    per_row(s.pool_rows, *EXPERT_BLOCK, 0)
-}
-
-/// Where the experts' backward keeps its slot order in its scratch buffer: `ends` (u32,
-/// `pool_rows` of them) at byte 0 and `order` (u32, one a slot: tokens * channels * k) at byte
-/// `order_offset`; `bytes` in all. Neither needs initialising.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExpertScratch {
-    pub ends_len: usize,
-    pub order_offset: usize,
-    pub order_len: usize,
-    pub bytes: usize,
-}
-
-pub fn experts_backward_scratch(tokens: usize, s: ExpertShape) -> ExpertScratch {
-    let slots = tokens * s.channels * s.k;
-    assert!(
-        slots <= u32::MAX as usize && s.pool_rows <= i32::MAX as usize,
-        "the slot order indexes with u32"
-    );
-    ExpertScratch {
-        ends_len: s.pool_rows,
-        order_offset: 4 * s.pool_rows,
-        order_len: slots,
-        bytes: 4 * (s.pool_rows + slots),
-    }
-}
-
 #[cfg(all(test, feature = "cuda-emu"))]
 mod tests {
     use super::*;
     use crate::nn::backend::ProductKeyShape;
-    use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
+    use crate::nn::cpu::experts::experts_forward;
     use crate::nn::cpu::Isa;
     use crate::nn::cuda::emu::{launch, Arg, Traffic};
     use crate::nn::cuda::kernel_constant;
     use crate::nn::cuda::router::tests::{router_logits, topk_reference};
-    use crate::nn::cuda::testing::{below, bits, close, go, grids, randn};
+    use crate::nn::cuda::testing::{below, bits, close, grids, randn};
     use crate::nn::rng::{fresh_seed, Rng};
 
     /// Indices of three kinds: the router's (distinct within a channel; the logits have ties);
@@ -140,18 +89,6 @@ mod tests {
                 .repeat(tokens),
             _ => (0..tokens * slots).map(|_| below(rng, n_exp)).collect(),
         }
-    }
-
-    /// The slots grouped by pool row, in slot order within a row, and each row's end.
-    fn slot_order_reference(s: ExpertShape, indices: &[u32]) -> (Vec<u32>, Vec<u32>) {
-        let slots = s.channels * s.k;
-        let row = |j: usize| (j % slots / s.k) * s.channel_stride + indices[j] as usize;
-        let mut order: Vec<u32> = (0..indices.len() as u32).collect();
-        order.sort_by_key(|&j| row(j as usize));
-        let ends = (0..s.pool_rows)
-            .map(|r| (0..indices.len()).filter(|&j| row(j) <= r).count() as u32)
-            .collect();
-        (order, ends)
     }
 
     struct Scales {
@@ -232,56 +169,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    fn experts_equal_their_twin_in_every_mode_and_backward_is_deterministic() {
-        let seed = fresh_seed();
-        let mut rng = Rng::new(seed);
-        let modes = [
-            ExpertMode::GatedLinear,
-            ExpertMode::GatedGelu,
-            ExpertMode::PeerSoftmaxGelu,
-        ];
-        // Every tokens x sqrt_n x k, each in all modes and both pool layouts; channels, d and
-        // the kind of indices take turns (the full product costs minutes in the emulator).
-        let (mut case_no, mut group) = (0usize, 0usize);
-        for tokens in [1, 3, 17] {
-            for sqrt_n in [2, 3, 5] {
-                let mut ks = vec![1, 2, 3, sqrt_n * sqrt_n];
-                ks.dedup();
-                for k in ks {
-                    group += 1;
-                    let channels = [1, 3][group % 2];
-                    let n_exp = sqrt_n * sqrt_n;
-                    let ps = ProductKeyShape {
-                        channels,
-                        sqrt_n,
-                        k,
-                    };
-                    for (mi, &mode) in modes.iter().enumerate() {
-                        for stride in [n_exp, 0] {
-                            case_no += 1;
-                            let d = [1, 5, 33][(case_no + mi) % 3];
-                            let kind = (case_no / 3) % 3;
-                            let s = ExpertShape {
-                                d,
-                                channels,
-                                k,
-                                channel_stride: stride,
-                                pool_rows: if stride == 0 { n_exp } else { channels * n_exp },
-                            };
-                            let case = format!(
-                                "seed {seed}, {mode:?}, tokens {tokens}, d {d}, channels \
-                                     {channels}, N {n_exp}, k {k}, stride {stride}, indices \
-                                     kind {kind}"
-                            );
-                            experts_case(&mut rng, s, mode, tokens, ps, kind, &case);
-                        }
-                    }
-                }
-            }
-        }
     }
 
     /// Without tanh and exp, and with the twin's fused multiply-adds, the kernels do the twin's
@@ -516,7 +403,7 @@ mod tests {
     /// A shape the forward kernel cannot hold is a failed op with a clear message, not a panic.
     #[test]
     fn experts_forward_beyond_its_most_d_or_k_is_a_clear_error() {
-        use crate::nn::backend::{Backend, Buf, ExpertsSaved};
+        use crate::nn::backend::{Backend, Buf, ExpertsSaved, Pool};
         use crate::nn::cuda::backend::CudaBackend;
         use crate::nn::cuda::emu::EmuDriver;
         use std::sync::Arc;
@@ -544,8 +431,10 @@ mod tests {
                 x.view(),
                 g.view(),
                 indices.view(),
-                u.view(),
-                v.view(),
+                Pool::F32 {
+                    u: u.view(),
+                    v: v.view(),
+                },
                 ExpertsSaved {
                     a: a.view_mut(),
                     coef: coef.view_mut(),
@@ -561,182 +450,18 @@ mod tests {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn experts_case(
-        rng: &mut Rng,
-        s: ExpertShape,
-        mode: ExpertMode,
-        tokens: usize,
-        ps: ProductKeyShape,
-        kind: usize,
-        case: &str,
-    ) {
-        let (d, slots) = (s.d, s.channels * s.k);
-        let n = tokens * slots;
-        let indices = expert_indices(rng, kind, tokens, ps);
-        let x = randn(rng, tokens * d, 1.0);
-        let g = randn(rng, n, 1.0);
-        let u = randn(rng, s.pool_rows * d, 1.0);
-        let v = randn(rng, s.pool_rows * d, 1.0);
-        let dy = randn(rng, tokens * d, 1.0);
-        let same = |got: &[f32], want: &[f32], what: &str| {
-            if exact(mode) {
-                assert_eq!(bits(got), bits(want), "{what} bitwise {case}");
-            }
-        };
-        let i32_ = |v: usize| Arg::I32(v as i32);
-
-        // Forward (the twin's saved a, coef, w feed the backward below).
-        let (a_w, coef_w, w_w) = check_forward(s, mode, tokens, &x, &g, &indices, &u, &v, case);
-        let sc = scales(s, mode, &x, &g, &indices, &u, &v, &w_w, &dy);
-        let row = |j: usize| (j % slots / s.k) * s.channel_stride + indices[j] as usize;
-
-        // Backward, from the twin's saved tensors, adding into nonzero dx, du, dv.
-        let (dx0, du0, dv0) = (
-            randn(rng, tokens * d, 1.0),
-            randn(rng, s.pool_rows * d, 1.0),
-            randn(rng, s.pool_rows * d, 1.0),
-        );
-        let (mut ds_w, mut da_w) = (vec![0.0; n], vec![0.0; n]);
-        let (mut dx_w, mut du_w, mut dv_w) = (dx0.clone(), du0.clone(), dv0.clone());
-        experts_backward(
-            s,
-            mode,
-            &x,
-            &g,
-            &indices,
-            &u,
-            &v,
-            &a_w,
-            &coef_w,
-            &w_w,
-            &dy,
-            &mut ds_w,
-            &mut da_w,
-            &mut dx_w,
-            &mut du_w,
-            &mut dv_w,
-            &mut SlotOrder::default(),
-        );
-        let dx_scale = spread(&dx0, &sc.da, &u, d, |j| j / slots, row);
-        let du_scale = spread(&du0, &sc.da, &x, d, row, |j| j / slots);
-        let dv_scale = spread(&dv0, &sc.coef, &dy, d, row, |j| j / slots);
-        let (order_r, ends_r) = slot_order_reference(s, &indices);
-        let scratch = experts_backward_scratch(tokens, s);
-        assert_eq!((scratch.ends_len, scratch.order_len), (s.pool_rows, n));
-        let mut runs = Vec::new();
-        for (dims, pool_dims) in grids(experts_token_dims(tokens, s))
-            .into_iter()
-            .zip(grids(experts_backward_pool_dims(s)))
-        {
-            let (mut ds, mut da) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            let (mut dx, mut du, mut dv) = (dx0.clone(), du0.clone(), dv0.clone());
-            go(
-                "experts_backward_token",
-                dims,
-                &mut [
-                    Arg::slice(&g),
-                    Arg::slice(&indices),
-                    Arg::slice(&u),
-                    Arg::slice(&v),
-                    Arg::slice(&a_w),
-                    Arg::slice(&w_w),
-                    Arg::slice(&dy),
-                    Arg::slice_mut(&mut ds),
-                    Arg::slice_mut(&mut da),
-                    Arg::slice_mut(&mut dx),
-                    i32_(tokens),
-                    i32_(d),
-                    i32_(s.channels),
-                    i32_(s.k),
-                    i32_(s.channel_stride),
-                    Arg::I32(expert_mode_arg(mode)),
-                ],
-            );
-            // The scratch starts as garbage: the sort initialises what it uses.
-            let mut scratch_buf = vec![0xdead_beefu32; scratch.bytes / 4];
-            let (ends, order) = scratch_buf.split_at_mut(scratch.order_offset / 4);
-            go(
-                "experts_slot_order",
-                experts_slot_order_dims(),
-                &mut [
-                    Arg::slice(&indices),
-                    Arg::slice_mut(ends),
-                    Arg::slice_mut(order),
-                    i32_(tokens),
-                    i32_(s.channels),
-                    i32_(s.k),
-                    i32_(s.channel_stride),
-                    i32_(s.pool_rows),
-                ],
-            );
-            assert_eq!(ends, &ends_r[..], "ends {case}");
-            assert_eq!(order, &order_r[..], "order {case}");
-            go(
-                "experts_backward_pool",
-                pool_dims,
-                &mut [
-                    Arg::slice(&x),
-                    Arg::slice(&dy),
-                    Arg::slice(&da),
-                    Arg::slice(&coef_w),
-                    Arg::slice(ends),
-                    Arg::slice(order),
-                    Arg::slice_mut(&mut du),
-                    Arg::slice_mut(&mut dv),
-                    i32_(s.pool_rows),
-                    i32_(slots),
-                    i32_(d),
-                ],
-            );
-            close(&ds, &ds_w, &sc.ds, &format!("dscores {case}"));
-            close(&da, &da_w, &sc.da, &format!("da {case}"));
-            close(&dx, &dx_w, &dx_scale, &format!("dx {case}"));
-            close(&du, &du_w, &du_scale, &format!("du {case}"));
-            close(&dv, &dv_w, &dv_scale, &format!("dv {case}"));
-            same(&ds, &ds_w, "dscores");
-            same(&da, &da_w, "da");
-            same(&dx, &dx_w, "dx");
-            same(&du, &du_w, "du");
-            same(&dv, &dv_w, "dv");
-            runs.push([ds, da, dx, du, dv].map(|t| bits(&t)));
-        }
-        assert_eq!(runs[0], runs[1], "backward twice {case}");
-    }
-
     #[test]
     fn grids_stay_valid_for_large_shapes() {
-        let es = ExpertShape {
-            d: 768,
-            channels: 16,
-            k: 8,
-            channel_stride: 7744,
-            pool_rows: 16 * 7744,
-        };
-        let tokens = 1 << 20;
-        let big = [
-            experts_token_dims(tokens, es),
-            experts_forward_dims(tokens),
-            experts_slot_order_dims(),
-            experts_backward_pool_dims(es),
-            experts_token_dims(0, es),
-            experts_forward_dims(0),
-        ];
-        for d in big {
+        for tokens in [0, 1, 9, 1 << 20] {
+            let d = experts_forward_dims(tokens);
             assert!((1..=i32::MAX as u32).contains(&d.grid[0]), "{d:?}");
             assert!(d.grid[1] == 1 && d.grid[2] == 1, "{d:?}");
-            assert!(d.block[0] <= 1024 && d.shared_bytes <= 48 << 10, "{d:?}");
+            // Whole warps: each warp takes a token's whole dot products.
+            assert!(d.block[0] <= 1024 && d.block[0] % 32 == 0, "{d:?}");
         }
-        // Whole warps: the expert kernels give each warp whole dot products.
-        assert_eq!(experts_token_dims(1, es).block[0] % 32, 0);
-        assert_eq!(experts_forward_dims(1).block[0] % 32, 0);
         assert_eq!(
             experts_forward_dims(9).grid[0],
             9usize.div_ceil(experts_forward_dims(1).block[0] as usize / 32) as u32
         );
-        assert_eq!(experts_slot_order_dims().grid[0], 1);
-        let scratch = experts_backward_scratch(3, es);
-        assert_eq!(scratch.bytes, 4 * (16 * 7744 + 3 * 16 * 8));
-        assert_eq!(scratch.order_offset, 4 * 16 * 7744);
     }
 }

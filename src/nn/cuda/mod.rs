@@ -9,6 +9,7 @@ pub mod driver;
 #[cfg(feature = "cuda-emu")]
 pub mod emu;
 pub mod experts;
+pub mod experts_backward;
 pub mod gpu;
 pub mod moe;
 pub mod router;
