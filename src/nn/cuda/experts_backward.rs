@@ -416,7 +416,7 @@ mod tests {
                         let channels = [1, 3][(case_no / 4) % 2];
                         let n_exp = [4, 9, 25][case_no % 3];
                         let kind = (case_no / 2) % 4;
-                        let negative = case_no % 5 == 0;
+                        let negative = case_no.is_multiple_of(5);
                         let small_tile = [1, 2, 5, 32][(case_no / 3) % 4];
                         let s = ExpertShape {
                             d,
@@ -618,6 +618,41 @@ mod tests {
                 close(&dx, &dx_w, &dx_scale, &format!("dx {case}"));
                 close(&du, &du_w, &du_scale, &format!("du {case}"));
                 close(&dv, &dv_w, &dv_scale, &format!("dv {case}"));
+                // The kernels' order, bit for bit, from their own da: du sums each tile's
+                // piece of a row in pair order (from du0 where the row begins), then the later
+                // pieces in tile order; dx sums the token's slots in slot order.
+                let mut du_m = du0.clone();
+                let (order_s, ends_s) = (&order_r, &ends_r);
+                for r in 0..s.pool_rows {
+                    let b = if r == 0 { 0 } else { ends_s[r - 1] as usize };
+                    let e = ends_s[r] as usize;
+                    let mut e_at = b;
+                    while e_at < e {
+                        let piece_end = e.min((e_at / tile + 1) * tile);
+                        for col in 0..d {
+                            let mut acc = if e_at == b { du0[r * d + col] } else { 0.0 };
+                            for &j in &order_s[e_at..piece_end] {
+                                let (j, t) = (j as usize, j as usize / slots);
+                                acc = da[j].mul_add(x[t * d + col], acc);
+                            }
+                            du_m[r * d + col] = if e_at == b {
+                                acc
+                            } else {
+                                du_m[r * d + col] + acc
+                            };
+                        }
+                        e_at = piece_end;
+                    }
+                }
+                assert_eq!(bits(&du), bits(&du_m), "du in the kernels' order {case}");
+                let mut dx_m = dx0.clone();
+                for j in 0..n {
+                    let (t, r) = (j / slots, rows[j] as usize);
+                    for col in 0..d {
+                        dx_m[t * d + col] = da[j].mul_add(u[r * d + col], dx_m[t * d + col]);
+                    }
+                }
+                assert_eq!(bits(&dx), bits(&dx_m), "dx in the kernels' order {case}");
                 let want = experts_backward_bytes(s, mode, tokens, &rows, tile);
                 assert_eq!(measured, want, "traffic {case}");
                 runs.push([ds, da, dx, du, dv].map(|t| bits(&t)));
@@ -655,7 +690,7 @@ mod tests {
             assert!(d.block[0] <= 1024 && d.block[0] % 32 == 0, "{d:?}");
             assert_eq!(d.shared_bytes, 0, "{d:?}");
         }
-        assert!(max_d() >= 768 && max_d() % 32 == 0);
+        assert!(max_d() >= 768 && max_d().is_multiple_of(32));
         let sc = experts_backward_scratch(3, es);
         let n: usize = 3 * 16 * 8;
         let tiles = n.div_ceil(expert_tile());
