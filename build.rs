@@ -10,11 +10,18 @@ fn main() {
     emulator();
 }
 
+/// kernels/ of the checkout being built, read when the script runs (not `env!` when it is
+/// compiled: a target directory copied from another checkout would keep that checkout's path).
+fn kernels_dir() -> std::path::PathBuf {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    std::path::Path::new(&manifest).join("kernels")
+}
+
 /// `$OUT_DIR/kernel_sources.rs`: `KERNEL_SOURCES`, each top-level kernels/ source (not the
 /// emulator in emu/ nor the planted bugs in testing/) as (its name in kernels/, its text).
 fn gpu_sources() {
-    use std::path::{Path, PathBuf};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    use std::path::PathBuf;
+    let root = kernels_dir();
     println!("cargo:rerun-if-changed={}", root.display());
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&root)
         .expect("kernels/ is readable")
@@ -38,8 +45,8 @@ fn gpu_sources() {
 
 #[cfg(feature = "cuda-emu")]
 fn emulator() {
-    use std::path::{Path, PathBuf};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    use std::path::PathBuf;
+    let root = kernels_dir();
     println!("cargo:rerun-if-changed={}", root.display());
     let mut sources: Vec<PathBuf> = Vec::new();
     for dir in [root.clone(), root.join("testing")] {

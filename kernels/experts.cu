@@ -144,3 +144,14 @@ __global__ void experts_forward(gptr<const float> x, gptr<const float> scores,
                               channel_stride, mode);
 }
 REPRO_KERNEL(experts_forward)
+
+// The same with bf16 pools (u, v as unsigned short bf16 bits, widened to f32 on load).
+__global__ void experts_forward_bf16(gptr<const float> x, gptr<const float> scores,
+                                     gptr<const unsigned> indices, gptr<const unsigned short> u,
+                                     gptr<const unsigned short> v, gptr<float> a, gptr<float> w,
+                                     gptr<float> y, int tokens, int d, int channels, int k,
+                                     int channel_stride, int mode) {
+  experts_forward_warp<unsigned short>(x, scores, indices, u, v, a, w, y, tokens, d, channels, k,
+                                       channel_stride, mode);
+}
+REPRO_KERNEL(experts_forward_bf16)

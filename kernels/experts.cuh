@@ -45,6 +45,10 @@ constexpr float kLowest = -3.402823466e38f;
 // A pool element as f32: the one place the expert kernels read a pool row, so a bf16 pool
 // (unsigned short rows, widened on load) is one more overload.
 __device__ float pool_elem(gptr<const float> p, long i) { return p[i]; }
+// A bf16 element is the top half of an f32: widening is exact.
+__device__ float pool_elem(gptr<const unsigned short> p, long i) {
+  return __uint_as_float(unsigned(p[i]) << 16);
+}
 
 // The sum of one value a lane, in every lane: xor butterfly 16, 8, 4, 2, 1. Lane 0 adds in
 // vmath's fold order (acc[j] += acc[j + w]) and the others the same pairs swapped (x + y ==

@@ -11,14 +11,12 @@
 //   experts_bwd_fixup   adds the pieces of the rows that cross tile boundaries, in tile order;
 //   experts_bwd_token   token-centric: dx += Σ da · u[row] in slot order, and PEER's softmax
 //                       backward.
-// Pool reads go through load_pool (f32 now; a bf16 pool changes pool_t and load_pool only).
+// The pool passes are templates over the pool element (experts_k::pool_elem): the `_bf16`
+// kernels read bf16 pools.
 #include "experts.cuh"
 
 namespace experts_bwd {
 constexpr int kPerLane = EXPERT_BACKWARD_MAX_D / 32;
-using pool_t = float;
-
-__device__ float load_pool(gptr<const pool_t> p, long i) { return p[i]; }
 
 // The sum over the warp's lanes, in a fixed butterfly order; every lane gets it.
 __device__ float warp_sum(float v) {
@@ -102,13 +100,15 @@ REPRO_KERNEL(experts_group_one_block)
 // partial[tile], [2][d], for experts_bwd_fixup; only a tile's first row can be one). Per pair
 // (token t): dc = v_r . dy_t, the coefficient from (g, a, w), dv_r += coef dy_t, dscores and
 // da written, du_r += da x_t. No shared memory, no barriers: lanes exchange by shuffles only.
-__global__ void experts_bwd_pool(gptr<const float> x, gptr<const float> dy,
-                                 gptr<const float> scores, gptr<const float> a,
-                                 gptr<const float> w, gptr<const experts_bwd::pool_t> v,
-                                 gptr<const unsigned> keys, gptr<const unsigned> order,
-                                 gptr<const unsigned> ends, gptr<float> dscores, gptr<float> da,
-                                 gptr<float> du, gptr<float> dv, gptr<float> partial, int n,
-                                 int d, int slots, int mode, int tile) {
+template <class P>
+__device__ void experts_bwd_pool_warp(gptr<const float> x, gptr<const float> dy,
+                                      gptr<const float> scores, gptr<const float> a,
+                                      gptr<const float> w, gptr<const P> v,
+                                      gptr<const unsigned> keys, gptr<const unsigned> order,
+                                      gptr<const unsigned> ends, gptr<float> dscores,
+                                      gptr<float> da, gptr<float> du, gptr<float> dv,
+                                      gptr<float> partial, int n, int d, int slots, int mode,
+                                      int tile) {
   using namespace experts_bwd;
   const int lane = threadIdx.x % 32;
   const long warps = long(gridDim.x) * (blockDim.x / 32);
@@ -159,12 +159,12 @@ __global__ void experts_bwd_pool(gptr<const float> x, gptr<const float> dy,
           int first_owned = 1;
           if (base + p == e0 && lane == 0) first_owned = run_begin(ends, unsigned(r)) == e0;
           owned = base + p > e0 || __shfl_sync(0xffffffffu, first_owned, 0);
-          gptr<const pool_t> vrow = v + r * d;
+          gptr<const P> vrow = v + r * d;
 #pragma unroll
           for (int i = 0; i < kPerLane; i++) {
             const int col = lane + 32 * i;
             const bool in = col < d;
-            vr[i] = in ? load_pool(vrow, col) : 0.0f;
+            vr[i] = in ? experts_k::pool_elem(vrow, col) : 0.0f;
             au[i] = in && owned ? float(du[r * d + col]) : 0.0f;
             av[i] = in && owned ? float(dv[r * d + col]) : 0.0f;
           }
@@ -209,7 +209,21 @@ __global__ void experts_bwd_pool(gptr<const float> x, gptr<const float> dy,
     if (row >= 0) flush();
   }
 }
+
+#define EXPERTS_BWD_POOL(name, P)                                                               \
+  __global__ void name(gptr<const float> x, gptr<const float> dy, gptr<const float> scores,     \
+                       gptr<const float> a, gptr<const float> w, gptr<const P> v,               \
+                       gptr<const unsigned> keys, gptr<const unsigned> order,                  \
+                       gptr<const unsigned> ends, gptr<float> dscores, gptr<float> da,          \
+                       gptr<float> du, gptr<float> dv, gptr<float> partial, int n, int d,       \
+                       int slots, int mode, int tile) {                                         \
+    experts_bwd_pool_warp<P>(x, dy, scores, a, w, v, keys, order, ends, dscores, da, du, dv,    \
+                             partial, n, d, slots, mode, tile);                                 \
+  }
+EXPERTS_BWD_POOL(experts_bwd_pool, float)
 REPRO_KERNEL(experts_bwd_pool)
+EXPERTS_BWD_POOL(experts_bwd_pool_bf16, unsigned short)
+REPRO_KERNEL(experts_bwd_pool_bf16)
 
 // Fix-up of the rows that cross tiles: the warp of tile tl (same tiling and grid as
 // experts_bwd_pool) takes its last row r when r's run begins in tl and ends past it, and adds
@@ -257,10 +271,11 @@ REPRO_KERNEL(experts_bwd_fixup)
 // of da · u[row] (dx read and written once; lane l keeps columns l, l + 32, ...; rows in
 // groups whose loads do not wait on each other). In PEER mode, then, per channel the softmax
 // backward: dscores = w (dw - Σ_k dw w), dw being what experts_bwd_pool left in dscores.
-__global__ void experts_bwd_token(gptr<const experts_bwd::pool_t> u, gptr<const unsigned> keys,
-                                  gptr<const float> da, gptr<const float> w,
-                                  gptr<float> dscores, gptr<float> dx, int tokens, int d,
-                                  int channels, int k, int mode) {
+template <class P>
+__device__ void experts_bwd_token_warp(gptr<const P> u, gptr<const unsigned> keys,
+                                       gptr<const float> da, gptr<const float> w,
+                                       gptr<float> dscores, gptr<float> dx, int tokens, int d,
+                                       int channels, int k, int mode) {
   using namespace experts_bwd;
   constexpr int kGroup = 4;
   const int lane = threadIdx.x % 32;
@@ -299,7 +314,7 @@ __global__ void experts_bwd_token(gptr<const experts_bwd::pool_t> u, gptr<const 
           if (col < d)
 #pragma unroll
             for (int q = 0; q < kGroup; q++)
-              if (p + q < len) acc[i] = fmaf(f[q], load_pool(u + rows[q] * d, col), acc[i]);
+              if (p + q < len) acc[i] = fmaf(f[q], experts_k::pool_elem(u + rows[q] * d, col), acc[i]);
         }
       }
     }
@@ -328,4 +343,14 @@ __global__ void experts_bwd_token(gptr<const experts_bwd::pool_t> u, gptr<const 
     }
   }
 }
+
+#define EXPERTS_BWD_TOKEN(name, P)                                                              \
+  __global__ void name(gptr<const P> u, gptr<const unsigned> keys, gptr<const float> da,        \
+                       gptr<const float> w, gptr<float> dscores, gptr<float> dx, int tokens,    \
+                       int d, int channels, int k, int mode) {                                  \
+    experts_bwd_token_warp<P>(u, keys, da, w, dscores, dx, tokens, d, channels, k, mode);       \
+  }
+EXPERTS_BWD_TOKEN(experts_bwd_token, float)
 REPRO_KERNEL(experts_bwd_token)
+EXPERTS_BWD_TOKEN(experts_bwd_token_bf16, unsigned short)
+REPRO_KERNEL(experts_bwd_token_bf16)

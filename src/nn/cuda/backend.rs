@@ -67,15 +67,11 @@ impl CudaBackend {
         self.check(self.dr.launch(name, dims, args));
     }
 
-    /// The f32 pools, or None (the op failed) for bf16 pools, whose kernels come with the
-    /// fused expert kernels.
-    fn f32_pool<'a>(&self, pool: Pool<'a>) -> Option<(View<'a, f32>, View<'a, f32>)> {
+    /// The kernel for a pool's element type (`name`, or `name_bf16`), and the pools u and v.
+    fn pool_args(name: &str, pool: Pool) -> (String, KArg, KArg) {
         match pool {
-            Pool::F32 { u, v } => Some((u, v)),
-            Pool::Bf16 { .. } => {
-                self.fail("experts: bf16 pools are not supported by this backend yet".into());
-                None
-            }
+            Pool::F32 { u, v } => (name.to_string(), buf(u), buf(v)),
+            Pool::Bf16 { u, v } => (format!("{name}_bf16"), buf(u), buf(v)),
         }
     }
 
@@ -584,20 +580,18 @@ impl Backend for CudaBackend {
         if let Some(why) = ex::experts_forward_fits(s) {
             return self.fail(why);
         }
-        let Some((u, v)) = self.f32_pool(pool) else {
-            return;
-        };
         let tokens = x.len() / s.d;
+        let (kernel, u, v) = Self::pool_args("experts_forward", pool);
         // Saves a and PEER's w (what experts_backward needs), not the coefficient.
         self.launch(
-            "experts_forward",
+            &kernel,
             ex::experts_forward_dims(tokens),
             &[
                 buf(x),
                 buf(scores),
                 buf(indices),
-                buf(u),
-                buf(v),
+                u,
+                v,
                 buf_mut(saved.a),
                 buf_mut(saved.w),
                 buf_mut(y),
@@ -624,9 +618,7 @@ impl Backend for CudaBackend {
         mut da: ViewMut<f32>,
         mut grads: ExpertsGrads,
     ) {
-        let Some((u, v)) = self.f32_pool(pool) else {
-            return;
-        };
+
         let tokens = x.len() / s.d;
         if s.d > eb::max_d() {
             return self.fail(format!(
@@ -661,8 +653,9 @@ impl Backend for CudaBackend {
         self.group_by_key(keys, n, s.pool_rows, order, ends);
         // Expert-stationary: dscores (PEER: dw), da, and du, dv in tiles of the grouped order;
         // then the rows that cross tiles get their later pieces, in tile order.
+        let (pool_kernel, _, v) = Self::pool_args("experts_bwd_pool", pool);
         self.launch(
-            "experts_bwd_pool",
+            &pool_kernel,
             eb::pool_dims(n, tile),
             &[
                 buf(x),
@@ -670,7 +663,7 @@ impl Backend for CudaBackend {
                 buf(scores),
                 buf(saved.a),
                 buf(saved.w),
-                buf(v),
+                v,
                 keys,
                 order,
                 ends,
@@ -702,11 +695,12 @@ impl Backend for CudaBackend {
             ],
         );
         // Token-centric: dx, and PEER's softmax backward.
+        let (token_kernel, u, _) = Self::pool_args("experts_bwd_token", pool);
         self.launch(
-            "experts_bwd_token",
+            &token_kernel,
             eb::token_dims(tokens),
             &[
-                buf(u),
+                u,
                 keys,
                 buf(da.view()),
                 buf(saved.w),

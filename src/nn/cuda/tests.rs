@@ -1,12 +1,12 @@
 //! The CUDA backend on the host emulator against the CPU backend: whole training steps.
 
 use crate::interp::testing::fresh_seed;
-use crate::nn::backend::Backend;
+use crate::nn::backend::{Backend, Storage};
 use crate::nn::cuda::backend::CudaBackend;
 use crate::nn::cuda::emu::EmuDriver;
 use crate::nn::rng::Rng;
 use crate::nn::train::tests::{pattern_batch, tiny, train_cfg};
-use crate::nn::{FfnKind, Model, Trainer};
+use crate::nn::{BatchLoss, FfnKind, Model, Trainer};
 use std::sync::Arc;
 
 /// The emulator with the shared-memory race check on, every thread of a block a real thread.
@@ -59,25 +59,58 @@ fn one_step_gives_the_cpu_loss_and_gradients() {
             .zip(&got_g)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
         let case = format!("{} seed {seed}", kind.as_str());
-        assert_eq!(got.tokens, want.tokens, "{case}");
-        assert!(
-            (got.loss - want.loss).abs() <= LOSS_TOL * want.loss,
-            "{case}: loss {} against {}",
-            got.loss,
-            want.loss
-        );
-        for info in &m.table.infos {
-            let r = info.offset..info.offset + info.len;
-            let scale = want_g[r.clone()].iter().fold(0f32, |a, x| a.max(x.abs()));
-            for (i, (x, y)) in got_g[r.clone()].iter().zip(&want_g[r]).enumerate() {
-                assert!(
-                    (x - y).abs() <= GRAD_TOL * scale.max(1e-6),
-                    "{case}: {}[{i}] gradient {x} against {y}",
-                    info.name
-                );
-            }
-        }
+        assert_close(&m, (&got, &got_g), (&want, &want_g), &case);
         rng.next_u64();
+    }
+}
+
+/// The loss within LOSS_TOL and every gradient within GRAD_TOL of its tensor's largest.
+fn assert_close(m: &Model, got: (&BatchLoss, &[f32]), want: (&BatchLoss, &[f32]), case: &str) {
+    let ((got, got_g), (want, want_g)) = (got, want);
+    assert_eq!(got.tokens, want.tokens, "{case}");
+    assert!(
+        (got.loss - want.loss).abs() <= LOSS_TOL * want.loss,
+        "{case}: loss {} against {}",
+        got.loss,
+        want.loss
+    );
+    for info in &m.table.infos {
+        let r = info.offset..info.offset + info.len;
+        let scale = want_g[r.clone()].iter().fold(0f32, |a, x| a.max(x.abs()));
+        for (i, (x, y)) in got_g[r.clone()].iter().zip(&want_g[r]).enumerate() {
+            assert!(
+                (x - y).abs() <= GRAD_TOL * scale.max(1e-6),
+                "{case}: {}[{i}] gradient {x} against {y}",
+                info.name
+            );
+        }
+    }
+}
+
+/// With bf16 pools both backends compute with the same rounded rows (the kernels widen bf16
+/// exactly): a step gives the CPU loss and gradients as in f32, and differs from the f32 step.
+#[test]
+fn bf16_pools_give_the_cpu_loss_and_gradients() {
+    let seed = fresh_seed();
+    for kind in [FfnKind::Sgatlin, FfnKind::SgatlinGelu, FfnKind::Peer] {
+        let cfg = tiny(kind);
+        let batch = pattern_batch(seed as usize % 5, 3, cfg.seq_len);
+        let (inputs, targets): (Vec<u32>, Vec<u32>) = batch
+            .chunks(cfg.seq_len + 1)
+            .flat_map(|r| r[..cfg.seq_len].iter().zip(&r[1..]).map(|(&a, &b)| (a, b)))
+            .unzip();
+        let on = |be: Arc<dyn Backend>, storage: Storage| {
+            let mut m = Model::with_backend(&cfg, be, &mut Rng::new(seed)).unwrap();
+            m.set_expert_storage(storage).unwrap();
+            let loss = m.forward_backward(&inputs, &targets, Some(3)).unwrap();
+            (loss, m.grad_values().to_vec(), m)
+        };
+        let (want, want_g, m) = on(cpu(), Storage::Bf16);
+        let (got, got_g, _) = on(emu_fibers(), Storage::Bf16);
+        let case = format!("{} bf16 seed {seed}", kind.as_str());
+        assert_close(&m, (&got, &got_g), (&want, &want_g), &case);
+        let (f32_loss, _, _) = on(emu_fibers(), Storage::F32);
+        assert_ne!(f32_loss.loss, got.loss, "{case}: bf16 made no difference");
     }
 }
 
