@@ -22,7 +22,7 @@
 // block (a multiple of 32). A lane holds ROUTER_MAX_SQRT_N / 32 logits of each half, and its
 // ROUTER_QUEUE best candidates of a pass (32 * ROUTER_QUEUE candidates in one pass: k <= 33).
 #define ROUTER_BLOCK 128
-#define ROUTER_MAX_SQRT_N 128
+#define ROUTER_MAX_SQRT_N 256
 #define ROUTER_QUEUE 4
 // Threads per block of the expert kernels (one block a token, or a pool row; a multiple of 32:
 // each warp takes whole dot products).
@@ -33,7 +33,7 @@
 #define EXPERT_WARPS 4
 #define EXPERT_MAX_D 1024
 #define EXPERT_MAX_K 128
-#define EXPERT_ROWS_IN_FLIGHT 4
+#define EXPERT_ROWS_IN_FLIGHT 2
 // Threads of the one block that sorts the backward's slots by pool row.
 #define EXPERT_SORT_BLOCK 256
 // Experts backward (kernels/experts_backward.cu): one warp owns EXPERT_TILE consecutive pairs of

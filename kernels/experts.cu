@@ -20,7 +20,9 @@ __device__ void experts_forward_warp(gptr<const float> x, gptr<const float> scor
                                      gptr<const P> v, gptr<float> a, gptr<float> w,
                                      gptr<float> y, int tokens, int d, int channels, int k,
                                      int channel_stride, int mode) {
-  constexpr int V = EXPERT_MAX_D / 32, KC = EXPERT_MAX_K / 32, R = EXPERT_ROWS_IN_FLIGHT;
+  // bf16 rows in flight at once: one fewer (ptxas spills two widened rows at d = 1024).
+  constexpr int V = EXPERT_MAX_D / 32, KC = EXPERT_MAX_K / 32,
+                R = sizeof(P) == 4 ? EXPERT_ROWS_IN_FLIGHT : EXPERT_ROWS_IN_FLIGHT - 1;
   constexpr unsigned all = 0xffffffffu;
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const long stride = long(gridDim.x) * warps;

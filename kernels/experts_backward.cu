@@ -210,19 +210,29 @@ __device__ void experts_bwd_pool_warp(gptr<const float> x, gptr<const float> dy,
   }
 }
 
-#define EXPERTS_BWD_POOL(name, P)                                                               \
-  __global__ void name(gptr<const float> x, gptr<const float> dy, gptr<const float> scores,     \
-                       gptr<const float> a, gptr<const float> w, gptr<const P> v,               \
-                       gptr<const unsigned> keys, gptr<const unsigned> order,                  \
-                       gptr<const unsigned> ends, gptr<float> dscores, gptr<float> da,          \
-                       gptr<float> du, gptr<float> dv, gptr<float> partial, int n, int d,       \
-                       int slots, int mode, int tile) {                                         \
-    experts_bwd_pool_warp<P>(x, dy, scores, a, w, v, keys, order, ends, dscores, da, du, dv,    \
-                             partial, n, d, slots, mode, tile);                                 \
-  }
-EXPERTS_BWD_POOL(experts_bwd_pool, float)
+__global__ void experts_bwd_pool(gptr<const float> x, gptr<const float> dy,
+                                 gptr<const float> scores, gptr<const float> a,
+                                 gptr<const float> w, gptr<const float> v,
+                                 gptr<const unsigned> keys, gptr<const unsigned> order,
+                                 gptr<const unsigned> ends, gptr<float> dscores, gptr<float> da,
+                                 gptr<float> du, gptr<float> dv, gptr<float> partial, int n,
+                                 int d, int slots, int mode, int tile) {
+  experts_bwd_pool_warp<float>(x, dy, scores, a, w, v, keys, order, ends, dscores, da, du, dv,
+                               partial, n, d, slots, mode, tile);
+}
 REPRO_KERNEL(experts_bwd_pool)
-EXPERTS_BWD_POOL(experts_bwd_pool_bf16, unsigned short)
+
+__global__ void experts_bwd_pool_bf16(gptr<const float> x, gptr<const float> dy,
+                                      gptr<const float> scores, gptr<const float> a,
+                                      gptr<const float> w, gptr<const unsigned short> v,
+                                      gptr<const unsigned> keys, gptr<const unsigned> order,
+                                      gptr<const unsigned> ends, gptr<float> dscores,
+                                      gptr<float> da, gptr<float> du, gptr<float> dv,
+                                      gptr<float> partial, int n, int d, int slots, int mode,
+                                      int tile) {
+  experts_bwd_pool_warp<unsigned short>(x, dy, scores, a, w, v, keys, order, ends, dscores, da,
+                                        du, dv, partial, n, d, slots, mode, tile);
+}
 REPRO_KERNEL(experts_bwd_pool_bf16)
 
 // Fix-up of the rows that cross tiles: the warp of tile tl (same tiling and grid as
@@ -344,13 +354,19 @@ __device__ void experts_bwd_token_warp(gptr<const P> u, gptr<const unsigned> key
   }
 }
 
-#define EXPERTS_BWD_TOKEN(name, P)                                                              \
-  __global__ void name(gptr<const P> u, gptr<const unsigned> keys, gptr<const float> da,        \
-                       gptr<const float> w, gptr<float> dscores, gptr<float> dx, int tokens,    \
-                       int d, int channels, int k, int mode) {                                  \
-    experts_bwd_token_warp<P>(u, keys, da, w, dscores, dx, tokens, d, channels, k, mode);       \
-  }
-EXPERTS_BWD_TOKEN(experts_bwd_token, float)
+__global__ void experts_bwd_token(gptr<const float> u, gptr<const unsigned> keys,
+                                  gptr<const float> da, gptr<const float> w,
+                                  gptr<float> dscores, gptr<float> dx, int tokens, int d,
+                                  int channels, int k, int mode) {
+  experts_bwd_token_warp<float>(u, keys, da, w, dscores, dx, tokens, d, channels, k, mode);
+}
 REPRO_KERNEL(experts_bwd_token)
-EXPERTS_BWD_TOKEN(experts_bwd_token_bf16, unsigned short)
+
+__global__ void experts_bwd_token_bf16(gptr<const unsigned short> u, gptr<const unsigned> keys,
+                                       gptr<const float> da, gptr<const float> w,
+                                       gptr<float> dscores, gptr<float> dx, int tokens, int d,
+                                       int channels, int k, int mode) {
+  experts_bwd_token_warp<unsigned short>(u, keys, da, w, dscores, dx, tokens, d, channels, k,
+                                         mode);
+}
 REPRO_KERNEL(experts_bwd_token_bf16)

@@ -9,8 +9,8 @@
 
 use super::floor::{floor, seconds, Floor, FloorBytes, FloorShape, PassFloor};
 use crate::nn::backend::{
-    zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef,
-    Pool, ProductKeyShape,
+    zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Pool,
+    ProductKeyShape,
 };
 use crate::nn::rng::Rng;
 use crate::nn::{FfnKind, ModelConfig};

@@ -618,7 +618,6 @@ impl Backend for CudaBackend {
         mut da: ViewMut<f32>,
         mut grads: ExpertsGrads,
     ) {
-
         let tokens = x.len() / s.d;
         if s.d > eb::max_d() {
             return self.fail(format!(
