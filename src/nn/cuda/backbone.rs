@@ -742,7 +742,7 @@ mod tests {
             (f64::from(x) - widen(lo)).abs(),
             (widen(hi) - f64::from(x)).abs(),
         );
-        if dl < dh || (dl == dh && lo % 2 == 0) {
+        if dl < dh || (dl == dh && lo.is_multiple_of(2)) {
             lo
         } else {
             hi

@@ -72,9 +72,10 @@ mod tests {
     use crate::nn::cpu::experts::experts_forward;
     use crate::nn::cpu::Isa;
     use crate::nn::cuda::emu::{launch, Arg, Traffic};
+    use crate::nn::cuda::experts_backward::slot_rows;
     use crate::nn::cuda::kernel_constant;
     use crate::nn::cuda::router::tests::{router_logits, topk_reference};
-    use crate::nn::cuda::testing::{below, bits, close, grids, randn};
+    use crate::nn::cuda::testing::{below, bits, close, grids, randn, scales, spread};
     use crate::nn::rng::{fresh_seed, Rng};
 
     /// Indices of three kinds: the router's (distinct within a channel; the logits have ties);
@@ -89,86 +90,6 @@ mod tests {
                 .repeat(tokens),
             _ => (0..tokens * slots).map(|_| below(rng, n_exp)).collect(),
         }
-    }
-
-    struct Scales {
-        coef: Vec<f32>,
-        ds: Vec<f32>,
-        da: Vec<f32>,
-    }
-
-    /// The magnitudes each slot's results are made of (see `close`): A = Σ|u·x|, D = Σ|v·dy|,
-    /// and the factors around them (|gelu| <= |z|, |gelu'| < 1.2, |gelu''| < 1).
-    #[allow(clippy::too_many_arguments)]
-    fn scales(
-        s: ExpertShape,
-        mode: ExpertMode,
-        x: &[f32],
-        g: &[f32],
-        indices: &[u32],
-        u: &[f32],
-        v: &[f32],
-        w: &[f32],
-        dy: &[f32],
-    ) -> Scales {
-        let (d, slots) = (s.d, s.channels * s.k);
-        let n = indices.len();
-        let (mut coef, mut ds, mut da) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        let mut wide = vec![0.0f32; n];
-        for j in 0..n {
-            let t = j / slots;
-            let row = (j % slots / s.k) * s.channel_stride + indices[j] as usize;
-            let mag = |p: &[f32], q: &[f32]| -> f32 {
-                (0..d).map(|i| (p[row * d + i] * q[t * d + i]).abs()).sum()
-            };
-            let (a, dd, gj) = (mag(u, x), mag(v, dy), g[j].abs());
-            match mode {
-                ExpertMode::GatedLinear => {
-                    coef[j] = gj * a;
-                    ds[j] = dd * a;
-                    da[j] = dd * gj;
-                }
-                ExpertMode::GatedGelu => {
-                    coef[j] = 1.2 * gj * a;
-                    let dpre = dd * (1.2 + gj * a);
-                    ds[j] = dpre * a;
-                    da[j] = dpre * gj;
-                }
-                ExpertMode::PeerSoftmaxGelu => {
-                    coef[j] = 1.2 * a * w[j];
-                    wide[j] = dd * 1.2 * a;
-                    da[j] = dd * w[j] * (1.2 + a);
-                }
-            }
-        }
-        if mode == ExpertMode::PeerSoftmaxGelu {
-            for c0 in (0..n).step_by(s.k) {
-                let sum: f32 = (c0..c0 + s.k).map(|i| wide[i] * w[i]).sum();
-                for j in c0..c0 + s.k {
-                    ds[j] = w[j] * (wide[j] + sum);
-                }
-            }
-        }
-        Scales { coef, ds, da }
-    }
-
-    /// out[t or row, i] = |start| + Σ over slots of scale[slot] · |m[row or t, i]|.
-    fn spread(
-        start: &[f32],
-        per_slot: &[f32],
-        m: &[f32],
-        d: usize,
-        out_row: impl Fn(usize) -> usize,
-        in_row: impl Fn(usize) -> usize,
-    ) -> Vec<f32> {
-        let mut out: Vec<f32> = start.iter().map(|v| v.abs()).collect();
-        for (j, &sj) in per_slot.iter().enumerate() {
-            let (o, r) = (out_row(j), in_row(j));
-            for i in 0..d {
-                out[o * d + i] += sj * m[r * d + i].abs();
-            }
-        }
-        out
     }
 
     /// Without tanh and exp, and with the twin's fused multiply-adds, the kernels do the twin's
@@ -255,7 +176,7 @@ mod tests {
             &mut y_w,
         );
         // Only the coefficients' scale is used (dy stands in for the backward's).
-        let sc = scales(s, mode, x, g, indices, u, v, &w_w, x);
+        let sc = scales(s, mode, x, g, &slot_rows(s, indices), u, v, &w_w, x);
         let row = |j: usize| (j % slots / s.k) * s.channel_stride + indices[j] as usize;
         let y_scale = spread(&vec![0.0; tokens * d], &sc.coef, v, d, |j| j / slots, row);
         let a_scale: Vec<f32> = (0..n)
@@ -457,7 +378,7 @@ mod tests {
             assert!((1..=i32::MAX as u32).contains(&d.grid[0]), "{d:?}");
             assert!(d.grid[1] == 1 && d.grid[2] == 1, "{d:?}");
             // Whole warps: each warp takes a token's whole dot products.
-            assert!(d.block[0] <= 1024 && d.block[0] % 32 == 0, "{d:?}");
+            assert!(d.block[0] <= 1024 && d.block[0].is_multiple_of(32), "{d:?}");
         }
         assert_eq!(
             experts_forward_dims(9).grid[0],

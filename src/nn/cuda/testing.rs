@@ -3,6 +3,7 @@
 
 use super::emu::{launch, Arg};
 use super::LaunchDims;
+use crate::nn::backend::{ExpertMode, ExpertShape};
 use crate::nn::rng::Rng;
 
 /// Runs a kernel on the emulator with the race check on; a failure fails the test.
@@ -41,4 +42,85 @@ pub fn close(got: &[f32], want: &[f32], scale: &[f32], case: &str) {
         let tol = 1e-5 * w.abs().max(scale[i]);
         assert!((g - w).abs() <= tol, "{case}: element {i}: {g} against {w}");
     }
+}
+
+/// The expert kernels' comparison bounds (experts.rs, experts_backward.rs tests): slots given
+/// by their pool rows.
+pub struct Scales {
+    pub coef: Vec<f32>,
+    pub ds: Vec<f32>,
+    pub da: Vec<f32>,
+}
+
+/// The magnitudes each slot's results are made of (see `close`): A = Σ|u·x|, D = Σ|v·dy|,
+/// and the factors around them (|gelu| <= |z|, |gelu'| < 1.2, |gelu''| < 1).
+#[allow(clippy::too_many_arguments)]
+pub fn scales(
+    s: ExpertShape,
+    mode: ExpertMode,
+    x: &[f32],
+    g: &[f32],
+    rows: &[u32],
+    u: &[f32],
+    v: &[f32],
+    w: &[f32],
+    dy: &[f32],
+) -> Scales {
+    let (d, slots) = (s.d, s.channels * s.k);
+    let n = rows.len();
+    let (mut coef, mut ds, mut da) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    let mut wide = vec![0.0f32; n];
+    for j in 0..n {
+        let (t, row) = (j / slots, rows[j] as usize);
+        let mag = |p: &[f32], q: &[f32]| -> f32 {
+            (0..d).map(|i| (p[row * d + i] * q[t * d + i]).abs()).sum()
+        };
+        let (a, dd, gj) = (mag(u, x), mag(v, dy), g[j].abs());
+        match mode {
+            ExpertMode::GatedLinear => {
+                coef[j] = gj * a;
+                ds[j] = dd * a;
+                da[j] = dd * gj;
+            }
+            ExpertMode::GatedGelu => {
+                coef[j] = 1.2 * gj * a;
+                let dpre = dd * (1.2 + gj * a);
+                ds[j] = dpre * a;
+                da[j] = dpre * gj;
+            }
+            ExpertMode::PeerSoftmaxGelu => {
+                coef[j] = 1.2 * a * w[j];
+                wide[j] = dd * 1.2 * a;
+                da[j] = dd * w[j] * (1.2 + a);
+            }
+        }
+    }
+    if mode == ExpertMode::PeerSoftmaxGelu {
+        for c0 in (0..n).step_by(s.k) {
+            let sum: f32 = (c0..c0 + s.k).map(|i| wide[i] * w[i]).sum();
+            for j in c0..c0 + s.k {
+                ds[j] = w[j] * (wide[j] + sum);
+            }
+        }
+    }
+    Scales { coef, ds, da }
+}
+
+/// out[t or row, i] = |start| + Σ over slots of scale[slot] · |m[row or t, i]|.
+pub fn spread(
+    start: &[f32],
+    per_slot: &[f32],
+    m: &[f32],
+    d: usize,
+    out_row: impl Fn(usize) -> usize,
+    in_row: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = start.iter().map(|v| v.abs()).collect();
+    for (j, &sj) in per_slot.iter().enumerate() {
+        let (o, r) = (out_row(j), in_row(j));
+        for i in 0..d {
+            out[o * d + i] += sj * m[r * d + i].abs();
+        }
+    }
+    out
 }
