@@ -807,6 +807,29 @@ mod tests {
         }
     }
 
+    /// The product-key kernels move close to the floor: the experts forward within 1.25x of
+    /// it and the backward within 1.5x, at ladder s = 2 (`repro bench kernels` shows s = 4, 6).
+    #[test]
+    fn the_experts_move_close_to_the_floor() {
+        for kind in [FfnKind::Sgatlin, FfnKind::Peer] {
+            let case = LayerCase::ladder(kind, 2.0).unwrap();
+            let r = emulate(case, 128, 5).unwrap();
+            let parts = r.parts();
+            let experts: Vec<&Part> = parts.iter().filter(|p| p.part == "experts").collect();
+            assert_eq!(experts.len(), 2, "a forward and a backward");
+            for p in experts {
+                let ratio = p.counted as f64 / p.floor as f64;
+                let bound = if p.pass == "fwd" { 1.25 } else { 1.5 };
+                assert!(
+                    ratio <= bound,
+                    "{} {}: {ratio:.3}x the floor",
+                    case.label(),
+                    p.pass
+                );
+            }
+        }
+    }
+
     #[test]
     fn traffic_is_repeatable_and_follows_the_shape() {
         let case = LayerCase::ladder(FfnKind::Sgatlin, 0.5).unwrap();
