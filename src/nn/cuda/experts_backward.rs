@@ -2,8 +2,9 @@
 //! (kernels/experts_backward.cu), no float atomics:
 //!
 //! 1. `experts_bwd_keys`: the pool row of every slot, into the scratch;
-//! 2. the slots grouped by pool row, stably (`experts_group_one_block` until the device radix
-//!    sort lands; CudaBackend::group_by_key is the one place that calls it);
+//! 2. the slots grouped by pool row, stably: CudaBackend::group_by_key, the many-block radix
+//!    sort of sort.rs (the tests below still group with the one-block
+//!    `experts_group_one_block`, whose bytes their exact traffic formula counts);
 //! 3. `experts_bwd_pool`: expert-stationary, one warp a tile of EXPERT_TILE consecutive pairs
 //!    of the grouped order (balanced whatever the skew): dscores (PEER: the raw dw), da, and
 //!    du, dv of the rows whose run begins in the tile; a row begun in an earlier tile leaves its
