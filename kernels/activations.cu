@@ -1,23 +1,12 @@
 // GELU (tanh approximation) and the clamped SwiGLU. CPU twin: src/nn/cpu/activations.rs (same
 // constants and operation order). One thread an element, grid-stride.
-#include "common.cuh"
+#include "gelu.cuh"
 
 namespace act_k {
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluC = 0.044715f;
 constexpr float kAlpha = 1.702f;
 constexpr float kLimit = 7.0f;
-
-__device__ float gelu(float x) {
-  float inner = kSqrt2OverPi * (x + kGeluC * x * x * x);
-  return 0.5f * x * (1.0f + tanhf(inner));
-}
-
-__device__ float gelu_grad(float x) {
-  float th = tanhf(kSqrt2OverPi * (x + kGeluC * x * x * x));
-  return 0.5f * (1.0f + th) +
-         0.5f * x * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kGeluC * x * x);
-}
+using gelu_k::gelu;
+using gelu_k::gelu_grad;
 
 __device__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 

@@ -34,8 +34,6 @@
 #define EXPERT_MAX_D 1024
 #define EXPERT_MAX_K 128
 #define EXPERT_ROWS_IN_FLIGHT 2
-// Threads of the one block that sorts the backward's slots by pool row.
-#define EXPERT_SORT_BLOCK 256
 // Experts backward (kernels/experts_backward.cu): one warp owns EXPERT_TILE consecutive pairs of
 // the pool-row order (the same work whatever the skew), and each lane keeps its columns of a
 // row in registers, so d is at most EXPERT_BACKWARD_MAX_D (a multiple of 32).

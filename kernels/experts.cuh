@@ -1,24 +1,13 @@
 // What the expert kernels share (kernels/experts.cu, the forward; kernels/experts_backward.cu):
 // the activation and its derivative, the mode numbers, and the pool row of a slot.
 #pragma once
-#include "common.cuh"
+#include "gelu.cuh"
 
 namespace experts_k {
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kGeluC = 0.044715f;
 // ExpertMode as an int (src/nn/cuda/experts.rs: expert_mode_arg).
 constexpr int kGatedLinear = 0, kGatedGelu = 1, kPeer = 2;
-
-__device__ float gelu(float x) {
-  float inner = kSqrt2OverPi * (x + kGeluC * x * x * x);
-  return 0.5f * x * (1.0f + tanhf(inner));
-}
-
-__device__ float gelu_grad(float x) {
-  float th = tanhf(kSqrt2OverPi * (x + kGeluC * x * x * x));
-  return 0.5f * (1.0f + th) +
-         0.5f * x * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kGeluC * x * x);
-}
+using gelu_k::gelu;
+using gelu_k::gelu_grad;
 
 // p . q over d elements by one whole warp, in the twin's order (vmath::dot): lane l sums
 // elements l, l + 32, ... of the full 32-chunks, the 32 sums fold pairwise (16, 8, ... apart),

@@ -2,7 +2,7 @@
 // CPU twin: experts_backward in src/nn/cpu/experts.rs (the same sums in other fixed orders).
 //
 // The (token, channel, rank) pairs, one a slot, are grouped by pool row (a stable sort: slots
-// increase within a row), then:
+// increase within a row; kernels/sort.cu), then:
 //   experts_bwd_keys    the pool row of every slot;
 //   experts_bwd_pool    expert-stationary: one warp a tile of EXPERT_TILE consecutive pairs of
 //                       the sorted order, the same work whatever the rows' lengths; per row
@@ -39,57 +39,6 @@ __global__ void experts_bwd_keys(gptr<const unsigned> indices, gptr<unsigned> ke
     keys[j] = unsigned(experts_k::pool_row(indices, j, slots, k, channel_stride));
 }
 REPRO_KERNEL(experts_bwd_keys)
-
-// The slots grouped by key, stably, by one block (a counting sort; the device radix sort
-// replaces it): order (n slots, grouped by key, increasing within a key) and ends[r] (the end
-// of key r's group; it begins at ends[r - 1], or 0). Slots go in chunks of blockDim.x; in a
-// chunk each thread finds how many earlier slots of the chunk share its key (its place after
-// those the earlier chunks put there), and the last of them moves the key's cursor on.
-// EXPERT_SORT_BLOCK threads, one block.
-__global__ void experts_group_one_block(gptr<const unsigned> keys, gptr<unsigned> ends,
-                                        gptr<unsigned> order, int n, int num_keys) {
-  SHARED_ARRAY(unsigned, rows, EXPERT_SORT_BLOCK);
-  if (blockIdx.x != 0) return;
-  const unsigned me = threadIdx.x;
-  for (int r = me; r < num_keys; r += blockDim.x) ends[r] = 0;
-  // Pass 0 counts each key's slots into ends; then ends becomes the keys' starts (thread 0,
-  // in key order); pass 1 places each slot at its key's cursor and leaves ends[r] at the end.
-  for (int pass = 0; pass < 2; pass++) {
-    __syncthreads();
-    if (pass == 1 && me == 0) {
-      unsigned start = 0;
-      for (int r = 0; r < num_keys; r++) {
-        unsigned count = ends[r];
-        ends[r] = start;
-        start += count;
-      }
-    }
-    for (long base = 0; base < n; base += blockDim.x) {
-      const long j = base + me;
-      const unsigned len = n - base < long(blockDim.x) ? unsigned(n - base) : blockDim.x;
-      unsigned row = 0;
-      if (me < len) {
-        row = keys[j];
-        rows[me] = row;
-      }
-      __syncthreads();
-      unsigned earlier = 0;
-      bool last = true;
-      if (me < len) {
-        for (unsigned i = 0; i < len; i++) {
-          if (rows[i] != row) continue;
-          if (i < me) earlier++;
-          if (i > me) last = false;
-        }
-        if (pass == 1) order[ends[row] + earlier] = unsigned(j);
-      }
-      // Every thread has read its key's cursor (and rows) before the last moves it.
-      __syncthreads();
-      if (me < len && last) ends[row] += earlier + 1;
-    }
-  }
-}
-REPRO_KERNEL(experts_group_one_block)
 
 // Expert-stationary pass. One warp a tile of `tile` consecutive pairs of order (tiles =
 // ceil(n / tile), grid-stride over warps). The warp walks its tile in order; the lanes load the

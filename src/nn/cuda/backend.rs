@@ -98,20 +98,20 @@ impl CudaBackend {
         s.areas[slot].0
     }
 
-    /// `order`: the `n` slots grouped by `keys` (below `num_keys`), stably; `ends[r]`: the end
-    /// of key r's group. The one place the grouping is launched: the device radix sort
-    /// (sort.rs) replaces the one-block kernel here.
     /// The items 0..n grouped by their keys (< num_keys), stably: `order` and the runs' `ends`
     /// (src/nn/cuda/sort.rs: a radix sort over many blocks, deterministic).
-    fn group_by_key(&self, keys: KArg, n: usize, num_keys: usize, order: KArg, ends: KArg) {
-        let addr = |a: KArg| match a {
-            KArg::Buf(p, _) => p,
-            _ => unreachable!("group_by_key takes buffers"),
-        };
+    fn group_by_key(
+        &self,
+        keys: DevAddr,
+        n: usize,
+        num_keys: usize,
+        order: DevAddr,
+        ends: DevAddr,
+    ) {
         let bytes = sort::group_by_key_scratch(n, num_keys).bytes;
         let scratch = self.scratch(SLOT_SORT, bytes);
         for (name, dims, args) in
-            sort::group_by_key_launches(addr(keys), n, num_keys, addr(order), addr(ends), scratch)
+            sort::group_by_key_launches(keys, n, num_keys, order, ends, scratch)
         {
             self.launch(name, dims, &args);
         }
@@ -630,11 +630,12 @@ impl Backend for CudaBackend {
         let n = sc.n;
         let tile = eb::expert_tile();
         let area = self.scratch(SLOT_ORDER, sc.bytes);
-        let at = |off: usize, bytes: usize| KArg::Buf(area + off as DevAddr, bytes);
-        let keys = at(sc.keys, 4 * n);
-        let order = at(sc.order, 4 * n);
-        let ends = at(sc.ends, 4 * s.pool_rows);
-        let partial = at(sc.partial, 4 * sc.partial_len);
+        let addr = |off: usize| area + off as DevAddr;
+        let (keys_at, order_at, ends_at) = (addr(sc.keys), addr(sc.order), addr(sc.ends));
+        let keys = KArg::Buf(keys_at, 4 * n);
+        let order = KArg::Buf(order_at, 4 * n);
+        let ends = KArg::Buf(ends_at, 4 * s.pool_rows);
+        let partial = KArg::Buf(addr(sc.partial), 4 * sc.partial_len);
         let mode = KArg::I32(ex::expert_mode_arg(mode));
         // The pool row of every slot, then the slots grouped by it (stable).
         self.launch(
@@ -649,7 +650,7 @@ impl Backend for CudaBackend {
                 int(s.channel_stride),
             ],
         );
-        self.group_by_key(keys, n, s.pool_rows, order, ends);
+        self.group_by_key(keys_at, n, s.pool_rows, order_at, ends_at);
         // Expert-stationary: dscores (PEER: dw), da, and du, dv in tiles of the grouped order;
         // then the rows that cross tiles get their later pieces, in tile order.
         let (pool_kernel, _, v) = Self::pool_args("experts_bwd_pool", pool);

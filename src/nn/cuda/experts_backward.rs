@@ -2,9 +2,8 @@
 //! (kernels/experts_backward.cu), no float atomics:
 //!
 //! 1. `experts_bwd_keys`: the pool row of every slot, into the scratch;
-//! 2. the slots grouped by pool row, stably: CudaBackend::group_by_key, the many-block radix
-//!    sort of sort.rs (the tests below still group with the one-block
-//!    `experts_group_one_block`, whose bytes their exact traffic formula counts);
+//! 2. the slots grouped by pool row, stably: the many-block radix sort of sort.rs
+//!    (`CudaBackend::group_by_key`);
 //! 3. `experts_bwd_pool`: expert-stationary, one warp a tile of EXPERT_TILE consecutive pairs
 //!    of the grouped order (balanced whatever the skew): dscores (PEER: the raw dw), da, and
 //!    du, dv of the rows whose run begins in the tile; a row begun in an earlier tile leaves its
@@ -15,12 +14,12 @@
 //! Rows gathered per pair: x and dy (pass 3) and u (pass 5); v once per row piece.
 //! Used by both drivers, so nothing here depends on the emulator.
 
-use super::{constant, dims, elementwise_dims, per_row, LaunchDims};
+use super::sort::group_by_key_bytes;
+use super::{constant, elementwise_dims, per_row, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape};
 use std::sync::LazyLock;
 
 static EXPERT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BLOCK"));
-static EXPERT_SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_SORT_BLOCK"));
 static EXPERT_TILE: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_TILE"));
 static MAX_D: LazyLock<u32> = LazyLock::new(|| constant("EXPERT_BACKWARD_MAX_D"));
 
@@ -41,11 +40,6 @@ fn warps_per_block() -> usize {
 /// `experts_bwd_keys(indices, keys, n, channels * k, k, channel_stride)`: one thread a slot.
 pub fn keys_dims(n: usize) -> LaunchDims {
     elementwise_dims(n)
-}
-
-/// `experts_group_one_block(keys, ends, order, n, num_keys)`: one block.
-pub fn group_one_block_dims() -> LaunchDims {
-    dims(1, 1, *EXPERT_SORT_BLOCK, 0)
 }
 
 /// `experts_bwd_pool(x, dy, scores, a, w, v, keys, order, ends, dscores, da, du, dv, partial,
@@ -148,8 +142,8 @@ pub fn slot_rows(s: ExpertShape, indices: &[u32]) -> Vec<u32> {
 }
 
 /// The traffic of the backward's launches for `tokens` tokens whose slots have pool rows
-/// `keys` (see `slot_rows`), with tiles of `tile` pairs. The grouping is data-dependent (rows per
-/// tile, rows crossing tiles; for the one-block sort, distinct rows per chunk), hence the keys.
+/// `keys` (see `slot_rows`), with tiles of `tile` pairs. The pool pass is data-dependent (rows
+/// per tile, rows crossing tiles), hence the keys.
 pub fn experts_backward_bytes(
     s: ExpertShape,
     mode: ExpertMode,
@@ -161,7 +155,6 @@ pub fn experts_backward_bytes(
     let slots = s.channels * s.k;
     assert_eq!(keys.len(), tokens * slots);
     let peer = mode == ExpertMode::PeerSoftmaxGelu;
-    let rows = s.pool_rows as u64;
     let mut out = BackwardBytes {
         keys: Bytes {
             read: 4 * n,
@@ -170,23 +163,8 @@ pub fn experts_backward_bytes(
         ..Default::default()
     };
 
-    // One-block grouping: ends zeroed, two passes over the keys (the second also reads each
-    // slot's cursor and writes order), each chunk's distinct keys moving their cursor once,
-    // and thread 0 turning counts into starts.
-    let chunk = *EXPERT_SORT_BLOCK as usize;
-    let distinct: u64 = keys
-        .chunks(chunk)
-        .map(|c| {
-            let mut c = c.to_vec();
-            c.sort_unstable();
-            c.dedup();
-            c.len() as u64
-        })
-        .sum();
-    out.group = Bytes {
-        read: 2 * 4 * n + 4 * n + 2 * 4 * distinct + 4 * rows,
-        written: 4 * rows + 4 * n + 2 * 4 * distinct + 4 * rows,
-    };
+    let (read, written) = group_by_key_bytes(keys.len(), s.pool_rows);
+    out.group = Bytes { read, written };
 
     // The grouped order's rows, and each row's end in it.
     let mut ends = vec![0u64; s.pool_rows];
@@ -250,7 +228,10 @@ mod tests {
     use super::*;
     use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
     use crate::nn::cuda::emu::{launch, Arg, Traffic};
-    use crate::nn::cuda::testing::{below, bits, close, grids, randn, scales, spread};
+    use crate::nn::cuda::sort::SORT_GRID_MAX;
+    use crate::nn::cuda::testing::{
+        below, bits, close, grids, group_on_emulator, randn, scales, spread, stable_grouping,
+    };
     use crate::nn::rng::{fresh_seed, Rng};
 
     fn run(name: &str, dims: LaunchDims, args: &mut [Arg]) -> Bytes {
@@ -306,20 +287,6 @@ mod tests {
                 })
                 .collect(),
         }
-    }
-
-    /// The grouped order and ends, by a stable sort on the host.
-    fn grouped(keys: &[u32], rows: usize) -> (Vec<u32>, Vec<u32>) {
-        let mut order: Vec<u32> = (0..keys.len() as u32).collect();
-        order.sort_by_key(|&j| keys[j as usize]);
-        let mut ends = vec![0u32; rows];
-        for &r in keys {
-            ends[r as usize] += 1;
-        }
-        for r in 1..rows {
-            ends[r] += ends[r - 1];
-        }
-        (order, ends)
     }
 
     #[test]
@@ -432,10 +399,8 @@ mod tests {
         let du_scale = spread(&du0, &sc.da, &x, d, row, |j| j / slots);
         let dv_scale = spread(&dv0, &sc.coef, &dy, d, row, |j| j / slots);
 
-        // Keys and grouping (the scratch starts as garbage: nothing needs initialising).
+        // Keys (the output starts as garbage: every element must be written).
         let mut keys = vec![0xdead_beefu32; n];
-        let mut ends = vec![0xdead_beefu32; s.pool_rows];
-        let mut order = vec![0xdead_beefu32; n];
         let mut measured = BackwardBytes {
             keys: run(
                 "experts_bwd_keys",
@@ -449,21 +414,18 @@ mod tests {
                     i32_(s.channel_stride),
                 ],
             ),
-            group: run(
-                "experts_group_one_block",
-                group_one_block_dims(),
-                &mut [
-                    Arg::slice(&keys),
-                    Arg::slice_mut(&mut ends),
-                    Arg::slice_mut(&mut order),
-                    i32_(n),
-                    i32_(s.pool_rows),
-                ],
-            ),
             ..Default::default()
         };
+        // The backend's grouping, the radix sort (fibers beyond the sizes real threads run
+        // quickly).
+        let grouping = group_on_emulator(&keys, s.pool_rows, *SORT_GRID_MAX, n > 257);
+        measured.group = Bytes {
+            read: grouping.traffic.0,
+            written: grouping.traffic.1,
+        };
+        let (order, ends) = (grouping.order, grouping.ends);
         assert_eq!(keys, rows, "keys {case}");
-        let (order_r, ends_r) = grouped(&rows, s.pool_rows);
+        let (order_r, ends_r) = stable_grouping(&rows, s.pool_rows);
         assert_eq!(order, order_r, "order {case}");
         assert_eq!(ends, ends_r, "ends {case}");
 
@@ -599,7 +561,6 @@ mod tests {
         let n = tokens * 16 * 8;
         for d in [
             keys_dims(n),
-            group_one_block_dims(),
             pool_dims(n, expert_tile()),
             pool_dims(n, 1),
             token_dims(tokens),

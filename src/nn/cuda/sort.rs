@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 static SORT_RADIX_BITS: LazyLock<u32> = LazyLock::new(|| constant("SORT_RADIX_BITS"));
 static SORT_BLOCK: LazyLock<u32> = LazyLock::new(|| constant("SORT_BLOCK"));
 static SORT_ITEMS: LazyLock<u32> = LazyLock::new(|| constant("SORT_ITEMS"));
-static SORT_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("SORT_GRID_MAX"));
+pub(super) static SORT_GRID_MAX: LazyLock<u32> = LazyLock::new(|| constant("SORT_GRID_MAX"));
 static SORT_ENDS_TILE: LazyLock<u32> = LazyLock::new(|| constant("SORT_ENDS_TILE"));
 
 /// The device scratch of one group-by-key: `bytes` of it (u32 aligned), laid out as two key
@@ -30,7 +30,7 @@ pub struct GroupScratch {
 }
 
 impl GroupScratch {
-    fn new(n: usize, key_bound: usize, grid_cap: u32) -> GroupScratch {
+    pub(super) fn new(n: usize, key_bound: usize, grid_cap: u32) -> GroupScratch {
         assert!(n <= u32::MAX as usize && key_bound <= u32::MAX as usize);
         let bits = usize::BITS - key_bound.saturating_sub(1).leading_zeros();
         let passes = bits.div_ceil(*SORT_RADIX_BITS).max(1);
@@ -94,7 +94,7 @@ pub fn group_by_key_launches(
     )
 }
 
-fn launches(
+pub(super) fn launches(
     keys: DevAddr,
     key_bound: usize,
     order: DevAddr,
@@ -181,7 +181,7 @@ pub fn group_by_key_bytes(n: usize, key_bound: usize) -> (u64, u64) {
     bytes_of(n, key_bound, &s)
 }
 
-fn bytes_of(n: usize, key_bound: usize, s: &GroupScratch) -> (u64, u64) {
+pub(super) fn bytes_of(n: usize, key_bound: usize, s: &GroupScratch) -> (u64, u64) {
     let (n, kb) = (n as u64, key_bound as u64);
     let c = *SORT_BLOCK as u64 * s.blocks as u64;
     let passes = s.passes as u64;
@@ -198,78 +198,8 @@ fn bytes_of(n: usize, key_bound: usize, s: &GroupScratch) -> (u64, u64) {
 mod tests {
     use super::*;
     use crate::interp::testing::fresh_seed;
-    use crate::nn::cuda::driver::Driver;
-    use crate::nn::cuda::emu::EmuDriver;
+    use crate::nn::cuda::testing::{group_on_emulator, stable_grouping, Grouped};
     use crate::nn::rng::Rng;
-
-    /// The CPU stable sort: order by (key, item), ends[r] = the keys <= r.
-    fn reference(keys: &[u32], key_bound: usize) -> (Vec<u32>, Vec<u32>) {
-        let mut order: Vec<u32> = (0..keys.len() as u32).collect();
-        order.sort_by_key(|&i| keys[i as usize]);
-        let mut ends = vec![0u32; key_bound];
-        for &k in keys {
-            ends[k as usize] += 1;
-        }
-        let mut run = 0;
-        for e in ends.iter_mut() {
-            run += *e;
-            *e = run;
-        }
-        (order, ends)
-    }
-
-    struct Run {
-        order: Vec<u32>,
-        ends: Vec<u32>,
-        traffic: (u64, u64),
-    }
-
-    fn to_bytes(x: &[u32]) -> Vec<u8> {
-        x.iter().flat_map(|v| v.to_le_bytes()).collect()
-    }
-
-    fn from_bytes(b: &[u8]) -> Vec<u32> {
-        b.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    }
-
-    /// Runs the launches on an emulator (race check on; fibers for speed where asked), with the
-    /// grid of the histogram and scatter capped at `cap` blocks.
-    fn run(keys: &[u32], key_bound: usize, cap: u32, fibers: bool) -> Run {
-        let n = keys.len();
-        let drv = EmuDriver::with_mode(true, fibers);
-        let s = GroupScratch::new(n, key_bound, cap);
-        let k = drv.alloc(4 * n).unwrap();
-        drv.upload(k, &to_bytes(keys)).unwrap();
-        let (order, ends, scratch) = (
-            drv.alloc(4 * n).unwrap(),
-            drv.alloc(4 * key_bound).unwrap(),
-            drv.alloc(s.bytes).unwrap(),
-        );
-        // Poison the outputs: every element must be written.
-        drv.upload(order, &vec![0xAB; 4 * n]).unwrap();
-        drv.upload(ends, &vec![0xAB; 4 * key_bound]).unwrap();
-        for (name, d, args) in launches(k, key_bound, order, ends, scratch, s) {
-            drv.launch(name, d, &args)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-        }
-        let mut o = vec![0u8; 4 * n];
-        let mut e = vec![0u8; 4 * key_bound];
-        drv.download(order, &mut o).unwrap();
-        drv.download(ends, &mut e).unwrap();
-        let t = drv.traffic().values().fold((0, 0), |a, (_, t)| {
-            (a.0 + t.read_bytes, a.1 + t.written_bytes)
-        });
-        for a in [k, order, ends, scratch] {
-            drv.free(a);
-        }
-        Run {
-            order: from_bytes(&o),
-            ends: from_bytes(&e),
-            traffic: t,
-        }
-    }
 
     #[derive(Clone, Copy, Debug)]
     enum Dist {
@@ -312,9 +242,9 @@ mod tests {
         Dist::Zipf,
     ];
 
-    fn check(keys: &[u32], key_bound: usize, cap: u32, fibers: bool, case: &str) -> Run {
-        let r = run(keys, key_bound, cap, fibers);
-        let (order, ends) = reference(keys, key_bound);
+    fn check(keys: &[u32], key_bound: usize, cap: u32, fibers: bool, case: &str) -> Grouped {
+        let r = group_on_emulator(keys, key_bound, cap, fibers);
+        let (order, ends) = stable_grouping(keys, key_bound);
         assert!(
             r.order == order,
             "{case}: order differs from the stable sort"

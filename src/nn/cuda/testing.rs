@@ -1,8 +1,9 @@
 //! What the emulator tests of the kernels share: launching with the race check on, the two
 //! grids each kernel runs on, random inputs and comparisons.
 
-use super::emu::{launch, Arg};
-use super::LaunchDims;
+use super::driver::Driver;
+use super::emu::{launch, Arg, EmuDriver};
+use super::{sort, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape};
 use crate::nn::rng::Rng;
 
@@ -18,6 +19,70 @@ pub fn grids(d: LaunchDims) -> [LaunchDims; 2] {
     let mut small = d;
     small.grid[0] = 2;
     [d, small]
+}
+
+/// The items 0..n grouped by key (each `< key_bound`) by the host's stable sort: the order, and
+/// each key's run end in it.
+pub fn stable_grouping(keys: &[u32], key_bound: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..keys.len() as u32).collect();
+    order.sort_by_key(|&i| keys[i as usize]);
+    let mut ends = vec![0u32; key_bound];
+    for &k in keys {
+        ends[k as usize] += 1;
+    }
+    for r in 1..key_bound {
+        ends[r] += ends[r - 1];
+    }
+    (order, ends)
+}
+
+/// What the device's group-by-key gave, and the global bytes (read, written) it moved.
+pub struct Grouped {
+    pub order: Vec<u32>,
+    pub ends: Vec<u32>,
+    pub traffic: (u64, u64),
+}
+
+/// Groups `keys` with the launches of sort.rs on an emulator (race check on; fibers for speed
+/// where asked), the histogram's and scatter's grid capped at `cap` blocks. The outputs start
+/// poisoned: every element must be written.
+pub fn group_on_emulator(keys: &[u32], key_bound: usize, cap: u32, fibers: bool) -> Grouped {
+    let n = keys.len();
+    let drv = EmuDriver::with_mode(true, fibers);
+    let s = sort::GroupScratch::new(n, key_bound, cap);
+    let words = |x: &[u32]| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let k = drv.alloc(4 * n).unwrap();
+    drv.upload(k, &words(keys)).unwrap();
+    let (order, ends, scratch) = (
+        drv.alloc(4 * n).unwrap(),
+        drv.alloc(4 * key_bound).unwrap(),
+        drv.alloc(s.bytes).unwrap(),
+    );
+    drv.upload(order, &vec![0xAB; 4 * n]).unwrap();
+    drv.upload(ends, &vec![0xAB; 4 * key_bound]).unwrap();
+    for (name, d, args) in sort::launches(k, key_bound, order, ends, scratch, s) {
+        drv.launch(name, d, &args)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let fetch = |addr, len: usize| {
+        let mut b = vec![0u8; 4 * len];
+        drv.download(addr, &mut b).unwrap();
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<u32>>()
+    };
+    let (order_v, ends_v) = (fetch(order, n), fetch(ends, key_bound));
+    let traffic = drv.traffic().values().fold((0, 0), |a, (_, t)| {
+        (a.0 + t.read_bytes, a.1 + t.written_bytes)
+    });
+    for a in [k, order, ends, scratch] {
+        drv.free(a);
+    }
+    Grouped {
+        order: order_v,
+        ends: ends_v,
+        traffic,
+    }
 }
 
 pub fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
