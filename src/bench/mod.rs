@@ -5,6 +5,7 @@ mod engine;
 mod floor;
 mod kernels;
 mod neighbours;
+mod script;
 mod traffic;
 mod train;
 

@@ -8,6 +8,7 @@
 //!   at that time, and bench/pk_reference.py (the same layer in ordinary PyTorch) beside it.
 
 use super::floor::{floor, seconds, Floor, FloorBytes, FloorShape, PassFloor};
+use super::script::Script;
 use crate::nn::backend::{
     zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Pool,
     ProductKeyShape,
@@ -702,11 +703,10 @@ fn torch_reference(
     tokens: usize,
     reps: usize,
 ) -> Result<Reference, String> {
-    let path = std::env::temp_dir().join(format!("repro-pk-reference-{}.py", std::process::id()));
-    std::fs::write(&path, PK_REFERENCE).map_err(|e| e.to_string())?;
+    let script = Script::write("pk_reference.py", PK_REFERENCE).map_err(|e| e.to_string())?;
     let (e, r) = (case.experts, case.router);
     let out = std::process::Command::new(python)
-        .arg(&path)
+        .arg(script.path())
         .args(["--kind", case.kind.as_str(), "--device", "cuda"])
         .args(["--tokens", &tokens.to_string(), "--d", &e.d.to_string()])
         .args([
@@ -722,7 +722,6 @@ fn torch_reference(
             &reps.to_string(),
         ])
         .output();
-    let _ = std::fs::remove_file(&path);
     let out = out.map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());

@@ -6,6 +6,7 @@
 //! from elsewhere on a shared machine falls on both; the figures are medians over the rounds
 //! and the ratio is the median of the per-round ratios, with their range beside it.
 
+use super::script::Script;
 use crate::nn::cpu::isa::{Isa, ISA_ENV};
 use crate::nn::profile::Profile;
 use crate::nn::{bench_train_with, FfnKind, ModelConfig};
@@ -339,7 +340,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .map(|k| k.parse().map_err(anyhow::Error::msg))
             .collect::<Result<_>>()?
     };
-    let python = python(args.python.as_deref());
+    let python = python(args.python.as_deref())?;
+    let torch_train = Script::write("torch_train.py", TORCH_TRAIN)?;
     let exe = std::env::current_exe()?;
     let cpu = cpu_model();
     let load = load_average();
@@ -355,7 +357,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     println!(
         "PyTorch: {}",
         python.as_ref().map_or(
-            "not run (none given, or bench/install-peers.sh has not installed it)".to_string(),
+            "not run (--python none, or no bench/.venv/bin/python with torch: bench/install-peers.sh installs one)".to_string(),
             |p| p.display().to_string()
         )
     );
@@ -406,7 +408,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 row.repro.push(ours);
                 if let Some(py) = &python {
                     let mut cmd = Command::new(py);
-                    cmd.arg(script())
+                    cmd.arg(torch_train.path())
                         .args(common)
                         .args(["--threads", &threads_s]);
                     if let Some(isa) = args.isa {
@@ -511,21 +513,26 @@ fn join(set: &BTreeSet<String>) -> String {
     set.iter().cloned().collect::<Vec<_>>().join("/")
 }
 
-fn script() -> PathBuf {
-    PathBuf::from("bench/torch_train.py")
-}
+const TORCH_TRAIN: &str = include_str!("../../bench/torch_train.py");
 
-fn python(given: Option<&str>) -> Option<PathBuf> {
-    let candidate = match given {
-        Some("none") => return None,
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from("bench/.venv/bin/python"),
+/// The Python that runs the PyTorch side: `given` (an error if it cannot import torch), else
+/// bench/.venv/bin/python where bench/install-peers.sh put it, else none.
+fn python(given: Option<&str>) -> Result<Option<PathBuf>> {
+    let has_torch = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import torch"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     };
-    let ok = Command::new(&candidate)
-        .args(["-c", "import torch"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    (ok && Path::new(&script()).is_file()).then_some(candidate)
+    match given {
+        Some("none") => Ok(None),
+        Some(p) if has_torch(Path::new(p)) => Ok(Some(PathBuf::from(p))),
+        Some(p) => bail!("--python {p}: cannot run it, or it cannot import torch (bench/install-peers.sh installs one into bench/.venv)"),
+        None => {
+            let default = PathBuf::from("bench/.venv/bin/python");
+            Ok(has_torch(&default).then_some(default))
+        }
+    }
 }
 
 /// CPU seconds the whole machine has been busy (all cores; steal counted as busy, as it is
@@ -609,8 +616,8 @@ fn run_child(cmd: &mut Command) -> Result<Value> {
         .lines()
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
-        .context("no JSON result")?;
-    Ok(serde_json::from_str(line)?)
+        .with_context(|| format!("{cmd:?} printed no JSON result"))?;
+    serde_json::from_str(line).with_context(|| format!("{cmd:?} printed a bad result: {line}"))
 }
 
 #[cfg(test)]
