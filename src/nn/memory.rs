@@ -6,6 +6,7 @@
 //! of the forward and backward passes, `AdamW::new`, `checkpoint::save`); the test below holds
 //! them to the bytes a real step allocates.
 
+use super::backend::Storage;
 use super::config::{FfnKind, ModelConfig};
 
 /// Bytes, by what holds them.
@@ -13,7 +14,8 @@ use super::config::{FfnKind, ModelConfig};
 pub struct MemoryEstimate {
     /// Parameter count (not bytes).
     pub params: f64,
-    /// Parameters and gradients (f32 each), plus the per-expert usage counters.
+    /// Parameters and gradients (f32 each), the per-expert usage counters, and with bf16
+    /// expert storage the bf16 copy of the pools the expert kernels read.
     pub weights: f64,
     /// AdamW's two moments (training only).
     pub optimizer: f64,
@@ -85,11 +87,21 @@ pub fn param_count(cfg: &ModelConfig) -> f64 {
         FfnKind::Mlp => 2.0 * d * f,
         FfnKind::Swiglu => d * 2.0 * f + 2.0 * f + f * d + d,
         FfnKind::Moe => d * n + n * (d * 2.0 * f + 2.0 * f + f * d + d),
-        FfnKind::Sgatlin | FfnKind::SgatlinGelu => d * dk + dk * 2.0 * c * s + 2.0 * c * n * d,
-        FfnKind::Peer => d * 2.0 * c * dk + 2.0 * c * s * dk + 2.0 * n * d,
+        FfnKind::Sgatlin | FfnKind::SgatlinGelu => d * dk + dk * 2.0 * c * s + pool_params(cfg),
+        FfnKind::Peer => d * 2.0 * c * dk + 2.0 * c * s * dk + pool_params(cfg),
     };
     let per_layer = 4.0 * d * d + 2.0 * d + 2.0 * head_dim(cfg) + ffn;
     cfg.vocab as f64 * d + cfg.n_layers as f64 * per_layer + d
+}
+
+/// Parameters of one layer's expert pools, u and v (0 for kinds without pools).
+fn pool_params(cfg: &ModelConfig) -> f64 {
+    let (d, c, n) = (cfg.d_model as f64, cfg.channels as f64, cfg.experts as f64);
+    match cfg.ffn {
+        FfnKind::Sgatlin | FfnKind::SgatlinGelu => 2.0 * c * n * d,
+        FfnKind::Peer => 2.0 * n * d,
+        FfnKind::Mlp | FfnKind::Swiglu | FfnKind::Moe => 0.0,
+    }
 }
 
 /// Bytes of one feedforward layer's buffers for `n` tokens: (forward, backward, fixed).
@@ -159,8 +171,9 @@ fn token_bytes(n: f64, batch: f64) -> f64 {
     4.0 * (n + batch) + 4.0 * 2.0 * n * 2.0 + 8.0 * n
 }
 
-/// Peak memory of training `cfg` on batches of `batch` sequences of `cfg.seq_len` tokens.
-pub fn train_estimate(cfg: &ModelConfig, batch: usize) -> MemoryEstimate {
+/// Peak memory of training `cfg` on batches of `batch` sequences of `cfg.seq_len` tokens, the
+/// expert kernels reading the pools in `storage`.
+pub fn train_estimate(cfg: &ModelConfig, batch: usize, storage: Storage) -> MemoryEstimate {
     let p = param_count(cfg);
     let batch = batch as f64;
     let n = batch * cfg.seq_len as f64;
@@ -171,7 +184,7 @@ pub fn train_estimate(cfg: &ModelConfig, batch: usize) -> MemoryEstimate {
     let backward = 4.0 * 8.0 * n * d;
     MemoryEstimate {
         params: p,
-        weights: 8.0 * p + l * ffn_fixed,
+        weights: 8.0 * p + l * ffn_fixed + l * pool_copy_bytes(cfg, storage),
         optimizer: 8.0 * p,
         activations: backbone_forward_bytes(cfg, batch, n)
             + l * (ffn_fwd + ffn_bwd)
@@ -179,6 +192,14 @@ pub fn train_estimate(cfg: &ModelConfig, batch: usize) -> MemoryEstimate {
             + token_bytes(n, batch),
         // checkpoint::save turns weights and both moments into bytes before writing them.
         checkpoint: 12.0 * p,
+    }
+}
+
+/// Bytes of one layer's bf16 copy of its pools (`Slots`' shadow), made with bf16 storage.
+fn pool_copy_bytes(cfg: &ModelConfig, storage: Storage) -> f64 {
+    match storage {
+        Storage::F32 => 0.0,
+        Storage::Bf16 => 2.0 * pool_params(cfg),
     }
 }
 
@@ -219,7 +240,8 @@ pub fn machine_memory() -> Option<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::train::bench_train;
+    use crate::nn::train::tests::{pattern_batch, train_cfg};
+    use crate::nn::train::{bench_train, Trainer};
 
     fn small(ffn: FfnKind) -> ModelConfig {
         let mut c = ModelConfig::ladder(ffn, 0.5, 300, 24);
@@ -249,7 +271,7 @@ mod tests {
             for batch in [1, 3] {
                 let c = small(ffn);
                 let (_, measured) = bench_train(&c, batch, 0).unwrap();
-                let e = train_estimate(&c, batch);
+                let e = train_estimate(&c, batch, Storage::F32);
                 // `measured` has no checkpoint copy, usage counters or token buffers.
                 let held = e.weights + e.optimizer + e.activations;
                 let ratio = held / measured as f64;
@@ -261,6 +283,34 @@ mod tests {
         }
     }
 
+    /// With bf16 expert storage the estimate grows by exactly the copy a real step holds (2
+    /// bytes a pool parameter), and still covers the whole step.
+    #[test]
+    fn estimate_counts_the_bf16_copy_of_the_pools() {
+        let held = |c: &ModelConfig, storage: Storage| {
+            let mut tr = Trainer::new(c, train_cfg(2)).unwrap();
+            tr.model.set_expert_storage(storage).unwrap();
+            tr.step(&pattern_batch(0, 2, c.seq_len)).unwrap();
+            (tr.model.allocated_bytes() + tr.opt.m.bytes() + tr.opt.v.bytes()) as f64
+        };
+        for ffn in [FfnKind::Sgatlin, FfnKind::SgatlinGelu, FfnKind::Peer] {
+            let c = small(ffn);
+            let (e32, e16) = (
+                train_estimate(&c, 2, Storage::F32),
+                train_estimate(&c, 2, Storage::Bf16),
+            );
+            let (m32, m16) = (held(&c, Storage::F32), held(&c, Storage::Bf16));
+            let pools = c.n_layers as f64 * pool_params(&c);
+            assert!(pools > 0.0, "{ffn:?}");
+            assert_eq!(e16.total() - e32.total(), 2.0 * pools, "{ffn:?}");
+            assert_eq!(m16 - m32, 2.0 * pools, "{ffn:?}: the step's copy");
+            let ratio = (e16.weights + e16.optimizer + e16.activations) / m16;
+            assert!((1.0..1.25).contains(&ratio), "{ffn:?}: {ratio:.3}");
+        }
+        let dense = small(FfnKind::Moe);
+        assert_eq!(pool_params(&dense), 0.0);
+    }
+
     #[test]
     fn absurd_sizes_give_huge_finite_estimates() {
         let mut c = ModelConfig::ladder(FfnKind::Sgatlin, 1.0, 256, 128);
@@ -268,7 +318,7 @@ mod tests {
         c.n_layers = usize::MAX;
         c.experts = usize::MAX;
         c.seq_len = usize::MAX;
-        let e = train_estimate(&c, usize::MAX);
+        let e = train_estimate(&c, usize::MAX, Storage::Bf16);
         assert!(e.total() > 1e50 && e.total().is_finite(), "{e:?}");
         assert!(e.describe().contains("GiB"));
     }

@@ -77,7 +77,8 @@ pub struct With {
     #[serde(default = "default_device")]
     pub device: String,
     /// How the expert kernels read the pools of sgatlin and PEER: `f32` (the parameters) or
-    /// `bf16` (a copy made at each forward pass; parameters and optimiser stay f32).
+    /// `bf16` (a copy made at each forward pass, counted in the memory estimate; parameters and
+    /// optimiser stay f32).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub expert_storage: Storage,
     /// Seconds between resume checkpoints (0: after every step).
@@ -294,7 +295,7 @@ impl With {
                 return Err("with.flops is missing: give with.flops or with.steps".into())
             }
         };
-        let memory = memory::train_estimate(&cfg, self.batch);
+        let memory = memory::train_estimate(&cfg, self.batch, self.expert_storage);
         Ok(Plan { cfg, steps, memory })
     }
 
@@ -923,7 +924,7 @@ mod tests {
             let batch = pick();
             let ran = std::panic::catch_unwind(|| {
                 let _ = cfg.check_fields();
-                let t = memory::train_estimate(&cfg, batch).total();
+                let t = memory::train_estimate(&cfg, batch, Storage::Bf16).total();
                 let e = memory::eval_estimate(&cfg, batch).total();
                 assert!(t >= 0.0 && e >= 0.0);
                 let _ = flops::forward_flops_per_seq(&cfg);
