@@ -10,8 +10,8 @@
 use super::floor::{floor, seconds, Floor, FloorBytes, FloorShape, PassFloor};
 use super::script::Script;
 use crate::nn::backend::{
-    zero, Backend, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Pool,
-    ProductKeyShape,
+    zero, Backend, Bf16, Buf, ExpertMode, ExpertShape, ExpertsGrads, ExpertsSaved, ExpertsSavedRef,
+    Pool, ProductKeyShape, Storage,
 };
 use crate::nn::rng::Rng;
 use crate::nn::{FfnKind, ModelConfig};
@@ -26,6 +26,8 @@ pub struct LayerCase {
     pub router: ProductKeyShape,
     pub experts: ExpertShape,
     pub mode: ExpertMode,
+    /// How the expert kernels read the pools (`with.expert_storage`).
+    pub storage: Storage,
 }
 
 impl LayerCase {
@@ -60,6 +62,7 @@ impl LayerCase {
                 pool_rows,
             },
             mode,
+            storage: Storage::F32,
         })
     }
 
@@ -67,7 +70,16 @@ impl LayerCase {
         format!("{} s={}", self.kind.as_str(), self.scale)
     }
 
-    /// The floor at `tokens` with `rows_touched` pool rows used, f32 pools (repro today).
+    /// Bytes of a pool element.
+    fn pool_bytes(&self) -> u64 {
+        match self.storage {
+            Storage::F32 => 4,
+            Storage::Bf16 => 2,
+        }
+    }
+
+    /// The floor at `tokens` with `rows_touched` pool rows used: repro's layer (f32
+    /// activations) with its pools in `storage`.
     pub fn floor(&self, tokens: usize, rows_touched: u64) -> Floor {
         let e = self.experts;
         floor(
@@ -79,15 +91,15 @@ impl LayerCase {
                 rows_touched,
                 logits_per_token: self.router.logits_per_token() as u64,
             },
-            &FloorBytes::repro(4),
+            &FloorBytes::repro(self.pool_bytes()),
         )
     }
 
     /// The floor of a whole step (65,536 tokens, every row touched), in ms at `gbs` GB/s:
-    /// repro's f32 layer and KERNELS.md's bf16 one.
+    /// repro's layer and KERNELS.md's bf16 one.
     fn full_step(&self, gbs: f64) -> String {
         let tokens = 65536;
-        let f32 = self.floor(tokens, self.experts.pool_rows as u64);
+        let ours = self.floor(tokens, self.experts.pool_rows as u64);
         let e = self.experts;
         let bf16 = floor(
             &FloorShape {
@@ -102,10 +114,11 @@ impl LayerCase {
         );
         let ms = |b: u64| seconds(b, gbs) * 1e3;
         format!(
-            "full step floor ({tokens} tokens): layer f32 fwd {:.2} ms, bwd {:.2} ms; \
+            "full step floor ({tokens} tokens): layer, {} pools, fwd {:.2} ms, bwd {:.2} ms; \
              experts bf16 (KERNELS.md) fwd {:.2} ms, bwd {:.2} ms",
-            ms(f32.fwd.layer()),
-            ms(f32.bwd.layer()),
+            storage_name(self.storage),
+            ms(ours.fwd.layer()),
+            ms(ours.bwd.layer()),
             ms(bf16.fwd.total()),
             ms(bf16.bwd.total())
         )
@@ -114,7 +127,7 @@ impl LayerCase {
     fn describe(&self, tokens: usize) -> String {
         let (e, r) = (self.experts, self.router);
         format!(
-            "{}: d {}, C {}, k {}, sqrt_N {}, {} pool rows{}, {tokens} tokens, f32",
+            "{}: d {}, C {}, k {}, sqrt_N {}, {} pool rows{}, {tokens} tokens, f32 activations, {} pools",
             self.label(),
             e.d,
             e.channels,
@@ -126,6 +139,7 @@ impl LayerCase {
             } else {
                 ""
             },
+            storage_name(self.storage),
         )
     }
 }
@@ -189,6 +203,29 @@ pub struct Layer {
     du: Buf<f32>,
     dv: Buf<f32>,
     dlogits: Buf<f32>,
+    /// With bf16 storage: u and v rounded, as the model's copy.
+    u16: Buf<Bf16>,
+    v16: Buf<Bf16>,
+}
+
+/// The pools as the expert ops read them.
+fn pool<'a>(
+    storage: Storage,
+    u: &'a Buf<f32>,
+    v: &'a Buf<f32>,
+    u16: &'a Buf<Bf16>,
+    v16: &'a Buf<Bf16>,
+) -> Pool<'a> {
+    match storage {
+        Storage::F32 => Pool::F32 {
+            u: u.view(),
+            v: v.view(),
+        },
+        Storage::Bf16 => Pool::Bf16 {
+            u: u16.view(),
+            v: v16.view(),
+        },
+    }
 }
 
 fn randn(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
@@ -213,6 +250,13 @@ impl Layer {
         let v = init(pool, 1.0 / (e.d as f64).sqrt())?;
         let dy = init(tokens * e.d, 1.0)?;
         let z = |n: usize| Buf::<f32>::zeros(be, n);
+        let (mut u16, mut v16) = (Buf::<Bf16>::empty(be), Buf::<Bf16>::empty(be));
+        if case.storage == Storage::Bf16 {
+            for (f, h) in [(&u, &mut u16), (&v, &mut v16)] {
+                h.ensure(pool)?;
+                be.round_bf16(f.view(), h.view_mut());
+            }
+        }
         Ok(Layer {
             case,
             logits,
@@ -232,12 +276,15 @@ impl Layer {
             du: z(pool)?,
             dv: z(pool)?,
             dlogits: z(tokens * r.logits_per_token())?,
+            u16,
+            v16,
         })
     }
 
     /// Runs one op on `be` (the backend the buffers live on), as slots.rs does.
     pub fn run(&mut self, be: &dyn Backend, op: Op) {
         let (e, r, mode) = (self.case.experts, self.case.router, self.case.mode);
+        let storage = self.case.storage;
         match op {
             Op::TopkForward => be.product_key_topk_forward(
                 r,
@@ -251,10 +298,7 @@ impl Layer {
                 self.x.view(),
                 self.scores.view(),
                 self.indices.view(),
-                Pool::F32 {
-                    u: self.u.view(),
-                    v: self.v.view(),
-                },
+                pool(storage, &self.u, &self.v, &self.u16, &self.v16),
                 ExpertsSaved {
                     a: self.a.view_mut(),
                     coef: self.coef.view_mut(),
@@ -270,10 +314,7 @@ impl Layer {
                     self.x.view(),
                     self.scores.view(),
                     self.indices.view(),
-                    Pool::F32 {
-                        u: self.u.view(),
-                        v: self.v.view(),
-                    },
+                    pool(storage, &self.u, &self.v, &self.u16, &self.v16),
                     ExpertsSavedRef {
                         a: self.a.view(),
                         coef: self.coef.view(),
@@ -553,6 +594,9 @@ pub struct DeviceArgs {
     /// Product-key kinds (cuda-emu, cuda).
     #[arg(long, value_delimiter = ',', default_value = "sgatlin,peer")]
     pub kinds: Vec<String>,
+    /// How the expert kernels read the pools: f32, or bf16 (`with.expert_storage`).
+    #[arg(long, default_value = "f32", value_parser = parse_storage)]
+    pub storage: Storage,
     /// Tokens a step (default: 512 on cuda-emu, about a minute in all; 65536 on cuda).
     #[arg(long)]
     pub tokens: Option<usize>,
@@ -569,10 +613,27 @@ impl DeviceArgs {
         let mut out = Vec::new();
         for &s in &self.scales {
             for k in &self.kinds {
-                out.push(LayerCase::ladder(k.parse()?, s)?);
+                let mut case = LayerCase::ladder(k.parse()?, s)?;
+                case.storage = self.storage;
+                out.push(case);
             }
         }
         Ok(out)
+    }
+}
+
+fn storage_name(s: Storage) -> &'static str {
+    match s {
+        Storage::F32 => "f32",
+        Storage::Bf16 => "bf16",
+    }
+}
+
+fn parse_storage(s: &str) -> Result<Storage, String> {
+    match s {
+        "f32" => Ok(Storage::F32),
+        "bf16" => Ok(Storage::Bf16),
+        _ => Err(format!("`{s}`: the pools are f32 or bf16")),
     }
 }
 
@@ -585,7 +646,8 @@ pub fn report_emulated(a: &DeviceArgs) -> Result<(), String> {
     let cases = a.cases()?;
     println!(
         "repro bench kernels --device cuda-emu: global bytes counted by the emulator against the \
-         floor (f32 activations and pools; µs at {} GB/s)",
+         floor (f32 activations, {} pools; µs at {} GB/s)",
+        storage_name(a.storage),
         a.peak_gbs
     );
     for case in cases {
@@ -811,21 +873,35 @@ mod tests {
     #[test]
     fn the_experts_move_close_to_the_floor() {
         for kind in [FfnKind::Sgatlin, FfnKind::Peer] {
-            let case = LayerCase::ladder(kind, 2.0).unwrap();
-            let r = emulate(case, 128, 5).unwrap();
-            let parts = r.parts();
-            let experts: Vec<&Part> = parts.iter().filter(|p| p.part == "experts").collect();
-            assert_eq!(experts.len(), 2, "a forward and a backward");
-            for p in experts {
-                let ratio = p.counted as f64 / p.floor as f64;
-                let bound = if p.pass == "fwd" { 1.25 } else { 1.5 };
-                assert!(
-                    ratio <= bound,
-                    "{} {}: {ratio:.3}x the floor",
-                    case.label(),
-                    p.pass
-                );
+            let mut forward = Vec::new();
+            for storage in [Storage::F32, Storage::Bf16] {
+                let mut case = LayerCase::ladder(kind, 2.0).unwrap();
+                case.storage = storage;
+                let r = emulate(case, 128, 5).unwrap();
+                let parts = r.parts();
+                let experts: Vec<&Part> = parts.iter().filter(|p| p.part == "experts").collect();
+                assert_eq!(experts.len(), 2, "a forward and a backward");
+                for p in experts {
+                    let ratio = p.counted as f64 / p.floor as f64;
+                    let bound = if p.pass == "fwd" { 1.25 } else { 1.5 };
+                    assert!(
+                        ratio <= bound,
+                        "{} {storage:?} {}: {ratio:.3}x the floor",
+                        case.label(),
+                        p.pass
+                    );
+                    if p.pass == "fwd" {
+                        forward.push(p.counted);
+                    }
+                }
             }
+            // bf16 rows halve the gathered bytes, most of the forward's traffic.
+            assert!(
+                (forward[1] as f64) < 0.75 * forward[0] as f64,
+                "{kind:?}: bf16 forward {} B against f32 {} B",
+                forward[1],
+                forward[0]
+            );
         }
     }
 
