@@ -5,6 +5,19 @@
 // pool-row sums in token order. No float atomics.
 #include "experts.cuh"
 
+// Rows row[0..R) of a pool into registers, widened to f32 (lane l holds elements l, l + 32, ...
+// of each), every load issued before any is used; rows j + r >= n are left alone.
+template <int R, int V, class P>
+__device__ void load_rows(float (&rows)[R][V], gptr<const P> pool, const long (&row)[R], int j,
+                          int n, int d, int lane) {
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int e = 0; e < V; e++)
+      if (j + r < n && e * 32 + lane < d)
+        rows[r][e] = experts_k::pool_elem(pool, row[r] * d + e * 32 + lane);
+}
+
 // The forward, fused and token-centric (KERNELS.md (c) K2): one warp a token, EXPERT_WARPS warps
 // a block, grid-stride over tokens. x_t and the f32 accumulator y_t live in registers (lane l
 // holds elements l, l + 32, ...; d <= EXPERT_MAX_D), so x is read and y written once. Per channel
@@ -86,12 +99,7 @@ __device__ void experts_forward_warp(gptr<const float> x, gptr<const float> scor
           for (int r = 0; r < R; r++)
             row[r] = base + __shfl_sync(all, ix[ch], (j + r) % 32);
           // Every u load of the group before any dot: R rows in flight.
-#pragma unroll
-          for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int e = 0; e < V; e++)
-              if (j + r < n && e * 32 + lane < d)
-                rows[r][e] = experts_k::pool_elem(u, row[r] * d + e * 32 + lane);
+          load_rows(rows, u, row, j, n, d, lane);
 #pragma unroll
           for (int r = 0; r < R; r++) {
             if (j + r >= n) break;
@@ -112,12 +120,7 @@ __device__ void experts_forward_warp(gptr<const float> x, gptr<const float> scor
                       : mode == experts_k::kGatedGelu ? experts_k::gelu(gr * ar)
                                                       : experts_k::gelu(ar) * wr;
           }
-#pragma unroll
-          for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int e = 0; e < V; e++)
-              if (j + r < n && e * 32 + lane < d)
-                rows[r][e] = experts_k::pool_elem(v, row[r] * d + e * 32 + lane);
+          load_rows(rows, v, row, j, n, d, lane);
           // y += coef * v in slot order, as the twin's axpys.
 #pragma unroll
           for (int r = 0; r < R; r++)

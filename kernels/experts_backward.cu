@@ -18,11 +18,7 @@
 namespace experts_bwd {
 constexpr int kPerLane = EXPERT_BACKWARD_MAX_D / 32;
 
-// The sum over the warp's lanes, in a fixed butterfly order; every lane gets it.
-__device__ float warp_sum(float v) {
-  for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
+using experts_k::warp_sum;
 
 // Where row r's run begins in the grouped order.
 __device__ unsigned run_begin(gptr<const unsigned> ends, unsigned r) {
