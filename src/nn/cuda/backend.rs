@@ -577,8 +577,8 @@ impl Backend for CudaBackend {
         saved: ExpertsSaved,
         y: ViewMut<f32>,
     ) {
-        if let Some(why) = ex::experts_forward_fits(s) {
-            return self.fail(why);
+        if let Err(e) = ex::check_shape(s) {
+            return self.fail(e);
         }
         let tokens = x.len() / s.d;
         let (kernel, u, v) = Self::pool_args("experts_forward", pool);
@@ -618,14 +618,10 @@ impl Backend for CudaBackend {
         mut da: ViewMut<f32>,
         mut grads: ExpertsGrads,
     ) {
-        let tokens = x.len() / s.d;
-        if s.d > eb::max_d() {
-            return self.fail(format!(
-                "experts backward: d {} is above the kernels' maximum {}",
-                s.d,
-                eb::max_d()
-            ));
+        if let Err(e) = eb::check_shape(s) {
+            return self.fail(e);
         }
+        let tokens = x.len() / s.d;
         let sc = eb::experts_backward_scratch(tokens, s);
         let n = sc.n;
         let tile = eb::expert_tile();

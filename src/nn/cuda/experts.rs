@@ -25,28 +25,28 @@ pub fn expert_mode_arg(mode: ExpertMode) -> i32 {
 
 /// `experts_forward(x, scores, indices, u, v, a, w, y, tokens, d, channels, k, channel_stride,
 /// mode)`: one warp a token, EXPERT_WARPS warps a block (grid-stride past the cap), no shared
-/// memory. Right for `experts_forward_fits`.
+/// memory. Right for the shapes `check_shape` takes.
 pub fn experts_forward_dims(tokens: usize) -> LaunchDims {
     let warps = *EXPERT_WARPS as usize;
     per_row(tokens.div_ceil(warps), 32 * warps as u32, 0)
 }
 
-/// Why `experts_forward` cannot run a shape (each lane holds d / 32 elements of x and y and
-/// k / 32 slots of a channel in registers), or None when it can.
-pub fn experts_forward_fits(s: ExpertShape) -> Option<String> {
+/// Whether `experts_forward` takes the shape (each lane holds d / 32 elements of x and y and
+/// k / 32 slots of a channel in registers); the error says why not.
+pub fn check_shape(s: ExpertShape) -> Result<(), String> {
     let (max_d, max_k) = (*EXPERT_MAX_D as usize, *EXPERT_MAX_K as usize);
     if s.d > max_d {
-        Some(format!(
+        Err(format!(
             "experts forward: d = {} is above the kernel's most, {max_d} (EXPERT_MAX_D)",
             s.d
         ))
     } else if s.k > max_k {
-        Some(format!(
+        Err(format!(
             "experts forward: k = {} is above the kernel's most, {max_k} (EXPERT_MAX_K)",
             s.k
         ))
     } else {
-        None
+        Ok(())
     }
 }
 
@@ -71,11 +71,11 @@ mod tests {
     use crate::nn::backend::ProductKeyShape;
     use crate::nn::cpu::experts::experts_forward;
     use crate::nn::cpu::Isa;
-    use crate::nn::cuda::emu::{launch, Arg, Traffic};
+    use crate::nn::cuda::emu::{Arg, Traffic};
     use crate::nn::cuda::experts_backward::slot_rows;
     use crate::nn::cuda::kernel_constant;
     use crate::nn::cuda::router::tests::{router_logits, topk_reference};
-    use crate::nn::cuda::testing::{below, bits, close, grids, randn, scales, spread};
+    use crate::nn::cuda::testing::{below, bits, close, go, grids, randn, scales, spread};
     use crate::nn::rng::{fresh_seed, Rng};
 
     /// Indices of three kinds: the router's (distinct within a channel; the logits have ties);
@@ -115,11 +115,9 @@ mod tests {
         let (mut a, mut w) = (vec![f32::NAN; n], vec![f32::NAN; n]);
         let mut y = vec![f32::NAN; tokens * s.d];
         let i32_ = |v: usize| Arg::I32(v as i32);
-        let traffic = launch(
+        let traffic = go(
             "experts_forward",
-            dims.grid,
-            dims.block,
-            dims.shared_bytes,
+            dims,
             &mut [
                 Arg::slice(x),
                 Arg::slice(g),
@@ -136,9 +134,7 @@ mod tests {
                 i32_(s.channel_stride),
                 Arg::I32(expert_mode_arg(mode)),
             ],
-            true,
-        )
-        .unwrap_or_else(|e| panic!("experts_forward: {e}"));
+        );
         (y, a, w, traffic)
     }
 
@@ -321,19 +317,38 @@ mod tests {
         }
     }
 
-    /// A shape the forward kernel cannot hold is a failed op with a clear message, not a panic.
+    /// A shape the forward or backward kernels cannot hold is a failed op with a clear message,
+    /// not a panic.
     #[test]
-    fn experts_forward_beyond_its_most_d_or_k_is_a_clear_error() {
-        use crate::nn::backend::{Backend, Buf, ExpertsSaved, Pool};
+    fn experts_beyond_their_most_d_or_k_are_a_clear_error() {
+        use crate::nn::backend::{Backend, Buf, ExpertsGrads, ExpertsSaved, ExpertsSavedRef, Pool};
         use crate::nn::cuda::backend::CudaBackend;
         use crate::nn::cuda::emu::EmuDriver;
         use std::sync::Arc;
         let be: Arc<dyn Backend> = Arc::new(CudaBackend::new(Arc::new(EmuDriver::new(true))));
-        let max_d = kernel_constant("EXPERT_MAX_D").unwrap() as usize;
-        let max_k = kernel_constant("EXPERT_MAX_K").unwrap() as usize;
-        for (d, k, want) in [
-            (max_d + 1, 1, format!("d = {} is above", max_d + 1)),
-            (max_d, max_k + 1, format!("k = {} is above", max_k + 1)),
+        let most = |name: &str| kernel_constant(name).unwrap() as usize;
+        let (max_d, max_k) = (most("EXPERT_MAX_D"), most("EXPERT_MAX_K"));
+        let max_bwd_d = most("EXPERT_BACKWARD_MAX_D");
+        // (pass, d, k, what the error names)
+        for (backward, d, k, want) in [
+            (
+                false,
+                max_d + 1,
+                1,
+                format!("experts forward: d = {} is above", max_d + 1),
+            ),
+            (
+                false,
+                max_d,
+                max_k + 1,
+                format!("experts forward: k = {} is above", max_k + 1),
+            ),
+            (
+                true,
+                max_bwd_d + 1,
+                1,
+                format!("experts backward: d = {} is above", max_bwd_d + 1),
+            ),
         ] {
             let s = ExpertShape {
                 d,
@@ -343,31 +358,54 @@ mod tests {
                 pool_rows: 1,
             };
             let buf = |n: usize| Buf::<f32>::zeros(&be, n).unwrap();
-            let (x, g, u, v) = (buf(d), buf(k), buf(d), buf(d));
+            let (x, g, u, v, dy) = (buf(d), buf(k), buf(d), buf(d), buf(d));
             let (mut a, mut coef, mut w, mut y) = (buf(k), buf(k), buf(k), buf(d));
+            let (mut ds, mut da, mut du, mut dv) = (buf(k), buf(k), buf(d), buf(d));
             let indices = Buf::<u32>::zeros(&be, k).unwrap();
-            be.experts_forward(
-                s,
-                ExpertMode::GatedLinear,
-                x.view(),
-                g.view(),
-                indices.view(),
-                Pool::F32 {
-                    u: u.view(),
-                    v: v.view(),
-                },
-                ExpertsSaved {
-                    a: a.view_mut(),
-                    coef: coef.view_mut(),
-                    w: w.view_mut(),
-                },
-                y.view_mut(),
-            );
+            let pool = Pool::F32 {
+                u: u.view(),
+                v: v.view(),
+            };
+            if backward {
+                be.experts_backward(
+                    s,
+                    ExpertMode::GatedLinear,
+                    x.view(),
+                    g.view(),
+                    indices.view(),
+                    pool,
+                    ExpertsSavedRef {
+                        a: a.view(),
+                        coef: coef.view(),
+                        w: w.view(),
+                    },
+                    dy.view(),
+                    ds.view_mut(),
+                    da.view_mut(),
+                    ExpertsGrads {
+                        dx: y.view_mut(),
+                        du: du.view_mut(),
+                        dv: dv.view_mut(),
+                    },
+                );
+            } else {
+                be.experts_forward(
+                    s,
+                    ExpertMode::GatedLinear,
+                    x.view(),
+                    g.view(),
+                    indices.view(),
+                    pool,
+                    ExpertsSaved {
+                        a: a.view_mut(),
+                        coef: coef.view_mut(),
+                        w: w.view_mut(),
+                    },
+                    y.view_mut(),
+                );
+            }
             let err = be.take_error().expect("the op fails");
-            assert!(
-                err.contains("experts forward") && err.contains(&want),
-                "{err}"
-            );
+            assert!(err.contains(&want), "{err}");
         }
     }
 

@@ -33,6 +33,18 @@ pub fn max_d() -> usize {
     *MAX_D as usize
 }
 
+/// Whether the backward's kernels take the shape; the error says why not.
+pub fn check_shape(s: ExpertShape) -> Result<(), String> {
+    if s.d > max_d() {
+        return Err(format!(
+            "experts backward: d = {} is above the kernels' most, {} (EXPERT_BACKWARD_MAX_D)",
+            s.d,
+            max_d()
+        ));
+    }
+    Ok(())
+}
+
 fn warps_per_block() -> usize {
     (*EXPERT_BLOCK / 32) as usize
 }
@@ -227,10 +239,10 @@ pub fn experts_backward_bytes(
 mod tests {
     use super::*;
     use crate::nn::cpu::experts::{experts_backward, experts_forward, SlotOrder};
-    use crate::nn::cuda::emu::{launch, Arg, Traffic};
+    use crate::nn::cuda::emu::{Arg, Traffic};
     use crate::nn::cuda::sort::SORT_GRID_MAX;
     use crate::nn::cuda::testing::{
-        below, bits, close, grids, group_on_emulator, randn, scales, spread, stable_grouping,
+        below, bits, close, go, grids, group_on_emulator, randn, scales, spread, stable_grouping,
     };
     use crate::nn::rng::{fresh_seed, Rng};
 
@@ -238,8 +250,7 @@ mod tests {
         let Traffic {
             read_bytes,
             written_bytes,
-        } = launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        } = go(name, dims, args);
         Bytes {
             read: read_bytes,
             written: written_bytes,

@@ -58,8 +58,8 @@ pub(crate) mod tests {
     use crate::nn::backend::{Backend, Buf};
     use crate::nn::cpu::router::{product_key_topk_backward, product_key_topk_forward};
     use crate::nn::cuda::backend::CudaBackend;
-    use crate::nn::cuda::emu::{launch_as, Arg, EmuDriver, Traffic};
-    use crate::nn::cuda::testing::{below, bits, grids, randn};
+    use crate::nn::cuda::emu::{Arg, EmuDriver, Traffic};
+    use crate::nn::cuda::testing::{below, bits, go_as, grids, randn};
     use crate::nn::rng::{fresh_seed, Rng};
     use std::cmp::Ordering;
     use std::sync::Arc;
@@ -158,6 +158,11 @@ pub(crate) mod tests {
         }
     }
 
+    /// Both kernels' trailing arguments: tokens, channels, sqrt_n, k.
+    fn shape_args(s: ProductKeyShape, tokens: usize) -> [Arg; 4] {
+        [tokens, s.channels, s.sqrt_n, s.k].map(|v| Arg::I32(v as i32))
+    }
+
     /// The kernels run with the race check on; `fibers`: the block's threads as fibers (the same
     /// bits, much faster: the sweep runs so; a few cases run on real threads).
     fn forward(
@@ -169,24 +174,13 @@ pub(crate) mod tests {
     ) -> (Vec<f32>, Vec<u32>, Traffic) {
         let n = tokens * s.slots_per_token();
         let (mut sc, mut ix) = (vec![f32::NAN; n], vec![u32::MAX; n]);
-        let traffic = launch_as(
-            "product_key_topk_forward",
-            dims.grid,
-            dims.block,
-            dims.shared_bytes,
-            &mut [
-                Arg::slice(logits),
-                Arg::slice_mut(&mut sc),
-                Arg::slice_mut(&mut ix),
-                Arg::I32(tokens as i32),
-                Arg::I32(s.channels as i32),
-                Arg::I32(s.sqrt_n as i32),
-                Arg::I32(s.k as i32),
-            ],
-            true,
-            fibers,
-        )
-        .unwrap_or_else(|e| panic!("product_key_topk_forward: {e}"));
+        let mut args = vec![
+            Arg::slice(logits),
+            Arg::slice_mut(&mut sc),
+            Arg::slice_mut(&mut ix),
+        ];
+        args.extend(shape_args(s, tokens));
+        let traffic = go_as("product_key_topk_forward", dims, &mut args, fibers);
         (sc, ix, traffic)
     }
 
@@ -199,24 +193,13 @@ pub(crate) mod tests {
         fibers: bool,
     ) -> (Vec<f32>, Traffic) {
         let mut dl = vec![f32::NAN; tokens * s.logits_per_token()];
-        let traffic = launch_as(
-            "product_key_topk_backward",
-            dims.grid,
-            dims.block,
-            dims.shared_bytes,
-            &mut [
-                Arg::slice(indices),
-                Arg::slice(dscores),
-                Arg::slice_mut(&mut dl),
-                Arg::I32(tokens as i32),
-                Arg::I32(s.channels as i32),
-                Arg::I32(s.sqrt_n as i32),
-                Arg::I32(s.k as i32),
-            ],
-            true,
-            fibers,
-        )
-        .unwrap_or_else(|e| panic!("product_key_topk_backward: {e}"));
+        let mut args = vec![
+            Arg::slice(indices),
+            Arg::slice(dscores),
+            Arg::slice_mut(&mut dl),
+        ];
+        args.extend(shape_args(s, tokens));
+        let traffic = go_as("product_key_topk_backward", dims, &mut args, fibers);
         (dl, traffic)
     }
 

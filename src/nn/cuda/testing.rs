@@ -2,15 +2,29 @@
 //! grids each kernel runs on, random inputs and comparisons.
 
 use super::driver::Driver;
-use super::emu::{launch, Arg, EmuDriver};
+use super::emu::{launch_as, Arg, EmuDriver, Traffic};
 use super::{sort, LaunchDims};
 use crate::nn::backend::{ExpertMode, ExpertShape};
 use crate::nn::rng::Rng;
 
-/// Runs a kernel on the emulator with the race check on; a failure fails the test.
-pub fn go(name: &str, dims: LaunchDims, args: &mut [Arg]) {
-    launch(name, dims.grid, dims.block, dims.shared_bytes, args, true)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+/// Runs a kernel on the emulator with the race check on, and returns the bytes it moved; a
+/// failure fails the test.
+pub fn go(name: &str, dims: LaunchDims, args: &mut [Arg]) -> Traffic {
+    go_as(name, dims, args, false)
+}
+
+/// `go`, with each block's threads as fibers when `fibers` (the same bits, far faster).
+pub fn go_as(name: &str, dims: LaunchDims, args: &mut [Arg], fibers: bool) -> Traffic {
+    launch_as(
+        name,
+        dims.grid,
+        dims.block,
+        dims.shared_bytes,
+        args,
+        true,
+        fibers,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// The launch function's dims, and the same with a grid of 2 blocks, so that the grid-stride
